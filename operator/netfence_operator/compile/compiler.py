@@ -1,11 +1,198 @@
-"""Incremental NetworkPolicy compiler (being written; the interface below is fixed)."""
+"""Incremental NetworkPolicy compiler: cluster objects in, one NodeRuleSetSpec per node out.
+
+Pure: no I/O. The Compiler keeps the cluster state and what it derived from it, so that a
+change recomputes only what it touches:
+
+* a pod's own rules (PolicedPod) depend on the pod and the policies of its namespace;
+* a peer group's members depend on the pods and namespaces its selectors can match;
+* a node's spec is its pods' rules plus the groups those rules name.
+
+Peer groups are content-addressed by their definition (the peers of one rule, normalised), so
+the same `from:` list in many policies is one group, and a pod joining it changes set
+elements only, never the structure of the rules that use it.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+from collections import defaultdict
+from dataclasses import dataclass, field
+
 from pydantic import BaseModel
 
-from netfence_api import NodeRuleSetSpec
-from netfence_operator.compile.objects import ClusterObjects
+from netfence_api import (
+    AllowRule,
+    Isolation,
+    NodeRuleSetSpec,
+    PeerGroup,
+    PeerPort,
+    PeerPortGroup,
+    PolicedPod,
+    PortRange,
+    short_hash,
+)
+from netfence_operator.compile.objects import (
+    ClusterObjects,
+    IPBlock,
+    LabelSelector,
+    Namespace,
+    NetworkPolicy,
+    NetworkPolicyPeer,
+    Node,
+    Pod,
+)
+
+DIRECTIONS = ("ingress", "egress")
+_POLICY_TYPE = {"ingress": "Ingress", "egress": "Egress"}
+
+
+# --------------------------------------------------------------------------- group definitions
+@dataclass(frozen=True, eq=False)
+class SelectorPeer:
+    """Pods matched by a podSelector and/or namespaceSelector, seen from `namespace`."""
+
+    namespace: str | None  # the policy's namespace when there is no namespaceSelector
+    pod_selector: LabelSelector | None
+    namespace_selector: LabelSelector | None
+
+    def matches_namespace(self, ns: Namespace) -> bool:
+        if self.namespace_selector is None:
+            return ns.name == self.namespace
+        return self.namespace_selector.matches(ns.labels)
+
+    def matches_pod_labels(self, labels: dict[str, str]) -> bool:
+        return self.pod_selector is None or self.pod_selector.matches(labels)
+
+    def describe(self) -> str:
+        ns = f"ns {self.namespace}" if self.namespace_selector is None else f"ns{{{self.namespace_selector.describe()}}}"
+        pods = "pods{<all>}" if self.pod_selector is None else f"pods{{{self.pod_selector.describe()}}}"
+        return f"{ns} {pods}"
+
+    def as_data(self) -> dict:
+        return {
+            "namespace": self.namespace,
+            "podSelector": None if self.pod_selector is None else self.pod_selector.model_dump(exclude_none=True),
+            "namespaceSelector": None
+            if self.namespace_selector is None
+            else self.namespace_selector.model_dump(exclude_none=True),
+        }
+
+
+@dataclass(frozen=True)
+class BlockPeer:
+    """An ipBlock, as the disjoint CIDRs left after its excepts."""
+
+    cidr: str
+    excepts: tuple[str, ...]
+
+    def networks(self) -> list:
+        return ipblock_networks(IPBlock.model_validate({"cidr": self.cidr, "except": list(self.excepts)}))
+
+    def contains(self, address: str) -> bool:
+        ip = ipaddress.ip_address(address)
+        return any(ip in net for net in self.networks())
+
+    def describe(self) -> str:
+        return self.cidr + (f" except {','.join(self.excepts)}" if self.excepts else "")
+
+    def as_data(self) -> dict:
+        return {"cidr": self.cidr, "except": list(self.excepts)}
+
+
+@dataclass(frozen=True, eq=False)
+class GroupDef:
+    """The peers of one policy rule. Its hash names the group."""
+
+    selectors: tuple[SelectorPeer, ...]
+    blocks: tuple[BlockPeer, ...]
+    # For peer-port groups: named ports resolved on each destination pod.
+    port_names: tuple[tuple[str, str], ...] = ()  # (name, protocol)
+    any_peer: bool = False  # a rule without peers: every pod is a candidate (named ports only)
+
+    @property
+    def name(self) -> str:
+        prefix = "pp-" if self.port_names else "pg-"
+        return prefix + short_hash(
+            {
+                "selectors": [s.as_data() for s in self.selectors],
+                "blocks": [b.as_data() for b in self.blocks],
+                "ports": [list(p) for p in self.port_names],
+                "any": self.any_peer,
+            }
+        )
+
+    def describe(self) -> str:
+        parts = ["any peer"] if self.any_peer else []
+        parts += [s.describe() for s in self.selectors] + [b.describe() for b in self.blocks]
+        text = " | ".join(parts)
+        if self.port_names:
+            text += " ports " + ",".join(f"{n}/{p}" for n, p in self.port_names)
+        return text
+
+    def matches_pod(self, pod: Pod, ns: Namespace) -> bool:
+        if self.any_peer:
+            return True
+        if any(s.matches_namespace(ns) and s.matches_pod_labels(pod.metadata.labels) for s in self.selectors):
+            return True
+        # ipBlock peers match pod IPs as written (only relevant for per-pod named ports).
+        return bool(self.port_names) and any(b.contains(ip) for b in self.blocks for ip in pod.ips)
+
+
+def ipblock_networks(block: IPBlock) -> list:
+    """cidr minus every except, as disjoint networks."""
+    remaining = [block.network]
+    for ex in block.excepts:
+        nxt = []
+        for net in remaining:
+            if ex.subnet_of(net):
+                nxt.extend(net.address_exclude(ex))
+            elif net.subnet_of(ex):
+                continue
+            else:
+                nxt.append(net)
+        remaining = nxt
+    return sorted(remaining, key=lambda n: (n.version, n.network_address, n.prefixlen))
+
+
+def collapse(addresses: list) -> list[str]:
+    """Disjoint CIDR strings (v4 first), so interval sets never hold overlapping elements."""
+    v4 = [a for a in addresses if a.version == 4]
+    v6 = [a for a in addresses if a.version == 6]
+    out = []
+    for nets in (v4, v6):
+        out += [str(n) for n in ipaddress.collapse_addresses(nets)]
+    return out
+
+
+def _peer_defs(peers: list[NetworkPolicyPeer], namespace: str) -> tuple[tuple[SelectorPeer, ...], tuple[BlockPeer, ...]]:
+    selectors, blocks = [], []
+    for peer in peers:
+        if peer.ipBlock is not None:
+            blocks.append(BlockPeer(peer.ipBlock.cidr, tuple(peer.ipBlock.except_ or ())))
+            continue
+        pod_sel = peer.podSelector
+        selectors.append(
+            SelectorPeer(
+                namespace=namespace if peer.namespaceSelector is None else None,
+                # An empty podSelector beside a namespaceSelector means all pods, like no podSelector.
+                pod_selector=None if pod_sel is None or pod_sel.is_empty() else pod_sel,
+                namespace_selector=peer.namespaceSelector,
+            )
+        )
+    # Order does not change meaning; sorting makes equal peer lists share one group.
+    unique_selectors = {short_hash(s.as_data()): s for s in selectors}
+    return (
+        tuple(unique_selectors[k] for k in sorted(unique_selectors)),
+        tuple(sorted(set(blocks), key=lambda b: (b.cidr, b.excepts))),
+    )
+
+
+# --------------------------------------------------------------------------- compiler
+@dataclass
+class _GroupState:
+    definition: GroupDef
+    members: frozenset[str] = frozenset()  # pod keys matched by the selectors
+    nodes: set[str] = field(default_factory=set)  # nodes whose spec names this group
 
 
 class Compiler:
@@ -15,26 +202,456 @@ class Compiler:
     """
 
     def __init__(self, objects: ClusterObjects | None = None) -> None:
-        raise NotImplementedError
+        self.namespaces: dict[str, Namespace] = {}
+        self.pods: dict[str, Pod] = {}
+        self.policies: dict[str, NetworkPolicy] = {}
+        self.nodes: dict[str, Node] = {}
+        self._pods_by_ns: dict[str, set[str]] = defaultdict(set)
+        self._pods_by_node: dict[str, set[str]] = defaultdict(set)
+        self._policies_by_ns: dict[str, set[str]] = defaultdict(set)
+        self._label_index: dict[str, dict[tuple[str, str], set[str]]] = defaultdict(lambda: defaultdict(set))
+        self._groups: dict[str, _GroupState] = {}
+        self._group_refs: dict[str, int] = defaultdict(int)
+        self._policy_groups: dict[str, list[str]] = {}
+        self._policed: dict[str, PolicedPod | None] = {}  # cache of each pod's rules
+        self._specs: dict[str, NodeRuleSetSpec] = {}  # cache of node specs
+        if objects is not None:
+            for ns in objects.namespaces.values():
+                self.namespaces[ns.name] = ns
+            for node in objects.nodes.values():
+                self.nodes[node.name] = node
+            for pod in objects.pods.values():
+                self._index_pod(pod)
+            for policy in objects.policies.values():
+                self._add_policy(policy)
+            for state in self._groups.values():
+                state.members = self._compute_members(state.definition)
 
-    def upsert(self, obj: BaseModel) -> set[str]:  # Namespace | Pod | NetworkPolicy | Node
-        raise NotImplementedError
+    # ------------------------------------------------------------------ public API
+    def upsert(self, obj: BaseModel) -> set[str]:
+        if isinstance(obj, Pod):
+            return self._upsert_pod(obj)
+        if isinstance(obj, NetworkPolicy):
+            return self._upsert_policy(obj)
+        if isinstance(obj, Namespace):
+            return self._upsert_namespace(obj)
+        if isinstance(obj, Node):
+            new = obj.name not in self.nodes
+            self.nodes[obj.name] = obj
+            return {obj.name} if new else set()
+        raise TypeError(f"cannot compile {type(obj).__name__}")
 
-    def delete(self, kind: str, key: str) -> set[str]:  # key: "ns/name" for Pod/NetworkPolicy, "name" otherwise
-        raise NotImplementedError
+    def delete(self, kind: str, key: str) -> set[str]:
+        if kind == "Pod":
+            return self._delete_pod(key)
+        if kind == "NetworkPolicy":
+            return self._delete_policy(key)
+        if kind == "Namespace":
+            if key not in self.namespaces:
+                return set()
+            return self._upsert_namespace(Namespace.implicit(key), drop=True)
+        if kind == "Node":
+            self._specs.pop(key, None)
+            return {key} if self.nodes.pop(key, None) is not None else set()
+        raise TypeError(f"cannot compile {kind}")
 
     def node_names(self) -> set[str]:
-        raise NotImplementedError
+        return set(self.nodes) | {n for n, keys in self._pods_by_node.items() if keys}
 
     def node_spec(self, node: str) -> NodeRuleSetSpec:
-        raise NotImplementedError
+        spec = self._specs.get(node)
+        if spec is None:
+            spec = self._specs[node] = self._build_spec(node)
+        return spec
 
     def all_specs(self) -> dict[str, NodeRuleSetSpec]:
-        raise NotImplementedError
+        return {node: self.node_spec(node) for node in sorted(self.node_names())}
 
     def problems(self) -> dict[str, list[str]]:
-        """Per policy key ("ns/name"): things a user should know (unresolvable named port, ...)."""
-        raise NotImplementedError
+        """Per policy key: what a user should know about it (it compiles either way)."""
+        out: dict[str, list[str]] = {}
+        for key, policy in sorted(self.policies.items()):
+            notes = self._policy_problems(policy)
+            if notes:
+                out[key] = notes
+        return out
+
+    def pods_selected_by(self, policy_key: str) -> list[str]:
+        policy = self.policies[policy_key]
+        ns = policy.metadata.namespace
+        return sorted(self._select_in_namespaces([ns], policy.spec.podSelector))
+
+    # ------------------------------------------------------------------ pods
+    def _live(self, pod: Pod) -> bool:
+        """A pod that holds its IPs on the pod network (terminated pods give them back)."""
+        return pod.on_pod_network and bool(pod.ips) and not pod.terminated
+
+    def _index_pod(self, pod: Pod) -> None:
+        key = pod.key
+        self.pods[key] = pod
+        self._pods_by_ns[pod.metadata.namespace].add(key)
+        if pod.spec.nodeName:
+            self._pods_by_node[pod.spec.nodeName].add(key)
+        index = self._label_index[pod.metadata.namespace]
+        for item in pod.metadata.labels.items():
+            index[item].add(key)
+
+    def _unindex_pod(self, pod: Pod) -> None:
+        key = pod.key
+        self.pods.pop(key, None)
+        self._pods_by_ns[pod.metadata.namespace].discard(key)
+        if pod.spec.nodeName:
+            self._pods_by_node[pod.spec.nodeName].discard(key)
+        index = self._label_index[pod.metadata.namespace]
+        for item in pod.metadata.labels.items():
+            index[item].discard(key)
+
+    def _upsert_pod(self, pod: Pod) -> set[str]:
+        old = self.pods.get(pod.key)
+        if old == pod:
+            return set()
+        if old is not None:
+            self._unindex_pod(old)
+        self._index_pod(pod)
+        return self._pod_changed(pod.key, old, pod)
+
+    def _delete_pod(self, key: str) -> set[str]:
+        old = self.pods.get(key)
+        if old is None:
+            return set()
+        self._unindex_pod(old)
+        return self._pod_changed(key, old, None)
+
+    def _pod_changed(self, key: str, old: Pod | None, new: Pod | None) -> set[str]:
+        self._policed.pop(key, None)
+        affected = {p.spec.nodeName for p in (old, new) if p is not None and p.spec.nodeName}
+        for name in self._candidate_groups(old) | self._candidate_groups(new):
+            state = self._groups[name]
+            matched = new is not None and self._live(new) and state.definition.matches_pod(new, self._ns(new))
+            was = key in state.members
+            if matched != was:
+                state.members = state.members | {key} if matched else state.members - {key}
+                affected |= state.nodes
+            elif matched and (old is None or old.ips != new.ips or old.spec.containers != new.spec.containers):
+                affected |= state.nodes
+        for node in affected:
+            self._specs.pop(node, None)
+        return affected
+
+    def _candidate_groups(self, pod: Pod | None) -> set[str]:
+        if pod is None:
+            return set()
+        ns = self._ns(pod)
+        out = set()
+        for name, state in self._groups.items():
+            d = state.definition
+            if d.any_peer or (d.port_names and d.blocks):
+                out.add(name)
+            elif any(s.matches_namespace(ns) for s in d.selectors):
+                out.add(name)
+        return out
+
+    # ------------------------------------------------------------------ namespaces
+    def _ns(self, pod: Pod) -> Namespace:
+        return self.namespaces.get(pod.metadata.namespace) or Namespace.implicit(pod.metadata.namespace)
+
+    def _upsert_namespace(self, ns: Namespace, drop: bool = False) -> set[str]:
+        old = self.namespaces.get(ns.name)
+        if old is not None and old.labels == ns.labels and not drop:
+            self.namespaces[ns.name] = ns
+            return set()
+        if drop:
+            self.namespaces.pop(ns.name, None)
+        else:
+            self.namespaces[ns.name] = ns
+        affected: set[str] = set()
+        for state in self._groups.values():
+            if not any(s.namespace_selector is not None for s in state.definition.selectors):
+                continue
+            members = self._compute_members(state.definition)
+            if members != state.members:
+                state.members = members
+                affected |= state.nodes
+        for node in affected:
+            self._specs.pop(node, None)
+        return affected
+
+    # ------------------------------------------------------------------ policies
+    def _upsert_policy(self, policy: NetworkPolicy) -> set[str]:
+        old = self.policies.get(policy.key)
+        if old == policy:
+            return set()
+        affected = self._delete_policy(policy.key) if old is not None else set()
+        self._add_policy(policy)
+        for name in self._policy_groups[policy.key]:
+            state = self._groups[name]
+            if not state.members and self._group_refs[name] == 1:
+                state.members = self._compute_members(state.definition)
+        affected |= self._invalidate_namespace_pods(policy.metadata.namespace)
+        return affected
+
+    def _delete_policy(self, key: str) -> set[str]:
+        policy = self.policies.pop(key, None)
+        if policy is None:
+            return set()
+        self._policies_by_ns[policy.metadata.namespace].discard(key)
+        for name in self._policy_groups.pop(key, []):
+            self._group_refs[name] -= 1
+            if self._group_refs[name] == 0:
+                del self._group_refs[name]
+                del self._groups[name]
+        return self._invalidate_namespace_pods(policy.metadata.namespace)
+
+    def _add_policy(self, policy: NetworkPolicy) -> None:
+        self.policies[policy.key] = policy
+        self._policies_by_ns[policy.metadata.namespace].add(policy.key)
+        names = []
+        for _, _, _, definitions in self._policy_rules(policy):
+            for d in definitions:
+                if d.name not in self._groups:
+                    self._groups[d.name] = _GroupState(d)
+                names.append(d.name)
+        for name in names:
+            self._group_refs[name] += 1
+        self._policy_groups[policy.key] = names
+
+    def _invalidate_namespace_pods(self, namespace: str) -> set[str]:
+        affected = set()
+        for key in self._pods_by_ns.get(namespace, ()):
+            self._policed.pop(key, None)
+            node = self.pods[key].spec.nodeName
+            if node:
+                affected.add(node)
+        for node in affected:
+            self._specs.pop(node, None)
+        return affected
+
+    def _policy_rules(self, policy: NetworkPolicy):
+        """(direction, index, rule, group definitions the rule needs) for every rule."""
+        ns = policy.metadata.namespace
+        types = policy.spec.effective_policy_types()
+        for direction in DIRECTIONS:
+            if _POLICY_TYPE[direction] not in types:
+                continue
+            for i, rule in enumerate(getattr(policy.spec, direction) or ()):
+                peers = rule.peers
+                selectors, blocks = _peer_defs(peers, ns) if peers else ((), ())
+                definitions = []
+                if peers:
+                    definitions.append(GroupDef(selectors, blocks))
+                names = tuple(
+                    sorted({(p.port, p.protocol) for p in rule.ports or () if isinstance(p.port, str)})
+                )
+                if direction == "egress" and names:
+                    definitions.append(GroupDef(selectors, blocks, port_names=names, any_peer=not peers))
+                yield direction, i, rule, definitions
+
+    # ------------------------------------------------------------------ group members
+    def _select_in_namespaces(self, namespaces: list[str], selector: LabelSelector | None) -> set[str]:
+        out: set[str] = set()
+        for ns in namespaces:
+            if selector is not None and selector.matchLabels:
+                item = next(iter(sorted(selector.matchLabels.items())))
+                candidates = self._label_index.get(ns, {}).get(item, set())
+            else:
+                candidates = self._pods_by_ns.get(ns, set())
+            for key in candidates:
+                pod = self.pods[key]
+                if self._live(pod) and (selector is None or selector.matches(pod.metadata.labels)):
+                    out.add(key)
+        return out
+
+    def _all_namespace_names(self) -> set[str]:
+        return set(self.namespaces) | {ns for ns, keys in self._pods_by_ns.items() if keys}
+
+    def _compute_members(self, d: GroupDef) -> frozenset[str]:
+        if d.any_peer:
+            return frozenset(k for k, p in self.pods.items() if self._live(p))
+        members: set[str] = set()
+        for s in d.selectors:
+            if s.namespace_selector is None:
+                namespaces = [s.namespace]
+            else:
+                namespaces = [
+                    n for n in self._all_namespace_names()
+                    if s.namespace_selector.matches((self.namespaces.get(n) or Namespace.implicit(n)).labels)
+                ]
+            members |= self._select_in_namespaces(namespaces, s.pod_selector)
+        if d.port_names and d.blocks:
+            members |= {k for k, p in self.pods.items() if self._live(p) and any(b.contains(ip) for b in d.blocks for ip in p.ips)}
+        return frozenset(members)
+
+    def _peer_group(self, d: GroupDef) -> PeerGroup:
+        state = self._groups[d.name]
+        addresses = [ipaddress.ip_network(ip) for key in state.members for ip in self.pods[key].ips]
+        for block in d.blocks:
+            addresses += block.networks()
+        return PeerGroup(name=d.name, selector=d.describe(), cidrs=collapse(addresses))
+
+    def _peer_port_group(self, d: GroupDef) -> PeerPortGroup:
+        state = self._groups[d.name]
+        entries = set()
+        for key in state.members:
+            pod = self.pods[key]
+            for name, protocol in d.port_names:
+                number = pod.named_port(name, protocol)
+                if number is not None:
+                    entries |= {(ip, protocol, number) for ip in pod.ips}
+        ordered = sorted(entries, key=lambda e: (ipaddress.ip_address(e[0]).version, ipaddress.ip_address(e[0]), e[1], e[2]))
+        return PeerPortGroup(
+            name=d.name,
+            selector=d.describe(),
+            entries=[PeerPort(address=a, protocol=p, port=n) for a, p, n in ordered],
+        )
+
+    # ------------------------------------------------------------------ per-pod rules
+    def _policed_pod(self, key: str) -> PolicedPod | None:
+        if key in self._policed:
+            return self._policed[key]
+        pod = self.pods[key]
+        result = None
+        if self._live(pod):
+            result = self._compile_pod(pod)
+        self._policed[key] = result
+        return result
+
+    def _compile_pod(self, pod: Pod) -> PolicedPod:
+        ns = pod.metadata.namespace
+        isolation = {"ingress": False, "egress": False}
+        isolating: dict[str, list[str]] = {"ingress": [], "egress": []}
+        rules: dict[str, list[AllowRule]] = {"ingress": [], "egress": []}
+        for key in sorted(self._policies_by_ns.get(ns, ())):
+            policy = self.policies[key]
+            if not policy.spec.podSelector.matches(pod.metadata.labels):
+                continue
+            types = policy.spec.effective_policy_types()
+            for direction in DIRECTIONS:
+                if _POLICY_TYPE[direction] in types:
+                    isolation[direction] = True
+                    isolating[direction].append(key)
+            for direction, i, rule, definitions in self._policy_rules(policy):
+                origin = f"{key} {direction}[{i}]"
+                rules[direction] += self._allow_rules(pod, direction, origin, rule, definitions)
+        return PolicedPod(
+            namespace=ns,
+            name=pod.metadata.name,
+            uid=pod.metadata.uid,
+            ips=pod.ips,
+            isolation=Isolation(**isolation),
+            ingressPolicies=isolating["ingress"],
+            egressPolicies=isolating["egress"],
+            ingress=_merge(rules["ingress"]),
+            egress=_merge(rules["egress"]),
+        )
+
+    def _allow_rules(self, pod: Pod, direction: str, origin: str, rule, definitions: list[GroupDef]) -> list[AllowRule]:
+        peers = next((d.name for d in definitions if not d.port_names), None)
+        if rule.ports is None or not rule.ports:
+            return [AllowRule(origin=[origin], peers=peers)]
+        numeric: list[PortRange] = []
+        for p in rule.ports:
+            if p.port is None:
+                # A protocol without a port: every port of that protocol.
+                numeric.append(PortRange(protocol=p.protocol, port=1, endPort=65535))
+            elif isinstance(p.port, int):
+                numeric.append(PortRange(protocol=p.protocol, port=p.port, endPort=p.endPort))
+            elif direction == "ingress":
+                # Ingress named ports resolve on the pod being protected.
+                number = pod.named_port(p.port, p.protocol)
+                if number is not None:
+                    numeric.append(PortRange(protocol=p.protocol, port=number))
+        out = []
+        if numeric:
+            out.append(AllowRule(origin=[origin], peers=peers, ports=_unique(numeric)))
+        per_peer = next((d.name for d in definitions if d.port_names), None)
+        if per_peer is not None:
+            out.append(AllowRule(origin=[origin], peerPorts=per_peer))
+        return out
+
+    # ------------------------------------------------------------------ node specs
+    def _build_spec(self, node: str) -> NodeRuleSetSpec:
+        pods = []
+        for key in sorted(self._pods_by_node.get(node, ())):
+            policed = self._policed_pod(key)
+            if policed is not None:
+                pods.append(policed)
+        for state in self._groups.values():
+            state.nodes.discard(node)
+        groups: dict[str, PeerGroup] = {}
+        port_groups: dict[str, PeerPortGroup] = {}
+        for pod in pods:
+            for rule in pod.ingress + pod.egress:
+                if rule.peers is not None and rule.peers not in groups:
+                    state = self._groups[rule.peers]
+                    state.nodes.add(node)
+                    groups[rule.peers] = self._peer_group(state.definition)
+                if rule.peerPorts is not None and rule.peerPorts not in port_groups:
+                    state = self._groups[rule.peerPorts]
+                    state.nodes.add(node)
+                    port_groups[rule.peerPorts] = self._peer_port_group(state.definition)
+        return NodeRuleSetSpec(
+            nodeName=node,
+            pods=pods,
+            peerGroups=[groups[k] for k in sorted(groups)],
+            peerPortGroups=[port_groups[k] for k in sorted(port_groups)],
+        )
+
+    # ------------------------------------------------------------------ problems
+    def _policy_problems(self, policy: NetworkPolicy) -> list[str]:
+        notes = []
+        selected = [self.pods[k] for k in self.pods_selected_by(policy.key)]
+        pod_networks = [
+            ipaddress.ip_network(c, strict=False) for n in self.nodes.values() for c in n.pod_cidrs
+        ]
+        for direction, i, rule, definitions in self._policy_rules(policy):
+            where = f"spec.{direction}[{i}]"
+            for j, p in enumerate(rule.ports or ()):
+                if not isinstance(p.port, str):
+                    continue
+                if direction == "ingress":
+                    resolves = any(pod.named_port(p.port, p.protocol) is not None for pod in selected)
+                else:
+                    d = next(d for d in definitions if d.port_names)
+                    resolves = any(
+                        self.pods[k].named_port(p.port, p.protocol) is not None
+                        for k in self._compute_members(d)
+                    )
+                if not resolves:
+                    notes.append(
+                        f"{where}.ports[{j}].port: named port {p.port!r}/{p.protocol} resolves on no "
+                        f"{'selected' if direction == 'ingress' else 'peer'} pod; it opens nothing"
+                    )
+            for j, peer in enumerate(rule.peers or ()):
+                if peer.ipBlock is None:
+                    continue
+                net = peer.ipBlock.network
+                if any(net.version == pn.version and net.overlaps(pn) for pn in pod_networks):
+                    notes.append(
+                        f"{where}.{'from' if direction == 'ingress' else 'to'}[{j}].ipBlock.cidr: "
+                        f"{peer.ipBlock.cidr} covers pod IPs; it matches those pods too"
+                    )
+        return notes
+
+
+def _unique(items: list) -> list:
+    out = []
+    for item in items:
+        if item not in out:
+            out.append(item)
+    return out
+
+
+def _merge(rules: list[AllowRule]) -> list[AllowRule]:
+    """One rule per distinct (peers, ports, peerPorts), naming every policy rule it stands for."""
+    merged: dict[tuple, list[str]] = {}
+    for rule in rules:
+        key = (rule.peers, None if rule.ports is None else tuple(rule.ports), rule.peerPorts)
+        merged.setdefault(key, [])
+        merged[key] += [o for o in rule.origin if o not in merged[key]]
+    return [
+        AllowRule(origin=origin, peers=peers, ports=None if ports is None else list(ports), peerPorts=pp)
+        for (peers, ports, pp), origin in merged.items()
+    ]
 
 
 def compile_cluster(objects: ClusterObjects) -> dict[str, NodeRuleSetSpec]:
