@@ -1,0 +1,290 @@
+"""NodeRuleSet + local veth map -> typed nftables model. Pure: data in, data out.
+
+Per-packet cost stays flat in the number of pods and policies: the forward hook dispatches on
+the packet's source and destination address through verdict maps (one hash lookup each) to the
+chain of the one pod concerned; that chain holds only the rules of the policies selecting that
+pod, each one set lookup against a content-addressed peer set.
+
+    forward_hook (inet, hook forward)
+      ct state established,related accept; ct state invalid drop; own-node sources accept
+      ip saddr vmap @egress_v4 ──jump──> pod_<id>_egress:  allow... goto ingress_dispatch
+      goto ingress_dispatch                                 counter + drop
+    ingress_dispatch
+      ip daddr vmap @ingress_v4 ──jump──> pod_<id>_ingress: allow... accept
+      accept                                                counter + drop
+
+Same-node pod traffic crosses the forward hook once (cni0 -> cni0, br_netfilter), so one
+traversal checks the source's egress and then the destination's ingress. Anti-spoofing lives
+in the bridge family, keyed on the veth the frame came in on (DESIGN.md §4).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from netfence_api import AllowRule, NodeRuleSetSpec, PolicedPod, PortRange
+from netfence_agent.nft.model import (
+    AnonSet,
+    Chain,
+    Concat,
+    Counter,
+    CounterRef,
+    Ct,
+    Fib,
+    Limit,
+    Log,
+    Map,
+    Match,
+    Meta,
+    Payload,
+    Range,
+    Rule,
+    Ruleset,
+    Set,
+    SetRef,
+    Table,
+    Verdict,
+    VMap,
+)
+
+TABLE_NAME = "netfence"
+INET_TABLE = ("inet", TABLE_NAME)
+BRIDGE_TABLE = ("bridge", TABLE_NAME)
+FORWARD_CHAIN = "forward_hook"
+INGRESS_DISPATCH = "ingress_dispatch"
+SPOOF_CHAIN = "prerouting_hook"
+_PROTO = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
+_FAMILY = {4: ("ip", "ipv4_addr", "v4"), 6: ("ip6", "ipv6_addr", "v6")}
+_ND_TYPES = ("nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert")
+
+
+@dataclass(frozen=True)
+class PodPort:
+    """The host side of a local pod's veth."""
+
+    ifname: str
+    mac: str | None = None
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    log_drops: bool = False
+    nflog_group: int = 100
+    log_rate_per_second: int = 10
+
+
+@dataclass(frozen=True)
+class CounterLabels:
+    namespace: str
+    pod: str
+    kind: Literal["ingress", "egress", "spoof"]
+
+
+@dataclass
+class RenderResult:
+    ruleset: Ruleset
+    counters: dict[str, CounterLabels] = field(default_factory=dict)
+
+
+def pod_id(namespace: str, name: str) -> str:
+    """Short stable id for a pod's nft objects (names are capped; comments carry the real name)."""
+    return hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:10]
+
+
+def counter_name(namespace: str, name: str, kind: str) -> str:
+    return f"pod_{pod_id(namespace, name)}_{kind}"
+
+
+def set_name(group: str, family: int) -> str:
+    return f"{group.replace('-', '_')}_{_FAMILY[family][2]}"
+
+
+def log_prefix(counter: str) -> str:
+    """NFLOG prefix of a drop: the agent maps it back to namespace, pod and direction."""
+    return f"netfence:{counter}"
+
+
+def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderOptions = RenderOptions()) -> RenderResult:
+    families = _families(spec)
+    result = RenderResult(Ruleset())
+    inet = Table("inet", TABLE_NAME, comment=f"netfence: NetworkPolicy of node {spec.nodeName}")
+    bridge = Table("bridge", TABLE_NAME, comment=f"netfence: anti-spoofing on pod veths of node {spec.nodeName}")
+    result.ruleset.tables += [inet, bridge]
+
+    _render_groups(inet, spec, families)
+    dispatch = {
+        (direction, fam): inet.add(
+            Map(f"{direction}_{_FAMILY[fam][2]}", (_FAMILY[fam][1],), comment=f"local pods isolated for {direction}")
+        )
+        for direction in ("egress", "ingress")
+        for fam in families
+    }
+    inet.add(_forward_chain(families))
+    inet.add(_ingress_dispatch_chain(families))
+    for pod in spec.pods:
+        for direction in ("egress", "ingress"):
+            if not getattr(pod.isolation, direction):
+                continue
+            counter = counter_name(pod.namespace, pod.name, direction)
+            result.counters[counter] = CounterLabels(pod.namespace, pod.name, direction)
+            inet.add(Counter(counter, comment=f"{pod.key} {direction} drops"))
+            chain = inet.add(_pod_chain(pod, direction, counter, families, options))
+            for ip in pod.ips:
+                address = ipaddress.ip_address(ip)
+                dispatch[(direction, address.version)].elements.append((address, Verdict("jump", chain.name)))
+
+    _render_anti_spoofing(bridge, spec, ports, result, options)
+    return result
+
+
+# --------------------------------------------------------------------------- inet
+def _families(spec: NodeRuleSetSpec) -> tuple[int, ...]:
+    addresses = [ip for p in spec.pods for ip in p.ips]
+    addresses += [c.split("/")[0] for g in spec.peerGroups for c in g.cidrs]
+    addresses += [e.address for g in spec.peerPortGroups for e in g.entries]
+    has_v6 = any(ipaddress.ip_address(a).version == 6 for a in addresses)
+    return (4, 6) if has_v6 else (4,)
+
+
+def _render_groups(inet: Table, spec: NodeRuleSetSpec, families: tuple[int, ...]) -> None:
+    for group in spec.peerGroups:
+        for fam in families:
+            nets = [ipaddress.ip_network(c) for c in group.cidrs]
+            inet.add(Set(
+                set_name(group.name, fam), (_FAMILY[fam][1],),
+                elements=[n for n in nets if n.version == fam],
+                flags=("interval",),
+                comment=f"peers: {group.selector}",
+            ))
+    for group in spec.peerPortGroups:
+        for fam in families:
+            inet.add(Set(
+                set_name(group.name, fam), (_FAMILY[fam][1], "inet_proto", "inet_service"),
+                elements=[
+                    (ipaddress.ip_address(e.address), _PROTO[e.protocol], e.port)
+                    for e in group.entries if ipaddress.ip_address(e.address).version == fam
+                ],
+                comment=f"named ports on peers: {group.selector}",
+            ))
+
+
+def _forward_chain(families: tuple[int, ...]) -> Chain:
+    chain = Chain(FORWARD_CHAIN, hook="forward", priority=0, policy="accept",
+                  comment="NetworkPolicy for pod traffic forwarded by this node")
+    chain.rules += [
+        Rule((Match(Ct("state"), frozenset({"established", "related"})), Verdict("accept")),
+             "replies and related flows of allowed connections"),
+        Rule((Match(Ct("state"), frozenset({"invalid"})), Verdict("drop")), "not part of any valid connection"),
+        Rule((Match(Fib(("saddr",), "type"), "local"), Verdict("accept")),
+             "traffic from this node itself is always allowed"),
+    ]
+    if 6 in families:
+        chain.rules.append(Rule(
+            (Match(Payload("icmpv6", "type"), AnonSet(_ND_TYPES)), Verdict("accept")),
+            "IPv6 neighbour discovery keeps allowed flows reachable",
+        ))
+    for fam in families:
+        proto, _, suffix = _FAMILY[fam]
+        chain.rules.append(Rule((VMap(Payload(proto, "saddr"), f"egress_{suffix}"),),
+                                "egress policy of the source pod, if it is local and isolated"))
+    chain.rules.append(Rule((Verdict("goto", INGRESS_DISPATCH),), "then ingress policy of the destination"))
+    return chain
+
+
+def _ingress_dispatch_chain(families: tuple[int, ...]) -> Chain:
+    chain = Chain(INGRESS_DISPATCH, comment="ingress policy of the destination pod, if it is local and isolated")
+    for fam in families:
+        proto, _, suffix = _FAMILY[fam]
+        chain.rules.append(Rule((VMap(Payload(proto, "daddr"), f"ingress_{suffix}"),),
+                                "destination is a local pod isolated for ingress"))
+    chain.rules.append(Rule((Verdict("accept"),), "destination not isolated for ingress"))
+    return chain
+
+
+def _port_match(ports: list[PortRange]) -> Match:
+    elements = tuple(
+        (_PROTO[p.protocol], p.port if p.endPort is None or p.endPort == p.port else Range(p.port, p.endPort))
+        for p in ports
+    )
+    return Match(Concat((Meta("l4proto"), Payload("th", "dport"))), AnonSet(elements))
+
+
+def _pod_chain(pod: PolicedPod, direction: str, counter: str, families, options: RenderOptions) -> Chain:
+    peer_field = "saddr" if direction == "ingress" else "daddr"
+    allow = Verdict("accept") if direction == "ingress" else Verdict("goto", INGRESS_DISPATCH)
+    policies = pod.ingressPolicies if direction == "ingress" else pod.egressPolicies
+    chain = Chain(f"pod_{pod_id(pod.namespace, pod.name)}_{direction}",
+                  comment=f"{pod.key} {direction}, isolated by {', '.join(policies)}")
+    for rule in getattr(pod, direction):
+        chain.rules += _allow_rules(rule, peer_field, allow, families)
+    if options.log_drops:
+        chain.rules.append(Rule(
+            (Limit(options.log_rate_per_second, "second", burst=options.log_rate_per_second),
+             Log(options.nflog_group, log_prefix(counter))),
+            f"{pod.key} {direction}: log a sample of drops",
+        ))
+    chain.rules.append(Rule((CounterRef(counter), Verdict("drop")),
+                            f"{pod.key} {direction}: no policy rule allows this"))
+    return chain
+
+
+def _allow_rules(rule: AllowRule, peer_field: str, allow: Verdict, families) -> list[Rule]:
+    comment = "; ".join(rule.origin)
+    if rule.peerPorts is not None:
+        return [
+            Rule((Match(Concat((Payload(_FAMILY[f][0], "daddr"), Meta("l4proto"), Payload("th", "dport"))),
+                        SetRef(set_name(rule.peerPorts, f))), allow), comment)
+            for f in families
+        ]
+    ports = [] if rule.ports is None else [_port_match(rule.ports)]
+    if rule.peers is None:
+        return [Rule((*ports, allow), comment)]
+    return [
+        Rule((Match(Payload(_FAMILY[f][0], peer_field), SetRef(set_name(rule.peers, f))), *ports, allow), comment)
+        for f in families
+    ]
+
+
+# --------------------------------------------------------------------------- bridge
+def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[str, PodPort],
+                          result: RenderResult, options: RenderOptions) -> None:
+    dispatch = bridge.add(Map("pod_ports", ("ifname",), comment="host-side veths of local pods"))
+    hook = bridge.add(Chain(SPOOF_CHAIN, hook="prerouting", priority=-200, policy="accept",
+                            comment="frames leaving a pod must carry its own addresses"))
+    hook.rules.append(Rule((VMap(Meta("iifname"), dispatch.name),), "frames entering the bridge from a pod veth"))
+    for pod in spec.pods:
+        port = next((ports[ip] for ip in pod.ips if ip in ports), None)
+        if port is None:
+            continue  # veth not found yet: IP-keyed policy still applies
+        counter = counter_name(pod.namespace, pod.name, "spoof")
+        result.counters[counter] = CounterLabels(pod.namespace, pod.name, "spoof")
+        bridge.add(Counter(counter, comment=f"{pod.key} spoofed frames"))
+        chain = bridge.add(Chain(f"pod_{pod_id(pod.namespace, pod.name)}_spoof",
+                                 comment=f"{pod.key} on {port.ifname}"))
+        mac = (Match(Payload("ether", "saddr"), port.mac),) if port.mac else ()
+        v4 = [ipaddress.ip_address(ip) for ip in pod.ips if ipaddress.ip_address(ip).version == 4]
+        v6 = [ipaddress.ip_address(ip) for ip in pod.ips if ipaddress.ip_address(ip).version == 6]
+        if v4:
+            chain.rules.append(Rule((*mac, Match(Payload("ip", "saddr"), AnonSet(tuple(v4))), Verdict("return")),
+                                    f"{pod.key}: its own IPv4 address"))
+            # ARP from the pod's address, or 0.0.0.0 for duplicate address detection.
+            arp_ips = AnonSet((*v4, ipaddress.IPv4Address("0.0.0.0")))
+            chain.rules.append(Rule((*mac, Match(Payload("arp", "saddr ip"), arp_ips), Verdict("return")),
+                                    f"{pod.key}: ARP for its own address"))
+        if v6:
+            own6 = AnonSet((*v6, ipaddress.ip_network("fe80::/10"), ipaddress.IPv6Address("::")))
+            chain.rules.append(Rule((*mac, Match(Payload("ip6", "saddr"), own6), Verdict("return")),
+                                    f"{pod.key}: its own IPv6 and link-local addresses"))
+        if options.log_drops:
+            chain.rules.append(Rule(
+                (Limit(options.log_rate_per_second, "second", burst=options.log_rate_per_second),
+                 Log(options.nflog_group, log_prefix(counter))),
+                f"{pod.key}: log a sample of spoofed frames",
+            ))
+        chain.rules.append(Rule((CounterRef(counter), Verdict("drop")),
+                                f"{pod.key}: source address or MAC is not the pod's"))
+        dispatch.elements.append((port.ifname, Verdict("jump", chain.name)))
