@@ -1,11 +1,136 @@
-"""The `netfence` command line (placeholder until the CLI lands)."""
+"""The `netfence` command line.
 
+compile, explain and matrix live here (offline, pure); controller, agent, cleanup and lab
+are registered by their own packages so each role keeps its own options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
 import sys
+from collections.abc import Callable
+
+import yaml
+
+from netfence_api import NodeRuleSet
+from netfence_operator.compile import InputError
+from netfence_cli import offline
+
+EXIT_BAD_INPUT = 2
+
+# Packages that add their own subcommands: module -> commands it provides.
+_PLUGINS = {
+    "netfence_operator.cli": ("controller",),
+    "netfence_agent.cli": ("agent", "cleanup"),
+    "netfence_lab.cli": ("lab",),
+}
+
+
+def _files_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-f", "--filename", dest="files", action="append", required=True, metavar="FILE",
+                   help="manifest file (multi-document YAML or kind: List); '-' reads standard input; repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="netfence", description="Kubernetes NetworkPolicy enforcement with nftables")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compile", help="compile manifests into per-node rule sets")
+    _files_arg(p)
+    p.add_argument("--node", help="only this node")
+    p.add_argument("-o", "--output", choices=("yaml", "json", "nft"), default="yaml")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("explain", help="trace one connection through the rendered rules")
+    _files_arg(p)
+    p.add_argument("--from", dest="src", required=True, metavar="NS/POD|IP")
+    p.add_argument("--to", dest="dst", required=True, metavar="NS/POD|IP")
+    p.add_argument("--port", required=True, metavar="PORT/PROTO")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("matrix", help="reachability of every pod pair under the rendered rules")
+    _files_arg(p)
+    p.add_argument("--port", required=True, metavar="PORT/PROTO")
+    p.add_argument("-o", "--output", choices=("json", "table"), default="table")
+    p.set_defaults(func=cmd_matrix)
+
+    for module_name, commands in _PLUGINS.items():
+        try:
+            module = importlib.import_module(module_name)
+            module.register(sub)
+        except ImportError as e:
+            for command in commands:
+                p = sub.add_parser(command, help=f"(unavailable: {e})")
+                p.set_defaults(func=_unavailable(command, e))
+    return parser
+
+
+def _unavailable(command: str, error: Exception) -> Callable[[argparse.Namespace], int]:
+    def run(_: argparse.Namespace) -> int:
+        print(f"netfence {command}: not available: {error}", file=sys.stderr)
+        return 1
+
+    return run
+
+
+def _load(args: argparse.Namespace) -> offline.OfflineCluster:
+    notes: list[str] = []
+    objects = offline.load_cluster(offline.read_manifests(args.files), notes)
+    for note in notes:
+        print(note, file=sys.stderr)
+    cluster = offline.OfflineCluster.build(objects)
+    for key, problems in cluster.problems.items():
+        for problem in problems:
+            print(f"warning: NetworkPolicy {key}: {problem}", file=sys.stderr)
+    return cluster
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    cluster = _load(args)
+    nodes = sorted(cluster.specs)
+    if args.node:
+        if args.node not in cluster.specs:
+            raise InputError([f"--node {args.node}: no such node in the input (nodes: {', '.join(nodes) or 'none'})"])
+        nodes = [args.node]
+    if args.output == "nft":
+        from netfence_agent.nft.serialize import ruleset_text
+
+        for node in nodes:
+            print(f"# node {node}")
+            print(ruleset_text(cluster.rendered[node].ruleset))
+        return 0
+    objects = [NodeRuleSet.for_node(cluster.specs[n]).model_dump(mode="json", exclude_none=True) for n in nodes]
+    if args.output == "json":
+        print(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))
+    else:
+        print(yaml.safe_dump_all(objects, sort_keys=False), end="")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    port, protocol = offline.parse_port(args.port)
+    cluster = _load(args)
+    print(offline.explain_text(cluster, args.src, args.dst, port, protocol))
+    return 0
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    port, protocol = offline.parse_port(args.port)
+    result = offline.matrix_for(_load(args), port, protocol)
+    print(json.dumps(result, indent=1) if args.output == "json" else offline.matrix_table(result))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    print("netfence: not implemented yet", file=sys.stderr)
-    return 2
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except InputError as e:
+        for problem in e.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":
