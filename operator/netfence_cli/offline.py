@@ -183,6 +183,9 @@ def connection(cluster: OfflineCluster, src: Endpoint, dst: Endpoint, port: int,
     dst_policed = dst.pod is not None and not dst.host_network and dst.node is not None
     if src.host_network and src.node is not None and dst_policed and dst.node == src.node:
         return Verdict(True, [], f"traffic from node {src.node} to its own pods is always allowed")
+    if dst.host_network and dst.node is not None and src_policed and src.node == dst.node:
+        # Addressed to the node itself: the input hook takes it, not forward.
+        return Verdict(True, [], f"traffic from a pod to its own node {dst.node} is always allowed")
     legs: list[Leg] = []
     if src_policed:
         oif = BRIDGE if dst_policed and dst.node == src.node else (OVERLAY if dst.node else UPLINK)
