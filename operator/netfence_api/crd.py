@@ -1,0 +1,156 @@
+"""The NodeRuleSet CustomResourceDefinition, generated from the pydantic contract models.
+
+`manifests/crd.yaml` is this module's output (`python -m netfence_api.crd > manifests/crd.yaml`);
+a test keeps the two equal, so the schema the apiserver enforces never drifts from the models
+the controller and the agent use.
+
+pydantic's JSON Schema is turned into a Kubernetes *structural* schema: `$ref`s are inlined,
+`X | None` becomes `nullable: true`, and what the apiserver would act on differently from
+pydantic is dropped (`default`: the apiserver would write defaults into stored objects;
+`additionalProperties: false`: not allowed next to `properties`; unknown fields are pruned
+instead).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import yaml
+
+from netfence_api.models import API_GROUP, API_VERSION, KIND, PLURAL, NodeRuleSetSpec, NodeRuleSetStatus
+
+SINGULAR = "noderuleset"
+SHORT_NAMES = ["nrs"]
+CRD_NAME = f"{PLURAL}.{API_GROUP}"
+
+# Printer columns can't count list items, so the publisher mirrors the counts into annotations.
+PODS_ANNOTATION = f"{API_GROUP}/pods"
+RULES_ANNOTATION = f"{API_GROUP}/rules"
+HASH_ANNOTATION = f"{API_GROUP}/spec-hash"
+
+_DROPPED_KEYS = {"title", "default", "additionalProperties"}
+
+
+def _escape_jsonpath(key: str) -> str:
+    return key.replace(".", "\\.")
+
+
+def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """One pydantic JSON Schema node as a structural OpenAPI v3 schema (recursive)."""
+    if "$ref" in schema:
+        target = defs[schema["$ref"].rsplit("/", 1)[-1]]
+        merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+        return structural(merged, defs)
+    if "anyOf" in schema:
+        branches = [b for b in schema["anyOf"] if b.get("type") != "null"]
+        if len(branches) != 1 or len(branches) == len(schema["anyOf"]):
+            raise ValueError(f"only `X | None` unions map to a structural schema, got {schema['anyOf']}")
+        rest = {k: v for k, v in schema.items() if k != "anyOf"}
+        out = structural({**branches[0], **rest}, defs)
+        out["nullable"] = True
+        return out
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _DROPPED_KEYS or key == "$defs":
+            continue
+        if key == "properties":
+            out[key] = {name: structural(sub, defs) for name, sub in value.items()}
+        elif key == "items":
+            out[key] = structural(value, defs)
+        elif key == "description":
+            out[key] = " ".join(value.split())
+        else:
+            out[key] = value
+    return out
+
+
+def model_schema(model: type) -> dict[str, Any]:
+    raw = model.model_json_schema(mode="serialization")
+    return structural(raw, raw.get("$defs", {}))
+
+
+def openapi_schema() -> dict[str, Any]:
+    status = model_schema(NodeRuleSetStatus)
+    # Conditions are keyed by type (one Applied, one Degraded), as Kubernetes conditions are.
+    status["properties"]["conditions"]["x-kubernetes-list-type"] = "map"
+    status["properties"]["conditions"]["x-kubernetes-list-map-keys"] = ["type"]
+    spec = model_schema(NodeRuleSetSpec)
+    spec["description"] = (
+        "What the agent on the node enforces: the node's policed pods, their allow rules, "
+        "and the peer address and port groups those rules refer to. Written by the controller."
+    )
+    status["description"] = "What the agent on the node applied. Written by the agent."
+    return {
+        "type": "object",
+        "description": "The NetworkPolicy rules of one node, compiled by the netfence controller.",
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": spec,
+            "status": status,
+        },
+        "required": ["spec"],
+    }
+
+
+def printer_columns() -> list[dict[str, Any]]:
+    return [
+        {"name": "Node", "type": "string", "jsonPath": ".spec.nodeName"},
+        {"name": "Pods", "type": "string", "jsonPath": f".metadata.annotations.{_escape_jsonpath(PODS_ANNOTATION)}"},
+        {"name": "Rules", "type": "string", "jsonPath": f".metadata.annotations.{_escape_jsonpath(RULES_ANNOTATION)}"},
+        {
+            "name": "Applied",
+            "type": "integer",
+            "jsonPath": ".status.observedGeneration",
+            "description": "Generation the agent last applied; equal to Generation when the node is up to date.",
+        },
+        {"name": "Generation", "type": "integer", "jsonPath": ".metadata.generation", "priority": 1},
+        {"name": "Hash", "type": "string", "jsonPath": ".status.appliedHash", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+
+
+def crd_manifest() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": CRD_NAME,
+            "labels": {"app.kubernetes.io/name": "netfence", "app.kubernetes.io/component": "crd"},
+        },
+        "spec": {
+            "group": API_GROUP,
+            "scope": "Cluster",
+            "names": {
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "shortNames": SHORT_NAMES,
+                "categories": ["netfence"],
+            },
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": printer_columns(),
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# Generated by `python -m netfence_api.crd` from operator/netfence_api/models.py. Do not edit.\n"
+
+
+def render_yaml() -> str:
+    return HEADER + yaml.safe_dump(crd_manifest(), sort_keys=False, width=100)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_yaml())

@@ -1,0 +1,706 @@
+"""A small Kubernetes API server for tests: the real REST + watch protocol over HTTP, in memory.
+
+Written because kmock 0.8's emulator misses exactly the behaviour a controller can get wrong
+(DESIGN.md §4). This server is faithful on those points, and tests/controller/test_fakeapi.py
+checks each one against the documented apiserver behaviour:
+
+- one global, increasing resourceVersion; every object carries the one of its last write;
+  uid and creationTimestamp set on create; `generateName` honoured; 409 on a name taken;
+- metadata.generation = 1 on create and +1 only when something outside metadata and status
+  changes (for resources with generation tracking);
+- a status subresource is separate: writes to the object ignore .status, writes to /status
+  change only .status; creating a CR with a status subresource drops the status;
+- PUT and PATCH with a stale metadata.resourceVersion get 409 Conflict;
+- merge patch (RFC 7386), JSON patch (RFC 6902); strategic merge patch is treated as a merge
+  patch (lists replaced whole) -- the only simplification, and nothing here relies on it;
+- a no-op write changes nothing: no new resourceVersion, no watch event;
+- label selectors (=, ==, !=, in, notin, exists, !key) and field selectors (=, ==, != on any
+  dotted path) on list and watch; a watched object that stops (starts) matching is sent as
+  DELETED (ADDED), as the apiserver's watch cache does;
+- watch from a resourceVersion replays later events; one older than the compaction point gets
+  a 410 Expired ERROR event; watch without one starts with synthetic ADDED events;
+  BOOKMARK events on request; `timeoutSeconds` ends the stream;
+- finalizers: DELETE sets deletionTimestamp while finalizers remain;
+- discovery (/api, /apis, /version) so kopf finds the resources.
+
+The server runs its own event loop in a thread; test-side methods are thread-safe. It also
+records every request, so tests can count the writes a controller made.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import copy
+import datetime
+import json
+import re
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp.web
+import jsonpatch
+
+
+# --------------------------------------------------------------------------- resource types
+@dataclass(frozen=True)
+class ResourceType:
+    group: str
+    version: str
+    plural: str
+    kind: str
+    namespaced: bool
+    status_subresource: bool = False
+    generation: bool = False
+    singular: str = ""
+    short_names: tuple[str, ...] = ()
+
+    @property
+    def api_version(self) -> str:
+        return f"{self.group}/{self.version}" if self.group else self.version
+
+    @property
+    def group_version(self) -> str:
+        return self.api_version
+
+
+BUILTIN_TYPES = (
+    ResourceType("", "v1", "namespaces", "Namespace", False, status_subresource=True, short_names=("ns",)),
+    ResourceType("", "v1", "nodes", "Node", False, status_subresource=True, short_names=("no",)),
+    ResourceType("", "v1", "pods", "Pod", True, status_subresource=True, generation=True, short_names=("po",)),
+    ResourceType("", "v1", "events", "Event", True, short_names=("ev",)),
+    ResourceType("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", True, generation=True,
+                 short_names=("netpol",)),
+    ResourceType("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", False,
+                 status_subresource=True, generation=True, short_names=("crd",)),
+    ResourceType("netfence.io", "v1alpha1", "noderulesets", "NodeRuleSet", False, status_subresource=True,
+                 generation=True, short_names=("nrs",)),
+)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, reason: str, message: str):
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+    def status(self) -> dict[str, Any]:
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": self.message, "reason": self.reason, "code": self.code}
+
+
+# --------------------------------------------------------------------------- selectors
+_SET_EXPR = re.compile(r"^\s*([^\s!=]+)\s+(in|notin)\s+\(([^)]*)\)\s*$")
+
+
+def _split_selector(text: str) -> list[str]:
+    """Split on commas outside parentheses."""
+    parts, depth, current = [], 0, ""
+    for ch in text:
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        if ch == "," and depth == 0:
+            parts.append(current)
+            current = ""
+        else:
+            current += ch
+    if current.strip():
+        parts.append(current)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def label_selector_matches(selector: str | None, labels: dict[str, str] | None) -> bool:
+    labels = labels or {}
+    for term in _split_selector(selector or ""):
+        m = _SET_EXPR.match(term)
+        if m:
+            key, op, values = m.group(1), m.group(2), {v.strip() for v in m.group(3).split(",") if v.strip()}
+            if op == "in" and labels.get(key) not in values:
+                return False
+            if op == "notin" and key in labels and labels[key] in values:
+                return False
+        elif "!=" in term:
+            key, value = (s.strip() for s in term.split("!=", 1))
+            if labels.get(key) == value:
+                return False
+        elif "=" in term:
+            key, value = (s.strip() for s in term.replace("==", "=").split("=", 1))
+            if labels.get(key) != value:
+                return False
+        elif term.startswith("!"):
+            if term[1:].strip() in labels:
+                return False
+        elif term not in labels:
+            return False
+    return True
+
+
+def _dotted(obj: dict[str, Any], path: str) -> str:
+    value: Any = obj
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def field_selector_matches(selector: str | None, obj: dict[str, Any]) -> bool:
+    for term in _split_selector(selector or ""):
+        if "!=" in term:
+            path, value = (s.strip() for s in term.split("!=", 1))
+            if _dotted(obj, path) == value:
+                return False
+        elif "=" in term:
+            path, value = (s.strip() for s in term.replace("==", "=").split("=", 1))
+            if _dotted(obj, path) != value:
+                return False
+        else:
+            raise ApiError(400, "BadRequest", f"invalid field selector term {term!r}")
+    return True
+
+
+# --------------------------------------------------------------------------- merge patch
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+# --------------------------------------------------------------------------- the server
+@dataclass
+class WatchEvent:
+    rv: int
+    rtype: ResourceType
+    type: str  # ADDED MODIFIED DELETED
+    obj: dict[str, Any]
+    old: dict[str, Any] | None
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    query: dict[str, str]
+    content_type: str
+    status: int = 0
+    body: Any = None
+
+
+@dataclass(eq=False)
+class _Watcher:
+    queue: asyncio.Queue
+    response: aiohttp.web.StreamResponse | None = None
+
+
+@dataclass
+class FakeApiServer:
+    types: tuple[ResourceType, ...] = BUILTIN_TYPES
+    bookmark_interval: float = 1.0
+    history_limit: int = 100_000
+    seed_namespaces: tuple[str, ...] = ("default", "kube-system")
+
+    objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)  # (plural-gv, ns, name)
+    requests: list[RecordedRequest] = field(default_factory=list)
+    _rv: int = 0
+    _compacted: int = 0
+    _history: collections.deque = field(default_factory=collections.deque)
+    _watchers: set = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self._by_path: dict[tuple[str, str], ResourceType] = {(t.group_version, t.plural): t for t in self.types}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: aiohttp.web.AppRunner | None = None
+        self._site: aiohttp.web.TCPSite | None = None
+        self.port = 0
+        for ns in self.seed_namespaces:
+            self._create(self.rtype("namespaces"), None, {"metadata": {"name": ns}}, keep_status=True)
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "FakeApiServer":
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self._start_site())
+            ready.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(self._stop_site())
+            self._loop.close()
+
+        self._thread = threading.Thread(target=run, name="fakeapi", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fake API server did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop = None
+
+    async def _start_site(self) -> None:
+        app = aiohttp.web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = aiohttp.web.AppRunner(app, handle_signals=False, shutdown_timeout=0.5)
+        await self._runner.setup()
+        self._site = aiohttp.web.TCPSite(self._runner, "127.0.0.1", self.port, reuse_address=True)
+        await self._site.start()
+        self.port = self._site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def _stop_site(self) -> None:
+        for watcher in list(self._watchers):
+            watcher.queue.put_nowait(None)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the server's loop (all state lives there) and return its result."""
+        if self._loop is None:
+            return fn()
+
+        async def wrapper() -> Any:
+            return fn()
+
+        return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(10)
+
+    def restart(self, *, compact: bool = True, downtime: float = 0.5) -> None:
+        """Like an apiserver restart: connections drop, the port refuses for a while, and with
+        `compact` every older resourceVersion is gone (watches resuming from one get 410)."""
+
+        async def bounce() -> None:
+            await self._stop_site()
+            if compact:
+                self._compacted = self._rv
+            await asyncio.sleep(downtime)
+            await self._start_site()
+
+        assert self._loop is not None
+        asyncio.run_coroutine_threadsafe(bounce(), self._loop).result(30)
+
+    def compact(self) -> None:
+        """Forget history: a watch from any resourceVersion seen so far gets 410 Gone."""
+        self.call(lambda: setattr(self, "_compacted", self._rv))
+
+    def drop_watches(self) -> None:
+        """End every open watch stream (clients reconnect from their last resourceVersion)."""
+        def end() -> None:
+            for watcher in list(self._watchers):
+                watcher.queue.put_nowait(None)
+        self.call(end)
+
+    # ------------------------------------------------------------------ test-side API
+    def rtype(self, plural: str) -> ResourceType:
+        matches = [t for t in self.types if t.plural == plural]
+        if len(matches) != 1:
+            raise KeyError(plural)
+        return matches[0]
+
+    def rtype_of(self, obj: dict[str, Any]) -> ResourceType:
+        for t in self.types:
+            if t.kind == obj.get("kind") and t.api_version == obj.get("apiVersion", t.api_version):
+                return t
+        raise KeyError(obj.get("kind"))
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Create or replace an object as given, status included (what kubelet and
+        controllers would have written). For test setup; the REST paths are the faithful ones."""
+        rtype = self.rtype_of(obj)
+        ns = obj["metadata"].get("namespace") or ("default" if rtype.namespaced else None)
+
+        def do() -> dict[str, Any]:
+            existing = self.objects.get(self._key(rtype, ns, obj["metadata"]["name"]))
+            if existing is None:
+                return self._create(rtype, ns, obj, keep_status=True)
+            body = copy.deepcopy(obj)
+            body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
+            return self._replace(rtype, ns, existing, body, subresource=None, keep_status=True)
+
+        return copy.deepcopy(self.call(do))
+
+    def delete(self, plural: str, name: str, namespace: str | None = None) -> None:
+        rtype = self.rtype(plural)
+        self.call(lambda: self._delete(rtype, namespace, name))
+
+    def get(self, plural: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
+        rtype = self.rtype(plural)
+        obj = self.call(lambda: self.objects.get(self._key(rtype, namespace, name)))
+        return copy.deepcopy(obj)
+
+    def list(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
+        rtype = self.rtype(plural)
+
+        def do() -> list[dict[str, Any]]:
+            return [copy.deepcopy(o) for (gvp, ns, _), o in sorted(self.objects.items())
+                    if gvp == self._gvp(rtype) and (namespace is None or ns == namespace)]
+
+        return self.call(do)
+
+    def writes(self, path_prefix: str = "", methods: tuple[str, ...] = ("POST", "PUT", "PATCH", "DELETE")) -> list[RecordedRequest]:
+        return [r for r in list(self.requests) if r.method in methods and r.path.startswith(path_prefix)]
+
+    @property
+    def resource_version(self) -> int:
+        return self._rv
+
+    # ------------------------------------------------------------------ storage
+    @staticmethod
+    def _gvp(rtype: ResourceType) -> str:
+        return f"{rtype.group_version}/{rtype.plural}"
+
+    def _key(self, rtype: ResourceType, ns: str | None, name: str) -> tuple[str, str, str]:
+        return (self._gvp(rtype), ns or "", name)
+
+    def _commit(self, rtype: ResourceType, etype: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
+        event = WatchEvent(self._rv, rtype, etype, copy.deepcopy(obj), copy.deepcopy(old) if old else None)
+        self._history.append(event)
+        while len(self._history) > self.history_limit:
+            dropped = self._history.popleft()
+            self._compacted = max(self._compacted, dropped.rv)
+        for watcher in list(self._watchers):
+            watcher.queue.put_nowait(event)
+
+    def _next_rv(self) -> str:
+        self._rv += 1
+        return str(self._rv)
+
+    def _create(self, rtype: ResourceType, ns: str | None, body: dict[str, Any], *, keep_status: bool = False) -> dict[str, Any]:
+        obj = copy.deepcopy(body)
+        meta = obj.setdefault("metadata", {})
+        if not meta.get("name"):
+            if not meta.get("generateName"):
+                raise ApiError(422, "Invalid", "metadata.name or metadata.generateName is required")
+            for _ in range(20):
+                candidate = meta["generateName"] + secrets.token_hex(3)[:5]
+                if self._key(rtype, ns, candidate) not in self.objects:
+                    meta["name"] = candidate
+                    break
+        if rtype.namespaced:
+            if not ns:
+                raise ApiError(400, "BadRequest", f"{rtype.kind} is namespaced: a namespace is required")
+            meta["namespace"] = ns
+        else:
+            meta.pop("namespace", None)
+        key = self._key(rtype, ns, meta["name"])
+        if key in self.objects:
+            raise ApiError(409, "AlreadyExists", f'{rtype.plural}.{rtype.group or "core"} "{meta["name"]}" already exists')
+        if rtype.status_subresource and not keep_status:
+            obj.pop("status", None)  # with a status subresource, status is ignored on create
+        obj["apiVersion"], obj["kind"] = rtype.api_version, rtype.kind
+        meta["uid"] = str(uuid.uuid4())
+        meta["creationTimestamp"] = _now()
+        meta.pop("deletionTimestamp", None)
+        if rtype.generation:
+            meta["generation"] = 1
+        if rtype.kind == "Namespace":
+            meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
+        meta["resourceVersion"] = self._next_rv()
+        self.objects[key] = obj
+        self._commit(rtype, "ADDED", obj, None)
+        return obj
+
+    def _replace(self, rtype: ResourceType, ns: str | None, old: dict[str, Any], new: dict[str, Any],
+                 *, subresource: str | None, keep_status: bool = False) -> dict[str, Any]:
+        """Store `new` in place of `old` with the apiserver's rules; a no-op leaves all alone."""
+        sent_rv = (new.get("metadata") or {}).get("resourceVersion")
+        if sent_rv and sent_rv != old["metadata"]["resourceVersion"]:
+            raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {rtype.plural} "{old["metadata"]["name"]}": '
+                                            "the object has been modified; please apply your changes to the latest version and try again")
+        obj = copy.deepcopy(new)
+        if rtype.status_subresource and not keep_status:
+            if subresource == "status":
+                # /status writes change the status only (and nothing in metadata but what we keep).
+                obj = {**copy.deepcopy(old), "status": copy.deepcopy(new.get("status"))}
+                if obj["status"] is None:
+                    obj.pop("status")
+            else:
+                obj.pop("status", None)
+                if "status" in old:
+                    obj["status"] = copy.deepcopy(old["status"])
+        meta = obj.setdefault("metadata", {})
+        old_meta = old["metadata"]
+        for fixed in ("name", "namespace", "uid", "creationTimestamp", "generation", "deletionTimestamp"):
+            if fixed in old_meta:
+                meta[fixed] = old_meta[fixed]
+            else:
+                meta.pop(fixed, None)
+        if rtype.kind == "Namespace":
+            meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
+        obj["apiVersion"], obj["kind"] = rtype.api_version, rtype.kind
+        meta["resourceVersion"] = old_meta["resourceVersion"]
+        if obj == old:
+            return old  # no-op: no new resourceVersion, no event
+        if rtype.generation and _without(obj) != _without(old):
+            meta["generation"] = old_meta.get("generation", 1) + 1
+        meta["resourceVersion"] = self._next_rv()
+        key = self._key(rtype, ns, meta["name"])
+        if meta.get("deletionTimestamp") and not meta.get("finalizers"):
+            del self.objects[key]
+            self._commit(rtype, "DELETED", obj, old)
+            return obj
+        self.objects[key] = obj
+        self._commit(rtype, "MODIFIED", obj, old)
+        return obj
+
+    def _delete(self, rtype: ResourceType, ns: str | None, name: str) -> dict[str, Any]:
+        key = self._key(rtype, ns, name)
+        old = self.objects.get(key)
+        if old is None:
+            raise ApiError(404, "NotFound", f'{rtype.plural} "{name}" not found')
+        if old["metadata"].get("finalizers"):
+            if old["metadata"].get("deletionTimestamp"):
+                return old
+            obj = copy.deepcopy(old)
+            obj["metadata"]["deletionTimestamp"] = _now()
+            obj["metadata"]["resourceVersion"] = self._next_rv()
+            self.objects[key] = obj
+            self._commit(rtype, "MODIFIED", obj, old)
+            return obj
+        obj = copy.deepcopy(old)
+        obj["metadata"]["resourceVersion"] = self._next_rv()
+        del self.objects[key]
+        self._commit(rtype, "DELETED", obj, old)
+        return obj
+
+    # ------------------------------------------------------------------ HTTP
+    def _parse_path(self, path: str) -> tuple[ResourceType, str | None, str | None, str | None] | None:
+        """URL -> (resource type, namespace, name, subresource); None for non-resource URLs."""
+        parts = [p for p in path.split("/") if p]
+        if parts[:2] == ["api", "v1"]:
+            gv, rest = "v1", parts[2:]
+        elif len(parts) >= 3 and parts[0] == "apis":
+            gv, rest = f"{parts[1]}/{parts[2]}", parts[3:]
+        else:
+            return None
+        if not rest:
+            return None
+        ns = None
+        # /namespaces/{ns}/{plural}... is a namespaced resource; /namespaces[/{name}[/status]] is Namespace.
+        if rest[0] == "namespaces" and len(rest) >= 3 and (gv, rest[2]) in self._by_path and self._by_path[(gv, rest[2])].namespaced:
+            ns, rest = rest[1], rest[2:]
+        rtype = self._by_path.get((gv, rest[0]))
+        if rtype is None:
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource {path}")
+        name = rest[1] if len(rest) > 1 else None
+        sub = rest[2] if len(rest) > 2 else None
+        if sub is not None and (sub != "status" or not rtype.status_subresource):
+            raise ApiError(404, "NotFound", f"no subresource {sub!r} on {rtype.plural}")
+        if rtype.namespaced and name is not None and ns is None:
+            raise ApiError(404, "NotFound", f"{rtype.plural} is namespaced")
+        return rtype, ns, name, sub
+
+    async def _handle(self, request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        record = RecordedRequest(request.method, request.path, dict(request.query), request.content_type)
+        self.requests.append(record)
+        try:
+            body = await request.json() if request.can_read_body else None
+            record.body = body
+            response = await self._dispatch(request, body)
+        except ApiError as e:
+            response = aiohttp.web.json_response(e.status(), status=e.code)
+        except json.JSONDecodeError as e:
+            response = aiohttp.web.json_response(ApiError(400, "BadRequest", f"invalid JSON: {e}").status(), status=400)
+        record.status = response.status
+        return response
+
+    async def _dispatch(self, request: aiohttp.web.Request, body: Any) -> aiohttp.web.StreamResponse:
+        path, method, q = request.path, request.method, request.query
+        discovery = self._discovery(path)
+        if discovery is not None:
+            return aiohttp.web.json_response(discovery)
+        parsed = self._parse_path(path)
+        if parsed is None:
+            raise ApiError(404, "NotFound", f"the server could not find the requested resource {path}")
+        rtype, ns, name, sub = parsed
+        if name is None:
+            if method == "GET" and q.get("watch") in ("true", "1"):
+                return await self._watch(request, rtype, ns)
+            if method == "GET":
+                return aiohttp.web.json_response(self._list(rtype, ns, q))
+            if method == "POST":
+                if not isinstance(body, dict):
+                    raise ApiError(400, "BadRequest", "body must be an object")
+                body_ns = (body.get("metadata") or {}).get("namespace")
+                if rtype.namespaced and body_ns and ns and body_ns != ns:
+                    raise ApiError(400, "BadRequest", "the namespace of the object does not match the namespace of the URL")
+                return aiohttp.web.json_response(self._create(rtype, ns, body), status=201)
+            raise ApiError(405, "MethodNotAllowed", f"{method} on a collection")
+        key = self._key(rtype, ns, name)
+        if method == "DELETE":
+            return aiohttp.web.json_response(self._delete(rtype, ns, name))
+        old = self.objects.get(key)
+        if old is None:
+            raise ApiError(404, "NotFound", f'{rtype.plural}.{rtype.group or "core"} "{name}" not found')
+        if method == "GET":
+            return aiohttp.web.json_response(old)
+        if method == "PUT":
+            if not isinstance(body, dict) or (body.get("metadata") or {}).get("name") != name:
+                raise ApiError(400, "BadRequest", "the name of the object does not match the name in the URL")
+            return aiohttp.web.json_response(self._replace(rtype, ns, old, body, subresource=sub))
+        if method == "PATCH":
+            ctype = request.content_type
+            if ctype == "application/json-patch+json":
+                try:
+                    new = jsonpatch.apply_patch(old, body)
+                except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
+                    raise ApiError(422, "Invalid", f"JSON patch failed: {e}") from None
+            elif ctype in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
+                if not isinstance(body, dict):
+                    raise ApiError(400, "BadRequest", "merge patch must be an object")
+                # A resourceVersion in the patch is a precondition (checked in _replace).
+                new = merge_patch(old, body)
+            else:
+                raise ApiError(415, "UnsupportedMediaType", f"patch type {ctype} is not supported here")
+            return aiohttp.web.json_response(self._replace(rtype, ns, old, new, subresource=sub))
+        raise ApiError(405, "MethodNotAllowed", method)
+
+    def _matches(self, obj: dict[str, Any], ns: str | None, q: Any) -> bool:
+        if ns is not None and obj["metadata"].get("namespace") != ns:
+            return False
+        return (label_selector_matches(q.get("labelSelector"), obj["metadata"].get("labels"))
+                and field_selector_matches(q.get("fieldSelector"), obj))
+
+    def _list(self, rtype: ResourceType, ns: str | None, q: Any) -> dict[str, Any]:
+        items = [copy.deepcopy(o) for (gvp, _, _), o in sorted(self.objects.items())
+                 if gvp == self._gvp(rtype) and self._matches(o, ns, q)]
+        return {"kind": f"{rtype.kind}List", "apiVersion": rtype.api_version,
+                "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+
+    async def _watch(self, request: aiohttp.web.Request, rtype: ResourceType, ns: str | None) -> aiohttp.web.StreamResponse:
+        q = request.query
+        since_text = q.get("resourceVersion") or ""
+        bookmarks = q.get("allowWatchBookmarks") in ("true", "1")
+        timeout = float(q["timeoutSeconds"]) if q.get("timeoutSeconds") else None
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+
+        async def send(etype: str, obj: dict[str, Any]) -> None:
+            await response.write(json.dumps({"type": etype, "object": obj}).encode() + b"\n")
+
+        # Snapshot + subscribe with no await in between: nothing can slip through.
+        watcher = _Watcher(asyncio.Queue(), response)
+        initial: list[tuple[str, dict[str, Any]]] = []
+        if since_text in ("", "0"):
+            initial = [("ADDED", copy.deepcopy(o)) for (gvp, _, _), o in sorted(self.objects.items())
+                       if gvp == self._gvp(rtype) and self._matches(o, ns, q)]
+        else:
+            since = int(since_text)
+            if since < self._compacted:
+                await send("ERROR", ApiError(410, "Expired", f"too old resource version: {since} ({self._compacted})").status())
+                return response
+            for event in self._history:
+                if event.rv > since:
+                    watcher.queue.put_nowait(event)
+        self._watchers.add(watcher)
+        try:
+            for etype, obj in initial:
+                await send(etype, obj)
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout if timeout else None
+            while True:
+                wait = self.bookmark_interval if bookmarks else None
+                if deadline is not None:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    wait = left if wait is None else min(wait, left)
+                try:
+                    event = await asyncio.wait_for(watcher.queue.get(), wait)
+                except asyncio.TimeoutError:
+                    if bookmarks:
+                        await send("BOOKMARK", {"kind": rtype.kind, "apiVersion": rtype.api_version,
+                                                "metadata": {"resourceVersion": str(self._rv)}})
+                    continue
+                if event is None:
+                    break
+                if event.rtype != rtype:
+                    continue
+                was = event.old is not None and event.type != "ADDED" and self._matches(event.old, ns, q)
+                now = self._matches(event.obj, ns, q)
+                if event.type == "DELETED":
+                    if was:
+                        await send("DELETED", event.obj)
+                elif was and now:
+                    await send("MODIFIED", event.obj)
+                elif now:
+                    await send("ADDED", event.obj)
+                elif was:
+                    await send("DELETED", event.obj)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self._watchers.discard(watcher)
+        return response
+
+    # ------------------------------------------------------------------ discovery
+    def _discovery(self, path: str) -> dict[str, Any] | None:
+        path = path.rstrip("/")
+        if path == "/version":
+            return {"major": "1", "minor": "37", "gitVersion": "v1.37.0-fakeapi", "platform": "linux/amd64"}
+        if path == "/api":
+            return {"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}
+        if path == "/apis":
+            groups: dict[str, list[str]] = {}
+            for t in self.types:
+                if t.group:
+                    versions = groups.setdefault(t.group, [])
+                    if t.version not in versions:
+                        versions.append(t.version)
+            return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [
+                {"name": g, "versions": [{"groupVersion": f"{g}/{v}", "version": v} for v in vs],
+                 "preferredVersion": {"groupVersion": f"{g}/{vs[0]}", "version": vs[0]}}
+                for g, vs in groups.items()]}
+        m = re.fullmatch(r"/api/(v1)|/apis/([^/]+/[^/]+)", path)
+        if not m:
+            return None
+        gv = m.group(1) or m.group(2)
+        members = [t for t in self.types if t.group_version == gv]
+        if not members:
+            raise ApiError(404, "NotFound", f"no API group version {gv}")
+        resources = []
+        for t in members:
+            resources.append({"name": t.plural, "singularName": t.singular or t.kind.lower(), "namespaced": t.namespaced,
+                              "kind": t.kind, "shortNames": list(t.short_names),
+                              "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]})
+            if t.status_subresource:
+                resources.append({"name": f"{t.plural}/status", "singularName": "", "namespaced": t.namespaced,
+                                  "kind": t.kind, "verbs": ["get", "patch", "update"]})
+        return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}
+
+
+def _without(obj: dict[str, Any]) -> dict[str, Any]:
+    """The part of an object whose change bumps metadata.generation."""
+    return {k: v for k, v in obj.items() if k not in ("metadata", "status")}
+
+
+def kubeconfig_for(url: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": url}}],
+        "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+    }

@@ -1,0 +1,239 @@
+"""The fake API server behaves like a real apiserver on the points a controller can get wrong."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import kubernetes
+import pytest
+from kubernetes.client import CoreV1Api, CustomObjectsApi, NetworkingV1Api
+from kubernetes.client.exceptions import ApiException
+
+from controller.conftest import read_watch
+from controller.fakeapi import FakeApiServer, field_selector_matches, label_selector_matches
+
+GROUP, VERSION, PLURAL = "netfence.io", "v1alpha1", "noderulesets"
+
+
+def nrs(name: str, pods: int = 0) -> dict:
+    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "NodeRuleSet", "metadata": {"name": name},
+            "spec": {"nodeName": name, "pods": [], "peerGroups": [], "peerPortGroups": [], "x": pods}}
+
+
+def pod(name: str, ns: str = "default", labels: dict | None = None, node: str = "n1") -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": ns, "labels": labels or {}},
+            "spec": {"nodeName": node, "containers": [{"name": "c", "image": "x"}]}}
+
+
+def test_create_sets_uid_resource_version_and_generation(k8s, api_server):
+    co = CustomObjectsApi(k8s)
+    a = co.create_cluster_custom_object(GROUP, VERSION, PLURAL, nrs("a"))
+    b = co.create_cluster_custom_object(GROUP, VERSION, PLURAL, nrs("b"))
+    assert a["metadata"]["uid"] and a["metadata"]["uid"] != b["metadata"]["uid"]
+    assert int(b["metadata"]["resourceVersion"]) > int(a["metadata"]["resourceVersion"])
+    assert a["metadata"]["generation"] == 1 and a["metadata"]["creationTimestamp"]
+    with pytest.raises(ApiException) as e:
+        co.create_cluster_custom_object(GROUP, VERSION, PLURAL, nrs("a"))
+    assert e.value.status == 409 and json.loads(e.value.body)["reason"] == "AlreadyExists"
+
+
+def test_generation_bumps_on_spec_change_only(k8s):
+    co = CustomObjectsApi(k8s)
+    co.create_cluster_custom_object(GROUP, VERSION, PLURAL, nrs("a"))
+    labelled = co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "a", {"metadata": {"labels": {"x": "y"}}})
+    assert labelled["metadata"]["generation"] == 1
+    status = co.patch_cluster_custom_object_status(GROUP, VERSION, PLURAL, "a", {"status": {"observedGeneration": 1}})
+    assert status["metadata"]["generation"] == 1
+    assert int(status["metadata"]["resourceVersion"]) > int(labelled["metadata"]["resourceVersion"])
+    changed = co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "a", {"spec": {"x": 5}})
+    assert changed["metadata"]["generation"] == 2
+
+
+def test_status_subresource_is_separate(k8s):
+    co = CustomObjectsApi(k8s)
+    created = co.create_cluster_custom_object(GROUP, VERSION, PLURAL, {**nrs("a"), "status": {"appliedHash": "dropped"}})
+    assert "status" not in created  # status is ignored on create
+    after_status = co.patch_cluster_custom_object_status(
+        GROUP, VERSION, PLURAL, "a", {"spec": {"x": 99}, "status": {"appliedHash": "h1"}})
+    assert after_status["spec"]["x"] == 0 and after_status["status"]["appliedHash"] == "h1"
+    after_main = co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "a", {"spec": {"x": 1}, "status": {"appliedHash": "h2"}})
+    assert after_main["spec"]["x"] == 1 and after_main["status"]["appliedHash"] == "h1"
+
+
+def test_noop_patch_changes_nothing_and_sends_no_event(k8s, api_server):
+    co = CustomObjectsApi(k8s)
+    created = co.create_cluster_custom_object(GROUP, VERSION, PLURAL, nrs("a"))
+    same = co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "a", {"spec": {"x": 0}})
+    assert same["metadata"]["resourceVersion"] == created["metadata"]["resourceVersion"]
+    co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "a", {"spec": {"x": 7}})
+    url = f"{api_server.url}/apis/{GROUP}/{VERSION}/{PLURAL}?watch=true&resourceVersion={created['metadata']['resourceVersion']}&timeoutSeconds=1"
+    events = read_watch(url, count=5)
+    assert [(e["type"], e["object"]["spec"]["x"]) for e in events] == [("MODIFIED", 7)]
+
+
+def test_stale_resource_version_conflicts(k8s):
+    co = CustomObjectsApi(k8s)
+    created = co.create_cluster_custom_object(GROUP, VERSION, PLURAL, nrs("a"))
+    co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "a", {"spec": {"x": 1}})
+    stale = {**created, "spec": {**created["spec"], "x": 2}}
+    with pytest.raises(ApiException) as put:
+        co.replace_cluster_custom_object(GROUP, VERSION, PLURAL, "a", stale)
+    assert put.value.status == 409
+    with pytest.raises(ApiException) as patch:
+        co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "a",
+                                       {"metadata": {"resourceVersion": created["metadata"]["resourceVersion"]}, "spec": {"x": 3}})
+    assert patch.value.status == 409
+
+
+def test_json_patch_and_merge_patch_null_removes(k8s):
+    co = CustomObjectsApi(k8s)
+    co.create_cluster_custom_object(GROUP, VERSION, PLURAL, {**nrs("a"), "metadata": {"name": "a", "annotations": {"k": "v"}}})
+    out = co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "a", [{"op": "replace", "path": "/spec/x", "value": 4}],
+                                         _content_type="application/json-patch+json")
+    assert out["spec"]["x"] == 4
+    out = co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "a", {"metadata": {"annotations": {"k": None}}})
+    assert "k" not in (out["metadata"].get("annotations") or {})
+
+
+def test_label_and_field_selectors_on_list(k8s, api_server):
+    api_server.apply(pod("a", labels={"app": "web", "tier": "fe"}, node="n1"))
+    api_server.apply(pod("b", labels={"app": "db"}, node="n2"))
+    api_server.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}})
+    api_server.apply(pod("c", ns="other", labels={"app": "web"}, node="n2"))
+    core = CoreV1Api(k8s)
+    names = lambda items: sorted(f"{p.metadata.namespace}/{p.metadata.name}" for p in items)  # noqa: E731
+    assert names(core.list_pod_for_all_namespaces(label_selector="app=web").items) == ["default/a", "other/c"]
+    assert names(core.list_pod_for_all_namespaces(label_selector="app in (db, x)").items) == ["default/b"]
+    assert names(core.list_pod_for_all_namespaces(label_selector="app!=web").items) == ["default/b"]
+    assert names(core.list_pod_for_all_namespaces(label_selector="tier").items) == ["default/a"]
+    assert names(core.list_pod_for_all_namespaces(label_selector="!tier,app=web").items) == ["other/c"]
+    assert names(core.list_pod_for_all_namespaces(field_selector="spec.nodeName=n2").items) == ["default/b", "other/c"]
+    assert names(core.list_namespaced_pod("other").items) == ["other/c"]
+    assert names(core.list_pod_for_all_namespaces(field_selector="metadata.name=a,metadata.namespace!=other").items) == ["default/a"]
+
+
+def test_selector_helpers():
+    assert label_selector_matches("a notin (x,y)", {"a": "z"})
+    assert not label_selector_matches("a notin (x,y)", {"a": "x"})
+    assert label_selector_matches("a notin (x,y)", {})
+    assert label_selector_matches("", {"a": "b"})
+    assert field_selector_matches("status.phase==Running", {"status": {"phase": "Running"}})
+    assert not field_selector_matches("spec.hostNetwork=true", {"spec": {}})
+
+
+def test_namespace_urls(k8s, api_server):
+    core = CoreV1Api(k8s)
+    assert core.read_namespace("default").metadata.labels["kubernetes.io/metadata.name"] == "default"
+    assert {n.metadata.name for n in core.list_namespace().items} >= {"default", "kube-system"}
+    core.create_namespace({"metadata": {"name": "x", "labels": {"team": "a"}}})
+    patched = core.patch_namespace("x", {"metadata": {"labels": {"team": "b"}}})
+    assert patched.metadata.labels == {"team": "b", "kubernetes.io/metadata.name": "x"}
+
+
+def test_generate_name_gives_distinct_events(k8s):
+    core = CoreV1Api(k8s)
+    body = {"metadata": {"generateName": "np-"}, "involvedObject": {"kind": "NetworkPolicy", "name": "np", "namespace": "default"},
+            "reason": "R", "message": "m", "type": "Warning"}
+    a = core.create_namespaced_event("default", body)
+    b = core.create_namespaced_event("default", body)
+    assert a.metadata.name.startswith("np-") and b.metadata.name.startswith("np-") and a.metadata.name != b.metadata.name
+
+
+def test_watch_resumes_from_resource_version_and_gets_410_after_compaction(k8s, api_server):
+    co = CustomObjectsApi(k8s)
+    first = co.create_cluster_custom_object(GROUP, VERSION, PLURAL, nrs("a"))
+    co.create_cluster_custom_object(GROUP, VERSION, PLURAL, nrs("b"))
+    co.delete_cluster_custom_object(GROUP, VERSION, PLURAL, "a")
+    base = f"{api_server.url}/apis/{GROUP}/{VERSION}/{PLURAL}?watch=true&timeoutSeconds=1"
+    replay = read_watch(f"{base}&resourceVersion={first['metadata']['resourceVersion']}", count=10)
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in replay] == [("ADDED", "b"), ("DELETED", "a")]
+    fresh = read_watch(base, count=10)  # no resourceVersion: synthetic ADDED for what exists
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in fresh] == [("ADDED", "b")]
+    api_server.compact()
+    gone = read_watch(f"{base}&resourceVersion={first['metadata']['resourceVersion']}", count=10)
+    assert gone[0]["type"] == "ERROR" and gone[0]["object"]["code"] == 410
+
+
+def test_watch_with_selector_sends_deleted_when_object_stops_matching(api_server):
+    api_server.apply(pod("a", labels={"app": "web"}))
+    start = api_server.resource_version
+    api_server.apply(pod("a", labels={"app": "db"}))
+    api_server.apply(pod("a", labels={"app": "web"}))
+    url = f"{api_server.url}/api/v1/pods?watch=1&labelSelector=app%3Dweb&resourceVersion={start}&timeoutSeconds=1"
+    events = read_watch(url, count=10)
+    assert [(e["type"], e["object"]["metadata"]["labels"]["app"]) for e in events] == [("DELETED", "db"), ("ADDED", "web")]
+
+
+def test_field_selector_watch_sees_only_its_object(api_server):
+    start = api_server.resource_version
+    api_server.apply(nrs("n1"))
+    api_server.apply(nrs("n2"))
+    url = f"{api_server.url}/apis/{GROUP}/{VERSION}/{PLURAL}?watch=1&fieldSelector=metadata.name%3Dn2&resourceVersion={start}&timeoutSeconds=1"
+    assert [e["object"]["metadata"]["name"] for e in read_watch(url, count=10)] == ["n2"]
+
+
+def test_bookmarks_carry_the_current_resource_version(api_server):
+    api_server.apply(nrs("n1"))
+    url = f"{api_server.url}/apis/{GROUP}/{VERSION}/{PLURAL}?watch=1&allowWatchBookmarks=true&resourceVersion={api_server.resource_version}&timeoutSeconds=2"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        event = json.loads(response.readline())
+    assert event["type"] == "BOOKMARK" and event["object"]["metadata"]["resourceVersion"] == str(api_server.resource_version)
+
+
+def test_finalizers_delay_deletion(k8s, api_server):
+    co = CustomObjectsApi(k8s)
+    co.create_cluster_custom_object(GROUP, VERSION, PLURAL, {**nrs("a"), "metadata": {"name": "a", "finalizers": ["x/y"]}})
+    co.delete_cluster_custom_object(GROUP, VERSION, PLURAL, "a")
+    held = co.get_cluster_custom_object(GROUP, VERSION, PLURAL, "a")
+    assert held["metadata"]["deletionTimestamp"]
+    co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "a", {"metadata": {"finalizers": None}})
+    with pytest.raises(ApiException) as e:
+        co.get_cluster_custom_object(GROUP, VERSION, PLURAL, "a")
+    assert e.value.status == 404
+
+
+def test_restart_drops_watches_and_compacts(api_server):
+    api_server.apply(nrs("n1"))
+    since = api_server.resource_version
+    url = f"{api_server.url}/apis/{GROUP}/{VERSION}/{PLURAL}?watch=1&resourceVersion={since}&timeoutSeconds=30"
+    ended = threading.Event()
+
+    def watch() -> None:
+        read_watch(url, count=10, timeout=30)
+        ended.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    time.sleep(0.3)
+    api_server.apply(nrs("n2"))  # history moves past `since`; the restart forgets it
+    api_server.restart(downtime=0.2)
+    assert ended.wait(5), "the watch stream survived a restart"
+    gone = read_watch(url.replace("timeoutSeconds=30", "timeoutSeconds=1"), count=1)
+    assert gone[0]["type"] == "ERROR" and gone[0]["object"]["code"] == 410
+
+
+def test_discovery_lists_resources_for_kopf(api_server):
+    def get(path):
+        with urllib.request.urlopen(api_server.url + path, timeout=5) as r:
+            return json.loads(r.read())
+
+    assert "v1" in get("/api")["versions"]
+    groups = {g["name"] for g in get("/apis")["groups"]}
+    assert {"networking.k8s.io", "netfence.io", "apiextensions.k8s.io"} <= groups
+    names = {r["name"] for r in get(f"/apis/{GROUP}/{VERSION}")["resources"]}
+    assert names == {"noderulesets", "noderulesets/status"}
+    with pytest.raises(urllib.error.HTTPError) as e:
+        get("/apis/nope.io/v1")
+    assert e.value.code == 404
+
+
+def test_networkpolicy_generation_via_typed_client(k8s):
+    net = NetworkingV1Api(k8s)
+    body = {"metadata": {"name": "np"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}
+    created = net.create_namespaced_network_policy("default", body)
+    assert created.metadata.generation == 1
+    patched = net.patch_namespaced_network_policy("np", "default", {"spec": {"policyTypes": ["Ingress", "Egress"]}})
+    assert patched.metadata.generation == 2
