@@ -1,0 +1,101 @@
+"""`netfence agent` and `netfence cleanup`: register(subparsers) adds them to the netfence CLI.
+
+Each subcommand sets `func` (called with the parsed args, returns the exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from netfence_agent.discovery import DEFAULT_CNI_DIR, DEFAULT_NETNS_DIR
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    agent = subparsers.add_parser(
+        "agent", help="enforce this node's NodeRuleSet with nftables",
+        description="Load this node's NodeRuleSet (from the API or a file) into nftables and keep it current.",
+    )
+    agent.add_argument("--node", required=True, help="this node's name (= NodeRuleSet name)")
+    source = agent.add_mutually_exclusive_group()
+    source.add_argument("--kubeconfig", help="watch the NodeRuleSet through this kubeconfig "
+                                             "(default without --rules-file: in-cluster config)")
+    source.add_argument("--rules-file", help="read the NodeRuleSet from this JSON or YAML file, reloading on change")
+    agent.add_argument("--metrics-bind-address", default=":9469",
+                       help="/metrics, /healthz and /readyz on [HOST]:PORT (default :9469; empty: off)")
+    agent.add_argument("--status-file", help="with --rules-file: where to write the status (default FILE.status.json)")
+    agent.add_argument("--netns-dir", default=DEFAULT_NETNS_DIR, help=f"pod network namespaces (default {DEFAULT_NETNS_DIR})")
+    agent.add_argument("--cni-dir", default=DEFAULT_CNI_DIR, help=f"CNI result cache (default {DEFAULT_CNI_DIR})")
+    agent.add_argument("--log-drops", action="store_true",
+                       help="log dropped packets (a rate-limited sample) as JSON lines on stdout")
+    agent.add_argument("--nflog-group", type=int, default=100, help="NFLOG group for --log-drops (default 100)")
+    agent.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    agent.set_defaults(func=run_agent)
+
+    cleanup = subparsers.add_parser(
+        "cleanup", help="remove all netfence nftables tables from this network namespace",
+        description="Delete the nftables tables inet netfence and bridge netfence (and nothing else).",
+    )
+    cleanup.set_defaults(func=run_cleanup)
+
+
+def _logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    _logging(getattr(args, "log_level", "info"))
+    from netfence_agent.daemon import Agent, AgentConfig
+    from netfence_agent.source import FileRuleSetSource
+
+    if args.rules_file:
+        source = FileRuleSetSource(args.rules_file, args.status_file)
+    else:
+        if args.status_file:
+            print("netfence agent: --status-file only goes with --rules-file", file=sys.stderr)
+            return 2
+        from netfence_agent.apisource import ApiRuleSetSource
+
+        source = ApiRuleSetSource(args.node, args.kubeconfig)
+    config = AgentConfig(
+        node=args.node,
+        metrics_bind_address=args.metrics_bind_address or None,
+        netns_dir=args.netns_dir,
+        cni_dir=args.cni_dir,
+        log_drops=args.log_drops,
+        nflog_group=args.nflog_group,
+    )
+    agent = Agent(config, source)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: agent.stop())
+    agent.run()
+    return 0
+
+
+def run_cleanup(args: argparse.Namespace) -> int:
+    from netfence_agent.nft.kernel import OWNED_TABLES, Kernel, NftError
+
+    try:
+        deleted = Kernel().delete_tables(OWNED_TABLES)
+    except NftError as exc:
+        print(f"netfence cleanup: {exc}", file=sys.stderr)
+        return 1
+    for family, name in deleted:
+        print(f"deleted table {family} {name}")
+    if not deleted:
+        print("no netfence tables")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="netfence")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

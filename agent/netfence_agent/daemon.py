@@ -1,0 +1,323 @@
+"""The agent: rule set and local veths in, nftables rules in the kernel out, status back.
+
+One sync loop owns the kernel. Everything else only tells it that something changed:
+  - the rule-set source (API watch or file) delivers the latest NodeRuleSet;
+  - discovery delivers the latest pod -> veth map (a veth appeared or went away);
+  - a failed apply schedules a retry with backoff.
+The loop then renders the latest of both and applies the difference in one transaction. Changes
+arriving while it applies are coalesced into the next round.
+
+What the agent never does: flush or delete anything outside a transaction that also loads the
+new rules (a restarting agent opens no window), touch tables other than its own, or remove its
+rules when it stops (SIGTERM leaves the last rules enforcing; `netfence cleanup` removes them).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+
+import netfence_api
+from netfence_agent import br_netfilter
+from netfence_agent.discovery import DEFAULT_CNI_DIR, DEFAULT_NETNS_DIR, Discovery, Snapshot
+from netfence_agent.metrics import AgentMetrics, serve
+from netfence_agent.nft.kernel import OWNED_TABLES, Kernel, NftError
+from netfence_agent.nft.transaction import Transaction, full_sync_commands, plan
+from netfence_agent.render import PodPort, RenderOptions, RenderResult, render
+from netfence_agent.source import RuleSetSource
+
+log = logging.getLogger("netfence.agent")
+
+MESSAGE_MAX = 1000
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node: str
+    metrics_bind_address: str | None = ":9469"  # None: no HTTP server (tests, benchmarks)
+    netns_dir: str = DEFAULT_NETNS_DIR
+    cni_dir: str = DEFAULT_CNI_DIR
+    log_drops: bool = False
+    nflog_group: int = 100
+    log_rate_per_second: int = 10
+    proc_sys: str = "/proc/sys"
+
+    @property
+    def render_options(self) -> RenderOptions:
+        return RenderOptions(self.log_drops, self.nflog_group, self.log_rate_per_second)
+
+
+@dataclass(frozen=True)
+class SyncOutcome:
+    kind: str  # "noop" | "elements" | "full" | "failed" | "skipped"
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Agent:
+    RETRY_BACKOFF = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+    BR_NETFILTER_RECHECK = 30.0
+
+    def __init__(self, config: AgentConfig, source: RuleSetSource, kernel: Kernel | None = None):
+        self.config = config
+        self.source = source
+        self.kernel = kernel or Kernel()
+        self.metrics = AgentMetrics(read_counters=self.kernel.counters)
+        self._cond = threading.Condition()
+        self._desired: netfence_api.NodeRuleSet | None = None
+        self._ports: dict[str, PodPort] = {}
+        self._dirty = False
+        self._stopping = False
+        self._retry_at: float | None = None
+        self._failures_in_row = 0
+        # What the kernel holds as far as this process knows (None: not loaded by us yet).
+        self.applied: RenderResult | None = None
+        self.applied_object: netfence_api.NodeRuleSet | None = None
+        self.last_error: str | None = None
+        self.br_state = br_netfilter.BrNetfilterState(False, "not checked yet")
+        self._conditions: dict[str, netfence_api.Condition] = {}
+        self._last_status: netfence_api.NodeRuleSetStatus | None = None
+        self.discovery: Discovery | None = None
+        self._threads: list[threading.Thread] = []
+        self._http = None
+        self._nflog = None
+        self.synced = threading.Event()  # set after every sync round (tests wait on it)
+
+    # ------------------------------------------------------------------ inputs
+    def set_rule_set(self, rule_set: netfence_api.NodeRuleSet) -> None:
+        with self._cond:
+            self._desired = rule_set
+            self._dirty = True
+            self._cond.notify()
+
+    def set_ports(self, ports: dict[str, PodPort]) -> None:
+        with self._cond:
+            if ports != self._ports:
+                self._ports = dict(ports)
+                self._dirty = True
+                self._cond.notify()
+
+    def _on_discovery(self, snapshot: Snapshot) -> None:
+        added = sorted(set(snapshot.pods) - set(self._ports))
+        gone = sorted(set(self._ports) - set(snapshot.pods))
+        if added or gone:
+            log.info("pods on this node: +%s -%s",
+                     [f"{ip} on {snapshot.pods[ip].ifname}" for ip in added], gone)
+        self.set_ports(snapshot.ports)
+
+    # ------------------------------------------------------------------ health
+    def readiness(self) -> tuple[bool, str]:
+        if self.applied is None:
+            reason = f"no rule set applied yet{': ' + self.last_error if self.last_error else ''}"
+            return False, reason
+        if not self.br_state.ok:
+            return False, f"br_netfilter off, same-node pod traffic is not policed: {self.br_state.message}"
+        if self.last_error:
+            return True, f"rules of generation {self.metrics.generation} enforced; newer rule set failed: {self.last_error}"
+        return True, f"rules of generation {self.metrics.generation} enforced"
+
+    def health(self) -> tuple[bool, str]:
+        return True, "ok"
+
+    # ------------------------------------------------------------------ the loop
+    def sync_once(self) -> SyncOutcome:
+        with self._cond:
+            rule_set, ports = self._desired, dict(self._ports)
+            self._dirty = False
+        self.br_state = br_netfilter.ensure(self.config.proc_sys)
+        if not self.br_state.ok:
+            log.error("br_netfilter: %s", self.br_state.message)
+        if rule_set is None:
+            return SyncOutcome("skipped")  # nothing to load yet; whatever the kernel has stays
+        if rule_set.spec.nodeName != self.config.node:
+            self._report(rule_set, error=("WrongNode", f"rule set is for node {rule_set.spec.nodeName!r}, "
+                                                       f"this agent is node {self.config.node!r}"))
+            return SyncOutcome("skipped")
+
+        result = render(rule_set.spec, ports, self.config.render_options)
+        started = time.perf_counter()
+        if self.applied is not None and not set(OWNED_TABLES) <= self.kernel.tables():
+            log.warning("netfence tables were removed from the kernel by someone else; loading them again")
+            self.applied = None
+        transaction = plan(result.ruleset, self.applied.ruleset if self.applied else None, self.kernel.inventory)
+        try:
+            self._apply(transaction)
+        except NftError as first:
+            if transaction.kind != "elements":
+                return self._failed(rule_set, started, str(first))
+            # The kernel no longer holds what we loaded last (someone changed it): start over.
+            log.warning("element update rejected (%s); doing a full sync", first)
+            transaction = Transaction("full", full_sync_commands(result.ruleset, self.kernel.inventory()))
+            try:
+                self._apply(transaction)
+            except NftError as second:
+                return self._failed(rule_set, started, str(second))
+        seconds = time.perf_counter() - started
+        self.applied, self.applied_object = result, rule_set
+        self.last_error = None
+        self._failures_in_row = 0
+        self._retry_at = None
+        self.metrics.set_labels(result.counters)
+        if transaction.kind != "noop":
+            if transaction.kind == "full":
+                self.metrics.book_counters()  # forget counters the sync deleted
+            self.metrics.applied(seconds, rule_set.metadata.generation)
+            log.info("applied generation %s (%s sync, %d commands, %d local pods, %d veths) in %.1f ms",
+                     rule_set.metadata.generation, transaction.kind, len(transaction.commands),
+                     len(rule_set.spec.pods), len(ports), seconds * 1000)
+        self._report(rule_set, force=transaction.kind != "noop")
+        return SyncOutcome(transaction.kind, seconds)
+
+    def _apply(self, transaction: Transaction) -> None:
+        if transaction.kind == "noop":
+            return
+        if transaction.kind == "full":
+            self.metrics.book_counters()  # book counts of counters this sync may delete
+        self.kernel.apply(transaction)
+
+    def _failed(self, rule_set: netfence_api.NodeRuleSet, started: float, error: str) -> SyncOutcome:
+        seconds = time.perf_counter() - started
+        self.metrics.failed(seconds)
+        self.last_error = error.strip()[:MESSAGE_MAX]
+        delay = self.RETRY_BACKOFF[min(self._failures_in_row, len(self.RETRY_BACKOFF) - 1)]
+        self._failures_in_row += 1
+        self._retry_at = time.monotonic() + delay
+        kept = f"generation {self.applied_object.metadata.generation}" if self.applied_object else "none by this agent"
+        log.error("kernel rejected generation %s, keeping the rules loaded before (%s); retry in %.1fs: %s",
+                  rule_set.metadata.generation, kept, delay, self.last_error)
+        self._report(rule_set, error=("KernelRejected", self.last_error))
+        return SyncOutcome("failed", seconds, self.last_error)
+
+    # ------------------------------------------------------------------ status
+    def _condition(self, type_: str, status: str, reason: str, message: str) -> netfence_api.Condition:
+        previous = self._conditions.get(type_)
+        since = previous.lastTransitionTime if previous is not None and previous.status == status else _now()
+        return netfence_api.Condition(type=type_, status=status, reason=reason,
+                                      message=message[:MESSAGE_MAX], lastTransitionTime=since)
+
+    def _report(self, rule_set: netfence_api.NodeRuleSet, error: tuple[str, str] | None = None,
+                force: bool = False) -> None:
+        """Send the status if it says something new (or force: rules were just loaded)."""
+        applied = self.applied_object
+        is_current = error is None and applied is rule_set
+        if is_current:
+            chains = sum(len(t.chains) for t in self.applied.ruleset.tables)
+            applied_cond = self._condition("Applied", "True", "Applied",
+                                           f"{len(rule_set.spec.pods)} local pods, {chains} chains, "
+                                           f"{len(self._ports)} pod veths")
+        else:
+            kept = (f"kept rules of generation {applied.metadata.generation} ({applied.spec.content_hash()})"
+                    if applied is not None else "no rules loaded by this agent")
+            applied_cond = self._condition("Applied", "False", error[0] if error else "Pending", kept)
+        if error is not None:
+            degraded = self._condition("Degraded", "True", error[0], error[1])
+        elif not self.br_state.ok:
+            degraded = self._condition("Degraded", "True", "BrNetfilterOff", self.br_state.message)
+        else:
+            degraded = self._condition("Degraded", "False", "AsExpected", "")
+        previous = self._last_status
+        status = netfence_api.NodeRuleSetStatus(
+            observedGeneration=rule_set.metadata.generation,
+            appliedHash=applied.spec.content_hash() if applied is not None else None,
+            lastAppliedTime=_now() if force else previous.lastAppliedTime if previous is not None else None,
+            conditions=[applied_cond, degraded],
+        )
+        if not force and previous is not None and status == previous:
+            return
+        try:
+            self.source.report(status)
+        except Exception as exc:  # the rules are what matters; the status goes out with the next change
+            log.warning("cannot report status: %s", exc)
+            return
+        self._last_status = status
+        self._conditions = {c.type: c for c in status.conditions}
+
+    # ------------------------------------------------------------------ running
+    def start(self) -> None:
+        """Everything but the loop: discovery, source, metrics, drop log."""
+        found = self.kernel.tables() & {("inet", "netfence"), ("bridge", "netfence")}
+        if found:
+            log.info("netfence tables from a previous run are in the kernel (%s); they stay enforcing "
+                     "until the first sync replaces them in place", ", ".join(" ".join(t) for t in sorted(found)))
+        self.discovery = Discovery(self.config.netns_dir, self.config.cni_dir, on_change=self._on_discovery)
+        self._on_discovery(self.discovery.scan())
+        self.discovery.start()
+        if self.config.log_drops:
+            from netfence_agent.nflog import NflogReader
+
+            self._nflog = NflogReader(self.config.nflog_group, lambda: self.metrics.labels)
+            self._nflog.start()
+        if self.config.metrics_bind_address:
+            self._http = serve(self.metrics, self.config.metrics_bind_address, self.health, self.readiness)
+        thread = threading.Thread(target=self._consume_source, name="source", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _consume_source(self) -> None:
+        delay = 1.0
+        while not self._stopping:
+            try:
+                for rule_set in self.source.updates():
+                    self.set_rule_set(rule_set)
+                    delay = 1.0
+                    if self._stopping:
+                        return
+                return
+            except Exception:
+                log.exception("rule-set source failed; restarting it in %.0fs", delay)
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopping, timeout=delay)
+                delay = min(delay * 2, 30.0)
+
+    def loop(self) -> None:
+        next_check = time.monotonic() + self.BR_NETFILTER_RECHECK
+        while True:
+            with self._cond:
+                def wake() -> bool:
+                    now = time.monotonic()
+                    return self._stopping or self._dirty or (self._retry_at is not None and now >= self._retry_at)
+                deadlines = [next_check] + ([self._retry_at] if self._retry_at is not None else [])
+                self._cond.wait_for(wake, timeout=max(0.0, min(deadlines) - time.monotonic()))
+                if self._stopping:
+                    return
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + self.BR_NETFILTER_RECHECK
+            try:
+                self.sync_once()
+            except Exception:  # a bug must not end enforcement: the old rules stay; try again
+                log.exception("sync failed")
+                with self._cond:
+                    self._retry_at = time.monotonic() + self.RETRY_BACKOFF[-1]
+            self.synced.set()
+
+    def run(self) -> None:
+        self.start()
+        try:
+            self.loop()
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def shutdown(self) -> None:
+        """Stop watching and serving. The rules stay in the kernel."""
+        self.stop()
+        self.source.close()
+        if self.discovery is not None:
+            self.discovery.stop()
+        if self._nflog is not None:
+            self._nflog.stop()
+        if self._http is not None:
+            self._http.shutdown()
+        log.info("stopped; netfence rules stay loaded (`netfence cleanup` removes them)")

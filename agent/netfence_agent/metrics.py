@@ -1,0 +1,215 @@
+"""The agent's /metrics, /healthz and /readyz (DESIGN.md §5).
+
+Drop and spoof counts live in the kernel, in the named counters the drop rules count into;
+they are read at scrape time by a custom collector (nothing to keep in step between scrapes).
+Kernel counters start again at zero when a counter object is re-created (a pod's rules are
+removed and come back, `netfence cleanup`, another agent run), so the exported totals are a
+ledger of increases: each reading adds what the counter grew since the reading before, and a
+counter that went down (re-created) adds its whole new value. The ledger is read just before
+and after every full sync, so a counter that a sync deletes has its last counts booked first.
+Exported totals therefore only ever grow for the life of the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterable, Mapping
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from netfence_agent.nft.kernel import CounterValue
+from netfence_agent.render import CounterLabels
+
+log = logging.getLogger("netfence.metrics")
+
+CounterKey = tuple[str, str, str]  # (family, table, counter name)
+APPLY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class _Total:
+    packets: int = 0
+    bytes: int = 0
+
+
+class CounterLedger:
+    """Monotonic per-label totals from kernel counters that may be reset or re-created."""
+
+    def __init__(self) -> None:
+        self._last: dict[CounterKey, CounterValue] = {}
+        self.totals: dict[CounterLabels, _Total] = {}
+
+    def observe(self, readings: Mapping[CounterKey, CounterValue], labels: Mapping[str, CounterLabels]) -> None:
+        for key, value in readings.items():
+            owner = labels.get(key[2])
+            if owner is None:
+                continue  # not rendered by this process (yet): nobody to book it to
+            last = self._last.get(key)
+            if last is None or value.packets < last.packets or value.bytes < last.bytes:
+                grown = value  # new, or re-created since the last reading
+            else:
+                grown = CounterValue(value.packets - last.packets, value.bytes - last.bytes)
+            total = self.totals.setdefault(owner, _Total())
+            total.packets += grown.packets
+            total.bytes += grown.bytes
+            self._last[key] = value
+        for key in set(self._last) - set(readings):
+            del self._last[key]  # gone from the kernel: if it comes back, it starts at zero
+
+    def declare(self, labels: Iterable[CounterLabels]) -> None:
+        """Export zeros for counters that exist but have not been read yet."""
+        for owner in labels:
+            self.totals.setdefault(owner, _Total())
+
+
+@dataclass
+class ApplyHistogram:
+    buckets: tuple[float, ...] = APPLY_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * len(APPLY_BUCKETS))
+    count: int = 0
+    sum: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.count += 1
+        self.sum += seconds
+        for i, bound in enumerate(self.buckets):
+            if seconds <= bound:
+                self.counts[i] += 1
+
+
+class AgentMetrics:
+    """State behind /metrics; the daemon updates it, scrapes read it (thread-safe)."""
+
+    def __init__(self, read_counters: Callable[[], Mapping[CounterKey, CounterValue]] | None = None):
+        self.read_counters = read_counters
+        self.ledger = CounterLedger()
+        self.labels: dict[str, CounterLabels] = {}
+        self.rules_applied = 0
+        self.apply_failures = 0
+        self.apply_duration = ApplyHistogram()
+        self.generation = 0
+        self.lock = threading.RLock()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    # ------------------------------------------------------------------ updates from the daemon
+    def set_labels(self, labels: Mapping[str, CounterLabels]) -> None:
+        with self.lock:
+            self.labels = dict(labels)
+            self.ledger.declare(labels.values())
+
+    def book_counters(self) -> None:
+        """Read the kernel counters into the ledger now (around syncs, and on every scrape)."""
+        if self.read_counters is None:
+            return
+        with self.lock:
+            try:
+                readings = self.read_counters()
+            except Exception as exc:  # a scrape must not fail because the kernel said no
+                log.warning("cannot read nft counters: %s", exc)
+                return
+            self.ledger.observe(readings, self.labels)
+
+    def applied(self, seconds: float, generation: int | None) -> None:
+        with self.lock:
+            self.rules_applied += 1
+            self.apply_duration.observe(seconds)
+            self.generation = generation or 0
+
+    def failed(self, seconds: float) -> None:
+        with self.lock:
+            self.apply_failures += 1
+            self.apply_duration.observe(seconds)
+
+    # ------------------------------------------------------------------ prometheus collector
+    def collect(self):
+        self.book_counters()
+        with self.lock:
+            dropped_packets = CounterMetricFamily(
+                "netfence_dropped_packets", "Packets dropped by NetworkPolicy, per pod and direction.",
+                labels=("namespace", "pod", "direction"))
+            dropped_bytes = CounterMetricFamily(
+                "netfence_dropped_bytes", "Bytes dropped by NetworkPolicy, per pod and direction.",
+                labels=("namespace", "pod", "direction"))
+            spoofed = CounterMetricFamily(
+                "netfence_spoofed_packets", "Frames from a pod's veth with a source address or MAC not the pod's.",
+                labels=("namespace", "pod"))
+            for owner, total in sorted(self.ledger.totals.items(), key=lambda kv: (kv[0].namespace, kv[0].pod, kv[0].kind)):
+                if owner.kind == "spoof":
+                    spoofed.add_metric((owner.namespace, owner.pod), total.packets)
+                else:
+                    dropped_packets.add_metric((owner.namespace, owner.pod, owner.kind), total.packets)
+                    dropped_bytes.add_metric((owner.namespace, owner.pod, owner.kind), total.bytes)
+            yield dropped_packets
+            yield dropped_bytes
+            yield spoofed
+            yield CounterMetricFamily("netfence_rules_applied", "Rule sets loaded into the kernel.",
+                                      value=self.rules_applied)
+            yield CounterMetricFamily("netfence_rule_apply_failures", "Rule set loads the kernel rejected.",
+                                      value=self.apply_failures)
+            h = self.apply_duration
+            cumulative = [(str(b), c) for b, c in zip(h.buckets, h.counts)] + [("+Inf", h.count)]
+            yield HistogramMetricFamily("netfence_rule_apply_duration_seconds",
+                                        "Time to load a rule set into the kernel (one transaction).",
+                                        buckets=cumulative, sum_value=h.sum)
+            yield GaugeMetricFamily("netfence_ruleset_generation",
+                                    "metadata.generation of the NodeRuleSet whose rules are loaded.",
+                                    value=self.generation)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+# --------------------------------------------------------------------------- HTTP
+def parse_bind_address(address: str) -> tuple[str, int]:
+    """":9469" (all addresses), "127.0.0.1:9469", "[::1]:9469"."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--metrics-bind-address {address!r}: expected [HOST]:PORT")
+    return host.strip("[]"), int(port)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def serve(metrics: AgentMetrics, address: str, health: Callable[[], tuple[bool, str]],
+          readiness: Callable[[], tuple[bool, str]]) -> ThreadingHTTPServer:
+    """Start the HTTP server in a daemon thread; returns it (shutdown() to stop)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, metrics.exposition(), CONTENT_TYPE_LATEST)
+            elif path in ("/healthz", "/readyz"):
+                ok, reason = (health if path == "/healthz" else readiness)()
+                self._send(200 if ok else 503, (reason + "\n").encode(), "text/plain; charset=utf-8")
+            else:
+                self._send(404, b"not found\n", "text/plain; charset=utf-8")
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:  # scrapes are not news
+            pass
+
+    host, port = parse_bind_address(address)
+    server_class = _Server
+    if ":" in host:
+        server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
+    server = server_class((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server
+
