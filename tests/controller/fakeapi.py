@@ -288,15 +288,18 @@ class FakeApiServer:
 
         return asyncio.run_coroutine_threadsafe(wrapper(), self._loop).result(10)
 
-    def restart(self, *, compact: bool = True, downtime: float = 0.5) -> None:
+    def restart(self, *, compact: bool = True, downtime: float = 0.5, during: Callable[[], Any] | None = None) -> None:
         """Like an apiserver restart: connections drop, the port refuses for a while, and with
-        `compact` every older resourceVersion is gone (watches resuming from one get 410)."""
+        `compact` every older resourceVersion is gone (watches resuming from one get 410).
+        `during` runs (in a thread, so it may use the test-side methods) while the port is down."""
 
         async def bounce() -> None:
             await self._stop_site()
+            if during is not None:
+                await asyncio.to_thread(during)
+            await asyncio.sleep(downtime)  # writes made meanwhile (test-side) are behind the compaction
             if compact:
                 self._compacted = self._rv
-            await asyncio.sleep(downtime)
             await self._start_site()
 
         assert self._loop is not None
@@ -594,7 +597,11 @@ class FakeApiServer:
         q = request.query
         since_text = q.get("resourceVersion") or ""
         bookmarks = q.get("allowWatchBookmarks") in ("true", "1")
-        timeout = float(q["timeoutSeconds"]) if q.get("timeoutSeconds") else None
+        timeout_text = q.get("timeoutSeconds") or ""
+        if timeout_text and not timeout_text.isdigit():
+            # The apiserver parses it as an integer: "300.0" is a 400, as a real cluster would say.
+            raise ApiError(400, "BadRequest", f"timeoutSeconds: invalid integer {timeout_text!r}")
+        timeout = int(timeout_text) if timeout_text else None
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
         await response.prepare(request)
 

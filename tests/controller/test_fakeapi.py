@@ -237,3 +237,9 @@ def test_networkpolicy_generation_via_typed_client(k8s):
     assert created.metadata.generation == 1
     patched = net.patch_namespaced_network_policy("np", "default", {"spec": {"policyTypes": ["Ingress", "Egress"]}})
     assert patched.metadata.generation == 2
+
+
+def test_watch_timeout_must_be_an_integer(api_server):
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(f"{api_server.url}/api/v1/pods?watch=true&timeoutSeconds=30.0", timeout=5)
+    assert e.value.code == 400

@@ -1,0 +1,101 @@
+"""The controller's own Kubernetes API calls (kopf does the watching), over the sync client.
+
+Only the publisher calls these, from worker threads. Reads: the NodeRuleSets already published
+(on start and on resync) and the uids of a watched kind (after a relist). Writes: NodeRuleSets
+and Events, nothing else.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from netfence_api import API_GROUP, API_VERSION, PLURAL
+
+log = logging.getLogger("netfence.controller.kube")
+
+# kind -> (API path prefix, plural, namespaced)
+WATCHED_PATHS = {
+    "Namespace": ("/api/v1", "namespaces", False),
+    "Node": ("/api/v1", "nodes", False),
+    "Pod": ("/api/v1", "pods", True),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
+}
+_METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
+
+
+def load_client(kubeconfig: str | None) -> kubernetes.client.ApiClient:
+    """A client from --kubeconfig, else in-cluster, else the default kubeconfig."""
+    config = kubernetes.client.Configuration()
+    if kubeconfig:
+        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
+    else:
+        try:
+            kubernetes.config.load_incluster_config(client_configuration=config)
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config(client_configuration=config)
+    return kubernetes.client.ApiClient(config)
+
+
+def conflict_or_missing(e: Exception) -> int | None:
+    return e.status if isinstance(e, ApiException) and e.status in (404, 409) else None
+
+
+@dataclass
+class KubeApi:
+    client: kubernetes.client.ApiClient
+    namespaces: Sequence[str] = ()  # glob patterns; empty: all namespaces
+
+    @property
+    def custom(self) -> kubernetes.client.CustomObjectsApi:
+        return kubernetes.client.CustomObjectsApi(self.client)
+
+    # ------------------------------------------------------------------ NodeRuleSets
+    def list_rulesets(self) -> dict[str, dict[str, Any]]:
+        listing = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)
+        return {item["metadata"]["name"]: item for item in listing.get("items", [])}
+
+    def create_ruleset(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.create_cluster_custom_object(API_GROUP, API_VERSION, PLURAL, body)
+
+    def patch_ruleset(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.patch_cluster_custom_object(API_GROUP, API_VERSION, PLURAL, name, patch)
+
+    def delete_ruleset(self, name: str) -> None:
+        self.custom.delete_cluster_custom_object(API_GROUP, API_VERSION, PLURAL, name)
+
+    # ------------------------------------------------------------------ Events
+    def create_event(self, namespace: str, body: dict[str, Any]) -> None:
+        kubernetes.client.CoreV1Api(self.client).create_namespaced_event(namespace, body)
+
+    # ------------------------------------------------------------------ relist check
+    def list_uids(self, kind: str) -> set[str]:
+        """uids of every object of a watched kind in scope (metadata only, when the server can)."""
+        prefix, plural, namespaced = WATCHED_PATHS[kind]
+        response = self.client.call_api(
+            *self.client.param_serialize(
+                method="GET",
+                resource_path=f"{prefix}/{plural}",
+                header_params={"Accept": _METADATA_LIST},
+                auth_settings=["BearerToken"],
+            )
+        )
+        data = response.read()
+        if response.status >= 400:
+            raise ApiException(status=response.status, reason=response.reason, body=data)
+        items = json.loads(data).get("items", [])
+        uids = set()
+        for item in items:
+            meta = item.get("metadata") or {}
+            if namespaced and self.namespaces and not any(
+                fnmatch.fnmatch(meta.get("namespace", ""), pattern) for pattern in self.namespaces
+            ):
+                continue
+            uids.add(meta.get("uid", ""))
+        return uids

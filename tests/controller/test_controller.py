@@ -1,0 +1,309 @@
+"""The real kopf controller against the fake API server: what users and agents would see."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.request
+
+import pytest
+
+from controller.fakeapi import FakeApiServer
+from controller.harness import (
+    NRS_PATH,
+    metrics_text,
+    namespace,
+    node,
+    pod,
+    policy,
+    running_controller,
+    settle,
+    wait_for,
+    wait_synced,
+)
+from netfence_api import NodeRuleSetSpec
+from netfence_operator.compile import ClusterObjects, compile_cluster, parse_object
+
+pytestmark = pytest.mark.slow
+
+DB_FROM_WEB = {
+    "podSelector": {"matchLabels": {"app": "db"}},
+    "policyTypes": ["Ingress"],
+    "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}], "ports": [{"port": 5432}]}],
+}
+WEB_FROM_TEAM_B = {
+    "podSelector": {"matchLabels": {"app": "web"}},
+    "policyTypes": ["Ingress"],
+    "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": "b"}}}]}],
+}
+
+
+def seed(api: FakeApiServer) -> None:
+    """Three nodes; web on n1 and n2, db on n2, a client in another namespace on n3."""
+    api.apply(namespace("prod", team="a"))
+    api.apply(namespace("dev", team="b"))
+    for i in (1, 2, 3):
+        api.apply(node(f"n{i}", f"10.244.{i}.0/24", f"172.18.0.{i + 1}"))
+    api.apply(pod("prod", "web-1", "n1", "10.244.1.10", {"app": "web"}))
+    api.apply(pod("prod", "web-2", "n2", "10.244.2.10", {"app": "web"}))
+    api.apply(pod("prod", "db", "n2", "10.244.2.20", {"app": "db"}))
+    api.apply(pod("dev", "client", "n3", "10.244.3.10", {"app": "client"}))
+    api.apply(policy("prod", "db-from-web", DB_FROM_WEB))
+    api.apply(policy("prod", "web-from-team-b", WEB_FROM_TEAM_B))
+
+
+def published(api: FakeApiServer) -> dict[str, NodeRuleSetSpec]:
+    return {o["metadata"]["name"]: NodeRuleSetSpec.model_validate(o["spec"]) for o in api.list("noderulesets")}
+
+
+def expected(api: FakeApiServer) -> dict[str, NodeRuleSetSpec]:
+    """What the pure compiler makes of the API's current objects: the controller must publish exactly that."""
+    objects = ClusterObjects()
+    for plural in ("namespaces", "nodes", "pods", "networkpolicies"):
+        for obj in api.list(plural):
+            objects.add(parse_object(obj, "test"))
+    return compile_cluster(objects)
+
+
+def ruleset_writes(api: FakeApiServer, since: int = 0) -> list[tuple[str, str]]:
+    return [(r.method, r.path.removeprefix(NRS_PATH).strip("/")) for r in api.writes(NRS_PATH)[since:]]
+
+
+def pod_spec(spec: NodeRuleSetSpec, key: str):
+    return next(p for p in spec.pods if p.key == key)
+
+
+def group_cidrs(spec: NodeRuleSetSpec, name: str) -> set[str]:
+    return set(next(g for g in spec.peerGroups if g.name == name).cidrs)
+
+
+def test_policies_and_pods_become_node_rule_sets(api_server, kubeconfig):
+    seed(api_server)
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        specs = published(api_server)
+        assert specs == expected(api_server)
+        assert set(specs) == {"n1", "n2", "n3"}
+        db = pod_spec(specs["n2"], "prod/db")
+        assert db.isolation.ingress and not db.isolation.egress
+        (rule,) = db.ingress
+        assert group_cidrs(specs["n2"], rule.peers) == {"10.244.1.10/32", "10.244.2.10/32"}
+        assert [(p.protocol, p.port) for p in rule.ports] == [("TCP", 5432)]
+        web1 = pod_spec(specs["n1"], "prod/web-1")
+        assert group_cidrs(specs["n1"], web1.ingress[0].peers) == {"10.244.3.10/32"}
+        # one create per node, nothing else
+        assert sorted(ruleset_writes(api_server)) == [("POST", ""), ("POST", ""), ("POST", "")]
+        stored = api_server.get("noderulesets", "n2")
+        assert stored["metadata"]["generation"] == 1
+        assert stored["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "netfence-controller"}
+        assert stored["metadata"]["annotations"]["netfence.io/pods"] == str(len(specs["n2"].pods))
+        assert stored["metadata"]["annotations"]["netfence.io/spec-hash"] == specs["n2"].content_hash()
+
+
+def test_pod_ip_change_patches_only_its_node(api_server, kubeconfig):
+    seed(api_server)
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        before = published(api_server)
+        mark = len(api_server.writes(NRS_PATH))
+        # db is policed on n2 and is nobody's peer: only n2's rule set may change
+        api_server.apply(pod("prod", "db", "n2", "10.244.2.99", {"app": "db"}))
+        wait_for(lambda: pod_spec(published(api_server)["n2"], "prod/db").ips == ["10.244.2.99"], what="db's new IP")
+        settle(api_server)
+        assert ruleset_writes(api_server, mark) == [("PATCH", "n2")]
+        after = published(api_server)
+        assert after["n1"] == before["n1"] and after["n3"] == before["n3"]
+        assert after == expected(api_server)
+        assert api_server.get("noderulesets", "n2")["metadata"]["generation"] == 2
+        assert api_server.get("noderulesets", "n1")["metadata"]["generation"] == 1
+
+
+def test_peer_ip_change_patches_the_nodes_that_use_it(api_server, kubeconfig):
+    seed(api_server)
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        mark = len(api_server.writes(NRS_PATH))
+        # web-1 is policed on n1 and a peer of db on n2; n3 does not care
+        api_server.apply(pod("prod", "web-1", "n1", "10.244.1.77", {"app": "web"}))
+        wait_for(lambda: published(api_server) == expected(api_server), what="web-1's new IP everywhere")
+        settle(api_server)
+        assert sorted(ruleset_writes(api_server, mark)) == [("PATCH", "n1"), ("PATCH", "n2")]
+
+
+def test_namespace_relabel_changes_affected_rule_sets(api_server, kubeconfig):
+    seed(api_server)
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        mark = len(api_server.writes(NRS_PATH))
+        api_server.apply(namespace("dev", team="c"))  # dev no longer matches team=b
+        wait_for(lambda: published(api_server) == expected(api_server), what="the relabel to be published")
+        settle(api_server)
+        specs = published(api_server)
+        web1 = pod_spec(specs["n1"], "prod/web-1")
+        assert group_cidrs(specs["n1"], web1.ingress[0].peers) == set()
+        assert sorted(ruleset_writes(api_server, mark)) == [("PATCH", "n1"), ("PATCH", "n2")]
+
+
+def test_restart_patches_nothing(api_server, kubeconfig):
+    seed(api_server)
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+    before = published(api_server)
+    mark = len(api_server.writes(NRS_PATH))
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server, quiet=1.5)
+        assert ruleset_writes(api_server, mark) == []
+        assert published(api_server) == before
+        # and it is live: a change after the restart is published
+        api_server.apply(pod("prod", "db", "n2", "10.244.2.21", {"app": "db"}))
+        wait_for(lambda: published(api_server) == expected(api_server), what="a change after the restart")
+        assert ruleset_writes(api_server, mark) == [("PATCH", "n2")]
+
+
+def test_restart_repairs_what_changed_while_down(api_server, kubeconfig):
+    seed(api_server)
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+    api_server.delete("pods", "web-2", "prod")
+    api_server.delete("nodes", "n3")
+    api_server.delete("pods", "client", "dev")
+    api_server.delete("noderulesets", "n1")  # someone deleted it by hand
+    mark = len(api_server.writes(NRS_PATH))
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        assert published(api_server) == expected(api_server)
+        assert set(published(api_server)) == {"n1", "n2"}
+        assert sorted(ruleset_writes(api_server, mark)) == [("DELETE", "n3"), ("PATCH", "n2"), ("POST", "")]
+
+
+def events_for(api: FakeApiServer, name: str) -> list[dict]:
+    return [e for e in api.list("events") if e["involvedObject"]["name"] == name]
+
+
+def test_invalid_policy_isolates_its_pods_reports_the_field_and_leaves_others_alone(api_server, kubeconfig):
+    seed(api_server)
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        before = published(api_server)
+        mark = len(api_server.writes(NRS_PATH))
+        bad = {"podSelector": {"matchLabels": {"app": "client"}}, "policyTypes": ["Ingress"],
+               "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/33"}}]}]}
+        api_server.apply(policy("dev", "broken", bad))
+        wait_for(lambda: events_for(api_server, "broken"), what="an Event on the invalid policy")
+        settle(api_server)
+        (event,) = events_for(api_server, "broken")
+        assert event["type"] == "Warning" and event["reason"] == "InvalidPolicy"
+        assert "spec.ingress[0].from[0].ipBlock.cidr" in event["message"]
+        assert event["involvedObject"]["uid"] == api_server.get("networkpolicies", "broken", "dev")["metadata"]["uid"]
+        # never valid: the pods it selects are isolated with no allow rules; other nodes untouched
+        after = published(api_server)
+        client = pod_spec(after["n3"], "dev/client")
+        assert client.isolation.ingress and client.ingress == []
+        assert after["n1"] == before["n1"] and after["n2"] == before["n2"]
+        assert ruleset_writes(api_server, mark) == [("PATCH", "n3")]
+        assert 'netfence_controller_policy_problems{reason="InvalidPolicy"} 1.0' in metrics_text(controller)
+
+        # a valid policy that turns invalid keeps its last valid version in force
+        mark = len(api_server.writes(NRS_PATH))
+        broken_db = json.loads(json.dumps(DB_FROM_WEB))
+        broken_db["ingress"][0]["ports"] = [{"port": 5432, "endPort": 5000}]
+        api_server.apply(policy("prod", "db-from-web", broken_db))
+        wait_for(lambda: events_for(api_server, "db-from-web"), what="an Event on the broken policy")
+        settle(api_server)
+        (event,) = events_for(api_server, "db-from-web")
+        assert "spec.ingress[0].ports[0]" in event["message"] and "last valid version" in event["message"]
+        assert published(api_server)["n2"] == before["n2"]
+        assert ruleset_writes(api_server, mark) == []
+
+        # fixing it makes it count again, and the Event is not repeated
+        api_server.apply(policy("dev", "broken", {**bad, "ingress": [{"from": [{"ipBlock": {"cidr": "192.168.10.0/24"}}]}]}))
+        wait_for(lambda: pod_spec(published(api_server)["n3"], "dev/client").ingress, what="the fixed policy's rules")
+        settle(api_server)
+        assert len(events_for(api_server, "broken")) == 1
+
+
+def test_node_deleted_loses_its_rule_set(api_server, kubeconfig):
+    seed(api_server)
+    api_server.apply(node("n4", "10.244.4.0/24", "172.18.0.5"))
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        wait_for(lambda: api_server.get("noderulesets", "n4"), what="n4's rule set")
+        mark = len(api_server.writes(NRS_PATH))
+        api_server.delete("nodes", "n4")
+        wait_for(lambda: api_server.get("noderulesets", "n4") is None, what="n4's rule set to go")
+        settle(api_server)
+        assert ruleset_writes(api_server, mark) == [("DELETE", "n4")]
+        assert 'netfence_controller_rulesets_published_total{action="delete"} 1.0' in metrics_text(controller)
+
+
+def test_terminating_pod_keeps_its_rules_until_it_is_gone(api_server, kubeconfig):
+    seed(api_server)
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        web2 = api_server.get("pods", "web-2", "prod")
+        web2["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"  # what a graceful delete looks like
+        api_server.apply(web2)
+        time.sleep(0.5)
+        settle(api_server)
+        db = pod_spec(published(api_server)["n2"], "prod/db")
+        assert "10.244.2.10/32" in group_cidrs(published(api_server)["n2"], db.ingress[0].peers)
+        finished = api_server.get("pods", "web-2", "prod")
+        finished["status"]["phase"] = "Succeeded"  # it gave its IP back
+        api_server.apply(finished)
+        wait_for(lambda: "10.244.2.10/32" not in group_cidrs(published(api_server)["n2"], db.ingress[0].peers),
+                 what="the finished pod to leave the peer group")
+
+
+def test_same_name_recreated_pod_replaces_the_old_one(api_server, kubeconfig):
+    seed(api_server)
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        api_server.delete("pods", "web-1", "prod")
+        api_server.apply(pod("prod", "web-1", "n1", "10.244.1.11", {"app": "web"}))  # a StatefulSet would
+        wait_for(lambda: published(api_server) == expected(api_server), what="the new web-1")
+        assert pod_spec(published(api_server)["n1"], "prod/web-1").ips == ["10.244.1.11"]
+
+
+def test_survives_api_restart_and_notices_deletions_behind_410(api_server, kubeconfig, caplog):
+    caplog.set_level(logging.INFO, logger="netfence")
+    seed(api_server)
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        # while the API is down, web-2 is deleted; the history is compacted, so kopf's watch
+        # resumes with 410 Gone, re-lists, and never sees a DELETED for web-2
+        api_server.restart(downtime=0.5, during=lambda: api_server.delete("pods", "web-2", "prod"))
+        wait_for(lambda: published(api_server) == expected(api_server), timeout=30, what="web-2 to be dropped")
+        db = pod_spec(published(api_server)["n2"], "prod/db")
+        assert "10.244.2.10/32" not in group_cidrs(published(api_server)["n2"], db.ingress[0].peers)
+        assert "dropped 1 Pod(s) deleted while the watch was down: prod/web-2" in caplog.text
+        # still live afterwards
+        api_server.apply(pod("prod", "web-3", "n3", "10.244.3.30", {"app": "web"}))
+        wait_for(lambda: published(api_server) == expected(api_server), what="a change after the restart")
+
+
+def test_metrics_and_readiness(api_server, kubeconfig):
+    seed(api_server)
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        text = metrics_text(controller)
+        assert 'netfence_controller_rulesets_published_total{action="create"} 3.0' in text
+        assert 'netfence_controller_objects_watched{kind="Pod"} 4.0' in text
+        assert 'netfence_controller_objects_watched{kind="Namespace"} 4.0' in text  # default, kube-system, prod, dev
+        assert 'netfence_controller_compile_duration_seconds_count{phase="publish"} 3.0' in text
+        port = controller.metrics_server.port
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            assert r.status == 200
