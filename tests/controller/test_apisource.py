@@ -1,0 +1,174 @@
+"""The agent's ApiRuleSetSource against the fake API server (and with the real controller)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+import pytest
+
+import netfence_api
+from controller.fakeapi import FakeApiServer
+from controller.harness import NRS_PATH, node, pod, policy, running_controller, settle, wait_for, wait_synced
+from netfence_agent.apisource import ApiRuleSetSource
+
+pytestmark = pytest.mark.slow
+
+
+def ruleset(name: str, pods: list | None = None) -> dict:
+    return {"apiVersion": "netfence.io/v1alpha1", "kind": "NodeRuleSet", "metadata": {"name": name},
+            "spec": {"nodeName": name, "pods": pods or [], "peerGroups": [], "peerPortGroups": []}}
+
+
+def a_pod(ip: str) -> dict:
+    return {"namespace": "x", "name": "a", "ips": [ip], "isolation": {"ingress": True, "egress": False}}
+
+
+class Consumer:
+    """Runs source.updates() in a thread, like the agent daemon does."""
+
+    def __init__(self, source: ApiRuleSetSource):
+        self.source = source
+        self.received: queue.Queue[netfence_api.NodeRuleSet] = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for rule_set in self.source.updates():
+            self.received.put(rule_set)
+
+    def next(self, timeout: float = 10.0) -> netfence_api.NodeRuleSet:
+        return self.received.get(timeout=timeout)
+
+    def nothing_for(self, seconds: float) -> bool:
+        try:
+            got = self.received.get(timeout=seconds)
+        except queue.Empty:
+            return True
+        raise AssertionError(f"unexpected delivery: generation {got.metadata.generation}")
+
+
+@pytest.fixture
+def consumer(kubeconfig) -> Iterator:
+    made: list[Consumer] = []
+
+    def make(node_name: str) -> Consumer:
+        c = Consumer(ApiRuleSetSource(node_name, kubeconfig))
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.source.close()
+        c.thread.join(5)
+        assert not c.thread.is_alive(), "updates() did not end after close()"
+
+
+def status(generation: int, digest: str) -> netfence_api.NodeRuleSetStatus:
+    return netfence_api.NodeRuleSetStatus(
+        observedGeneration=generation, appliedHash=digest, lastAppliedTime="2026-01-01T00:00:00Z",
+        conditions=[netfence_api.Condition(type="Applied", status="True", reason="Applied", message="ok"),
+                    netfence_api.Condition(type="Degraded", status="False", reason="AsExpected")])
+
+
+def test_sees_only_its_own_rule_set_and_spec_changes(api_server: FakeApiServer, consumer):
+    api_server.apply(ruleset("n1"))
+    api_server.apply(ruleset("n2"))
+    c = consumer("n1")
+    first = c.next()
+    assert first.metadata.name == "n1" and first.metadata.generation == 1
+    api_server.apply(ruleset("n2", [a_pod("10.0.0.1")]))
+    assert c.nothing_for(1.0)
+    stored = api_server.get("noderulesets", "n1")
+    stored["metadata"]["annotations"] = {"note": "metadata only"}
+    api_server.apply(stored)
+    assert c.nothing_for(1.0)
+    api_server.apply(ruleset("n1", [a_pod("10.0.0.2")]))
+    second = c.next()
+    assert second.metadata.generation == 2 and second.spec.pods[0].ips == ["10.0.0.2"]
+    watches = [r for r in api_server.requests if r.path == NRS_PATH and r.query.get("watch")]
+    assert watches and all(r.query.get("fieldSelector") == "metadata.name=n1" for r in watches)
+
+
+def test_report_writes_status_only(api_server: FakeApiServer, consumer):
+    api_server.apply(ruleset("n1", [a_pod("10.0.0.2")]))
+    c = consumer("n1")
+    rule_set = c.next()
+    before = api_server.get("noderulesets", "n1")
+    c.source.report(status(rule_set.metadata.generation, rule_set.spec.content_hash()))
+    after = api_server.get("noderulesets", "n1")
+    assert after["status"]["observedGeneration"] == 1
+    assert after["status"]["appliedHash"] == rule_set.spec.content_hash()
+    assert [cond["type"] for cond in after["status"]["conditions"]] == ["Applied", "Degraded"]
+    assert after["spec"] == before["spec"] and after["metadata"]["generation"] == before["metadata"]["generation"]
+    assert c.nothing_for(1.0)  # its own status write is no change to apply
+    # a later status that says less removes what it no longer says
+    c.source.report(netfence_api.NodeRuleSetStatus(observedGeneration=1, conditions=[]))
+    assert "appliedHash" not in api_server.get("noderulesets", "n1")["status"]
+    status_writes = [r for r in api_server.writes(NRS_PATH) if r.path.endswith("/status")]
+    assert len(status_writes) == 2 and all(r.method == "PATCH" for r in status_writes)
+
+
+def test_relists_after_410_without_redelivering(api_server: FakeApiServer, consumer):
+    api_server.apply(ruleset("n1"))
+    c = consumer("n1")
+    c.next()
+    api_server.apply(ruleset("n2"))  # history moves on
+    api_server.compact()
+    api_server.drop_watches()  # the reconnect from the old resourceVersion gets 410
+    wait_for(lambda: sum(1 for r in api_server.requests if r.path == NRS_PATH and not r.query.get("watch")) >= 2,
+             what="a re-list")
+    assert c.nothing_for(0.5)
+    api_server.apply(ruleset("n1", [a_pod("10.0.0.3")]))
+    assert c.next().metadata.generation == 2
+
+
+def test_survives_api_restart(api_server: FakeApiServer, consumer):
+    api_server.apply(ruleset("n1"))
+    c = consumer("n1")
+    c.next()
+    api_server.restart(downtime=1.0, during=lambda: api_server.apply(ruleset("n1", [a_pod("10.0.0.4")])))
+    got = c.next(timeout=20)
+    assert got.metadata.generation == 2 and got.spec.pods[0].ips == ["10.0.0.4"]
+
+
+def test_deleted_rule_set_is_not_delivered_and_a_new_one_is(api_server: FakeApiServer, consumer):
+    api_server.apply(ruleset("n1", [a_pod("10.0.0.5")]))
+    c = consumer("n1")
+    c.next()
+    api_server.delete("noderulesets", "n1")
+    assert c.nothing_for(1.0)
+    api_server.apply(ruleset("n1"))  # recreated: generation 1 again, new uid
+    assert c.next().metadata.generation == 1
+
+
+def test_invalid_rule_set_is_reported_not_delivered(api_server: FakeApiServer, consumer):
+    api_server.apply(ruleset("n1"))
+    c = consumer("n1")
+    c.next()
+    bad = ruleset("n1", [{"namespace": "x", "name": "a", "ips": []}])  # ips needs at least one
+    api_server.apply(bad)
+    wait_for(lambda: (api_server.get("noderulesets", "n1").get("status") or {}).get("conditions"), what="a Degraded status")
+    (cond,) = api_server.get("noderulesets", "n1")["status"]["conditions"]
+    assert cond["type"] == "Degraded" and cond["reason"] == "InvalidRuleSet" and "ips" in cond["message"]
+    assert c.nothing_for(0.5)
+
+
+def test_with_the_controller_status_is_visible_and_nothing_is_republished(api_server: FakeApiServer, kubeconfig, consumer):
+    api_server.apply(node("n1", "10.244.1.0/24", "172.18.0.2"))
+    api_server.apply(pod("default", "web", "n1", "10.244.1.10", {"app": "web"}))
+    api_server.apply(policy("default", "deny", {"podSelector": {}, "policyTypes": ["Ingress"]}))
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        c = consumer("n1")
+        rule_set = c.next()
+        assert [p.key for p in rule_set.spec.pods] == ["default/web"]
+        mark = len(api_server.writes(NRS_PATH))
+        c.source.report(status(rule_set.metadata.generation, rule_set.spec.content_hash()))
+        settle(api_server)
+        stored = api_server.get("noderulesets", "n1")
+        assert stored["status"]["observedGeneration"] == 1 and stored["metadata"]["generation"] == 1
+        assert netfence_api.NodeRuleSetSpec.model_validate(stored["spec"]) == rule_set.spec
+        assert [(r.method, r.path) for r in api_server.writes(NRS_PATH)[mark:]] == [("PATCH", f"{NRS_PATH}/n1/status")]
