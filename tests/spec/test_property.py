@@ -10,7 +10,7 @@ import os
 import kubernetes_validate
 from hypothesis import HealthCheck, given, settings
 
-from reference.evaluator import reference_matrix
+from reference.evaluator import allowed, reference_matrix
 from reference.strategies import Scenario, scenarios
 
 EXAMPLES = int(os.environ.get("NETFENCE_HYPOTHESIS_EXAMPLES", "200"))
@@ -80,3 +80,12 @@ def test_reference_deny_all_everywhere_leaves_only_self(scenario: Scenario):
     for source, row in got["matrix"].items():
         for destination, allowed in row.items():
             assert allowed is (source == destination), f"{source}->{destination}"
+
+
+@settings(SELF_CHECK_SETTINGS, max_examples=min(EXAMPLES, 25))
+@given(scenarios())
+def test_reference_allowed_agrees_with_its_matrix(scenario: Scenario):
+    got = reference_matrix(scenario.docs, scenario.port, scenario.protocol)
+    for source, row in got["matrix"].items():
+        for destination, cell in row.items():
+            assert allowed(scenario.docs, source, destination, scenario.port, scenario.protocol) is cell
