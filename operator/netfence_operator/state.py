@@ -203,7 +203,7 @@ class ClusterState:
         objects = ClusterObjects()
         for model in self._compiled.values():
             objects.add(model)
-        old_nodes = self.compiler.node_names() if hasattr(self, "compiler") else set()
+        old_nodes = self.compiler.node_names()
         self.compiler = self.compiler_factory(objects)
         self._broken = False
         self.dirty |= old_nodes | self.compiler.node_names()
