@@ -24,6 +24,7 @@ import hashlib
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 from netfence_api import AllowRule, NodeRuleSetSpec, PolicedPod, PortRange
@@ -90,6 +91,12 @@ class RenderResult:
     counters: dict[str, CounterLabels] = field(default_factory=dict)
 
 
+# Parsing addresses dominates render time; the same pod IPs recur in every group and sync.
+_address = lru_cache(maxsize=1 << 17)(ipaddress.ip_address)
+_network = lru_cache(maxsize=1 << 17)(ipaddress.ip_network)
+
+
+@lru_cache(maxsize=1 << 16)
 def pod_id(namespace: str, name: str) -> str:
     """Short stable id for a pod's nft objects (names are capped; comments carry the real name)."""
     return hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()[:10]
@@ -134,7 +141,7 @@ def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderO
             inet.add(Counter(counter, comment=f"{pod.key} {direction} drops"))
             chain = inet.add(_pod_chain(pod, direction, counter, families, options))
             for ip in pod.ips:
-                address = ipaddress.ip_address(ip)
+                address = _address(ip)
                 dispatch[(direction, address.version)].elements.append((address, Verdict("jump", chain.name)))
 
     _render_anti_spoofing(bridge, spec, ports, result, options)
@@ -143,17 +150,19 @@ def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderO
 
 # --------------------------------------------------------------------------- inet
 def _families(spec: NodeRuleSetSpec) -> tuple[int, ...]:
-    addresses = [ip for p in spec.pods for ip in p.ips]
-    addresses += [c.split("/")[0] for g in spec.peerGroups for c in g.cidrs]
-    addresses += [e.address for g in spec.peerPortGroups for e in g.entries]
-    has_v6 = any(ipaddress.ip_address(a).version == 6 for a in addresses)
+    # An IPv6 address or CIDR is the only kind of text here holding a colon.
+    has_v6 = (
+        any(":" in ip for p in spec.pods for ip in p.ips)
+        or any(":" in c for g in spec.peerGroups for c in g.cidrs)
+        or any(":" in e.address for g in spec.peerPortGroups for e in g.entries)
+    )
     return (4, 6) if has_v6 else (4,)
 
 
 def _render_groups(inet: Table, spec: NodeRuleSetSpec, families: tuple[int, ...]) -> None:
     for group in spec.peerGroups:
         for fam in families:
-            nets = [ipaddress.ip_network(c) for c in group.cidrs]
+            nets = [_network(c) for c in group.cidrs]
             inet.add(Set(
                 set_name(group.name, fam), (_FAMILY[fam][1],),
                 elements=[n for n in nets if n.version == fam],
@@ -165,8 +174,8 @@ def _render_groups(inet: Table, spec: NodeRuleSetSpec, families: tuple[int, ...]
             inet.add(Set(
                 set_name(group.name, fam), (_FAMILY[fam][1], "inet_proto", "inet_service"),
                 elements=[
-                    (ipaddress.ip_address(e.address), _PROTO[e.protocol], e.port)
-                    for e in group.entries if ipaddress.ip_address(e.address).version == fam
+                    (_address(e.address), _PROTO[e.protocol], e.port)
+                    for e in group.entries if _address(e.address).version == fam
                 ],
                 comment=f"named ports on peers: {group.selector}",
             ))
@@ -266,8 +275,8 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
         chain = bridge.add(Chain(f"pod_{pod_id(pod.namespace, pod.name)}_spoof",
                                  comment=f"{pod.key} on {port.ifname}"))
         mac = (Match(Payload("ether", "saddr"), port.mac),) if port.mac else ()
-        v4 = [ipaddress.ip_address(ip) for ip in pod.ips if ipaddress.ip_address(ip).version == 4]
-        v6 = [ipaddress.ip_address(ip) for ip in pod.ips if ipaddress.ip_address(ip).version == 6]
+        v4 = [_address(ip) for ip in pod.ips if _address(ip).version == 4]
+        v6 = [_address(ip) for ip in pod.ips if _address(ip).version == 6]
         if v4:
             chain.rules.append(Rule((*mac, Match(Payload("ip", "saddr"), AnonSet(tuple(v4))), Verdict("return")),
                                     f"{pod.key}: its own IPv4 address"))

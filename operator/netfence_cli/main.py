@@ -15,6 +15,7 @@ from collections.abc import Callable
 import yaml
 
 from netfence_api import NodeRuleSet
+from netfence_api.runtime import tune_gc
 from netfence_operator.compile import InputError
 from netfence_cli import offline
 
@@ -124,6 +125,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_gc()
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

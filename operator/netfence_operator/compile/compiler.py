@@ -17,6 +17,7 @@ from __future__ import annotations
 import ipaddress
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from pydantic import BaseModel
 
@@ -78,15 +79,19 @@ class SelectorPeer:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=True)
 class BlockPeer:
     """An ipBlock, as the disjoint CIDRs left after its excepts."""
 
     cidr: str
     excepts: tuple[str, ...]
 
+    @cached_property
+    def _networks(self) -> tuple:
+        return tuple(ipblock_networks(IPBlock.model_validate({"cidr": self.cidr, "except": list(self.excepts)})))
+
     def networks(self) -> list:
-        return ipblock_networks(IPBlock.model_validate({"cidr": self.cidr, "except": list(self.excepts)}))
+        return list(self._networks)
 
     def contains(self, address: str) -> bool:
         ip = ipaddress.ip_address(address)
@@ -109,7 +114,7 @@ class GroupDef:
     port_names: tuple[tuple[str, str], ...] = ()  # (name, protocol)
     any_peer: bool = False  # a rule without peers: every pod is a candidate (named ports only)
 
-    @property
+    @cached_property
     def name(self) -> str:
         prefix = "pp-" if self.port_names else "pg-"
         return prefix + short_hash(
@@ -154,6 +159,27 @@ def ipblock_networks(block: IPBlock) -> list:
     return sorted(remaining, key=lambda n: (n.version, n.network_address, n.prefixlen))
 
 
+def _address_key(text: str) -> tuple[int, int]:
+    address = ipaddress.ip_address(text)
+    return address.version, int(address)
+
+
+def merge_addresses(pod_ips: list[str], blocks: list) -> list[str]:
+    """Pod addresses and ipBlock networks as disjoint CIDR strings, v4 first, sorted.
+
+    Interval sets refuse overlapping elements, so a pod IP inside an ipBlock is left out and
+    overlapping blocks are merged. Pod IPs alone never overlap, so they need no collapsing.
+    """
+    merged_blocks = [ipaddress.ip_network(c) for c in collapse(blocks)] if blocks else []
+    singles = []
+    for ip in set(pod_ips):
+        version, value = _address_key(ip)
+        if not any(n.version == version and int(n.network_address) <= value <= int(n.broadcast_address) for n in merged_blocks):
+            singles.append((version, value, 0, f"{ip}/{32 if version == 4 else 128}"))
+    items = singles + [(n.version, int(n.network_address), 1, str(n)) for n in merged_blocks]
+    return [text for _, _, _, text in sorted(items)]
+
+
 def collapse(addresses: list) -> list[str]:
     """Disjoint CIDR strings (v4 first), so interval sets never hold overlapping elements."""
     v4 = [a for a in addresses if a.version == 4]
@@ -193,6 +219,7 @@ class _GroupState:
     definition: GroupDef
     members: frozenset[str] = frozenset()  # pod keys matched by the selectors
     nodes: set[str] = field(default_factory=set)  # nodes whose spec names this group
+    published: PeerGroup | PeerPortGroup | None = None  # cache, dropped when members change
 
 
 class Compiler:
@@ -211,10 +238,15 @@ class Compiler:
         self._policies_by_ns: dict[str, set[str]] = defaultdict(set)
         self._label_index: dict[str, dict[tuple[str, str], set[str]]] = defaultdict(lambda: defaultdict(set))
         self._groups: dict[str, _GroupState] = {}
+        self._groups_by_namespace: dict[str, set[str]] = defaultdict(set)  # selectors bound to one namespace
+        self._groups_open: set[str] = set()  # groups that may match pods of any namespace
+        self._rules: dict[str, list] = {}  # policy key -> its compiled rules
+        self._static_rules: dict[str, list[AllowRule]] = {}  # "ns/policy direction[i]" -> rules shared by all pods
         self._group_refs: dict[str, int] = defaultdict(int)
         self._policy_groups: dict[str, list[str]] = {}
         self._policed: dict[str, PolicedPod | None] = {}  # cache of each pod's rules
         self._specs: dict[str, NodeRuleSetSpec] = {}  # cache of node specs
+        self._node_pods: dict[str, list[PolicedPod]] = {}  # cache of each node's pods, kept when only groups change
         if objects is not None:
             for ns in objects.namespaces.values():
                 self.namespaces[ns.name] = ns
@@ -252,6 +284,7 @@ class Compiler:
             return self._upsert_namespace(Namespace.implicit(key), drop=True)
         if kind == "Node":
             self._specs.pop(key, None)
+            self._node_pods.pop(key, None)
             return {key} if self.nodes.pop(key, None) is not None else set()
         raise TypeError(f"cannot compile {kind}")
 
@@ -325,31 +358,49 @@ class Compiler:
     def _pod_changed(self, key: str, old: Pod | None, new: Pod | None) -> set[str]:
         self._policed.pop(key, None)
         affected = {p.spec.nodeName for p in (old, new) if p is not None and p.spec.nodeName}
+        for node in affected:
+            self._node_pods.pop(node, None)
         for name in self._candidate_groups(old) | self._candidate_groups(new):
             state = self._groups[name]
             matched = new is not None and self._live(new) and state.definition.matches_pod(new, self._ns(new))
             was = key in state.members
             if matched != was:
                 state.members = state.members | {key} if matched else state.members - {key}
+                state.published = None
                 affected |= state.nodes
             elif matched and (old is None or old.ips != new.ips or old.spec.containers != new.spec.containers):
+                state.published = None
                 affected |= state.nodes
         for node in affected:
             self._specs.pop(node, None)
         return affected
 
     def _candidate_groups(self, pod: Pod | None) -> set[str]:
+        """Groups a pod of this namespace could be a member of (cheap pre-filter)."""
         if pod is None:
             return set()
         ns = self._ns(pod)
-        out = set()
-        for name, state in self._groups.items():
-            d = state.definition
-            if d.any_peer or (d.port_names and d.blocks):
-                out.add(name)
-            elif any(s.matches_namespace(ns) for s in d.selectors):
+        out = set(self._groups_by_namespace.get(ns.name, ()))
+        for name in self._groups_open:
+            d = self._groups[name].definition
+            if d.any_peer or (d.port_names and d.blocks) or any(s.matches_namespace(ns) for s in d.selectors):
                 out.add(name)
         return out
+
+    def _register_group(self, d: GroupDef) -> None:
+        self._groups[d.name] = _GroupState(d)
+        if d.any_peer or d.blocks and d.port_names or any(s.namespace_selector is not None for s in d.selectors):
+            self._groups_open.add(d.name)
+        for s in d.selectors:
+            if s.namespace_selector is None:
+                self._groups_by_namespace[s.namespace].add(d.name)
+
+    def _unregister_group(self, name: str) -> None:
+        state = self._groups.pop(name)
+        self._groups_open.discard(name)
+        for s in state.definition.selectors:
+            if s.namespace_selector is None:
+                self._groups_by_namespace[s.namespace].discard(name)
 
     # ------------------------------------------------------------------ namespaces
     def _ns(self, pod: Pod) -> Namespace:
@@ -371,6 +422,7 @@ class Compiler:
             members = self._compute_members(state.definition)
             if members != state.members:
                 state.members = members
+                state.published = None
                 affected |= state.nodes
         for node in affected:
             self._specs.pop(node, None)
@@ -395,21 +447,24 @@ class Compiler:
         if policy is None:
             return set()
         self._policies_by_ns[policy.metadata.namespace].discard(key)
+        for direction, i, _, _ in self._rules.pop(key, ()):
+            self._static_rules.pop(f"{key} {direction}[{i}]", None)
         for name in self._policy_groups.pop(key, []):
             self._group_refs[name] -= 1
             if self._group_refs[name] == 0:
                 del self._group_refs[name]
-                del self._groups[name]
+                self._unregister_group(name)
         return self._invalidate_namespace_pods(policy.metadata.namespace)
 
     def _add_policy(self, policy: NetworkPolicy) -> None:
         self.policies[policy.key] = policy
         self._policies_by_ns[policy.metadata.namespace].add(policy.key)
+        self._rules[policy.key] = list(self._policy_rules(policy))
         names = []
-        for _, _, _, definitions in self._policy_rules(policy):
+        for _, _, _, definitions in self._rules[policy.key]:
             for d in definitions:
                 if d.name not in self._groups:
-                    self._groups[d.name] = _GroupState(d)
+                    self._register_group(d)
                 names.append(d.name)
         for name in names:
             self._group_refs[name] += 1
@@ -424,6 +479,7 @@ class Compiler:
                 affected.add(node)
         for node in affected:
             self._specs.pop(node, None)
+            self._node_pods.pop(node, None)
         return affected
 
     def _policy_rules(self, policy: NetworkPolicy):
@@ -483,13 +539,19 @@ class Compiler:
 
     def _peer_group(self, d: GroupDef) -> PeerGroup:
         state = self._groups[d.name]
-        addresses = [ipaddress.ip_network(ip) for key in state.members for ip in self.pods[key].ips]
-        for block in d.blocks:
-            addresses += block.networks()
-        return PeerGroup(name=d.name, selector=d.describe(), cidrs=collapse(addresses))
+        if state.published is None:
+            blocks = [net for block in d.blocks for net in block.networks()]
+            cidrs = merge_addresses([ip for key in state.members for ip in self.pods[key].ips], blocks)
+            state.published = PeerGroup.model_construct(name=d.name, selector=d.describe(), cidrs=cidrs)
+        return state.published
 
     def _peer_port_group(self, d: GroupDef) -> PeerPortGroup:
         state = self._groups[d.name]
+        if state.published is None:
+            state.published = self._build_peer_port_group(d, state)
+        return state.published
+
+    def _build_peer_port_group(self, d: GroupDef, state: _GroupState) -> PeerPortGroup:
         entries = set()
         for key in state.members:
             pod = self.pods[key]
@@ -497,11 +559,11 @@ class Compiler:
                 number = pod.named_port(name, protocol)
                 if number is not None:
                     entries |= {(ip, protocol, number) for ip in pod.ips}
-        ordered = sorted(entries, key=lambda e: (ipaddress.ip_address(e[0]).version, ipaddress.ip_address(e[0]), e[1], e[2]))
-        return PeerPortGroup(
+        ordered = sorted(entries, key=lambda e: (_address_key(e[0]), e[1], e[2]))
+        return PeerPortGroup.model_construct(
             name=d.name,
             selector=d.describe(),
-            entries=[PeerPort(address=a, protocol=p, port=n) for a, p, n in ordered],
+            entries=[PeerPort.model_construct(address=a, protocol=p, port=n) for a, p, n in ordered],
         )
 
     # ------------------------------------------------------------------ per-pod rules
@@ -529,15 +591,15 @@ class Compiler:
                 if _POLICY_TYPE[direction] in types:
                     isolation[direction] = True
                     isolating[direction].append(key)
-            for direction, i, rule, definitions in self._policy_rules(policy):
+            for direction, i, rule, definitions in self._rules[key]:
                 origin = f"{key} {direction}[{i}]"
                 rules[direction] += self._allow_rules(pod, direction, origin, rule, definitions)
-        return PolicedPod(
+        return PolicedPod.model_construct(
             namespace=ns,
             name=pod.metadata.name,
             uid=pod.metadata.uid,
             ips=pod.ips,
-            isolation=Isolation(**isolation),
+            isolation=Isolation.model_construct(**isolation),
             ingressPolicies=isolating["ingress"],
             egressPolicies=isolating["egress"],
             ingress=_merge(rules["ingress"]),
@@ -545,36 +607,49 @@ class Compiler:
         )
 
     def _allow_rules(self, pod: Pod, direction: str, origin: str, rule, definitions: list[GroupDef]) -> list[AllowRule]:
+        # Most rules compile the same for every pod they select: share those AllowRules.
+        depends_on_pod = direction == "ingress" and any(isinstance(p.port, str) for p in rule.ports or ())
+        if depends_on_pod:
+            return self._build_allow_rules(pod, direction, origin, rule, definitions)
+        cached = self._static_rules.get(origin)
+        if cached is None:
+            cached = self._static_rules[origin] = self._build_allow_rules(pod, direction, origin, rule, definitions)
+        return cached
+
+    def _build_allow_rules(self, pod: Pod, direction: str, origin: str, rule, definitions: list[GroupDef]) -> list[AllowRule]:
         peers = next((d.name for d in definitions if not d.port_names), None)
         if rule.ports is None or not rule.ports:
-            return [AllowRule(origin=[origin], peers=peers)]
+            return [AllowRule.model_construct(origin=[origin], peers=peers)]
         numeric: list[PortRange] = []
         for p in rule.ports:
             if p.port is None:
                 # A protocol without a port: every port of that protocol.
-                numeric.append(PortRange(protocol=p.protocol, port=1, endPort=65535))
+                numeric.append(PortRange.model_construct(protocol=p.protocol, port=1, endPort=65535))
             elif isinstance(p.port, int):
-                numeric.append(PortRange(protocol=p.protocol, port=p.port, endPort=p.endPort))
+                numeric.append(PortRange.model_construct(protocol=p.protocol, port=p.port, endPort=p.endPort))
             elif direction == "ingress":
                 # Ingress named ports resolve on the pod being protected.
                 number = pod.named_port(p.port, p.protocol)
                 if number is not None:
-                    numeric.append(PortRange(protocol=p.protocol, port=number))
+                    numeric.append(PortRange.model_construct(protocol=p.protocol, port=number))
         out = []
         if numeric:
-            out.append(AllowRule(origin=[origin], peers=peers, ports=_unique(numeric)))
+            out.append(AllowRule.model_construct(origin=[origin], peers=peers, ports=_unique(numeric)))
         per_peer = next((d.name for d in definitions if d.port_names), None)
         if per_peer is not None:
-            out.append(AllowRule(origin=[origin], peerPorts=per_peer))
+            out.append(AllowRule.model_construct(origin=[origin], peerPorts=per_peer))
         return out
 
     # ------------------------------------------------------------------ node specs
     def _build_spec(self, node: str) -> NodeRuleSetSpec:
-        pods = []
-        for key in sorted(self._pods_by_node.get(node, ())):
-            policed = self._policed_pod(key)
-            if policed is not None:
-                pods.append(policed)
+        pods = self._node_pods.get(node)
+        if pods is None:
+            pods = []
+            for key in sorted(self._pods_by_node.get(node, ())):
+                policed = self._policed_pod(key)
+                if policed is not None:
+                    pods.append(policed)
+            self._node_pods[node] = pods
         for state in self._groups.values():
             state.nodes.discard(node)
         groups: dict[str, PeerGroup] = {}
@@ -589,7 +664,7 @@ class Compiler:
                     state = self._groups[rule.peerPorts]
                     state.nodes.add(node)
                     port_groups[rule.peerPorts] = self._peer_port_group(state.definition)
-        return NodeRuleSetSpec(
+        return NodeRuleSetSpec.model_construct(
             nodeName=node,
             pods=pods,
             peerGroups=[groups[k] for k in sorted(groups)],
@@ -643,15 +718,21 @@ def _unique(items: list) -> list:
 
 def _merge(rules: list[AllowRule]) -> list[AllowRule]:
     """One rule per distinct (peers, ports, peerPorts), naming every policy rule it stands for."""
+    if len(rules) <= 1:
+        return rules
     merged: dict[tuple, list[str]] = {}
     for rule in rules:
-        key = (rule.peers, None if rule.ports is None else tuple(rule.ports), rule.peerPorts)
+        ports = None if rule.ports is None else tuple((p.protocol, p.port, p.endPort) for p in rule.ports)
+        key = (rule.peers, ports, rule.peerPorts)
         merged.setdefault(key, [])
         merged[key] += [o for o in rule.origin if o not in merged[key]]
-    return [
-        AllowRule(origin=origin, peers=peers, ports=None if ports is None else list(ports), peerPorts=pp)
-        for (peers, ports, pp), origin in merged.items()
-    ]
+    if len(merged) == len(rules):
+        return rules
+    firsts: dict[tuple, AllowRule] = {}
+    for rule in rules:
+        ports = None if rule.ports is None else tuple((p.protocol, p.port, p.endPort) for p in rule.ports)
+        firsts.setdefault((rule.peers, ports, rule.peerPorts), rule)
+    return [rule.model_copy(update={"origin": merged[key]}) for key, rule in firsts.items()]
 
 
 def compile_cluster(objects: ClusterObjects) -> dict[str, NodeRuleSetSpec]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -286,7 +287,7 @@ class Pod(_Loose):
     def key(self) -> str:
         return f"{self.metadata.namespace}/{self.metadata.name}"
 
-    @property
+    @cached_property
     def ips(self) -> list[str]:
         """All pod IPs, primary first, normalised, without duplicates."""
         seen: list[str] = []
