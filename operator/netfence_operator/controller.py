@@ -66,15 +66,15 @@ class Controller:
         registry, publisher, client = self.registry, self.publisher, self.client
         tasks: list[asyncio.Task] = []
 
-        @kopf.on.login(registry=registry)
+        @kopf.on.login(registry=registry, id="kubeconfig")
         def login(**_: Any) -> kopf.ConnectionInfo:
             return connection_info(client.configuration)
 
-        @kopf.on.startup(registry=registry)
+        @kopf.on.startup(registry=registry, id="start-publisher")
         async def start_publisher(**_: Any) -> None:
             tasks.append(asyncio.create_task(publisher.run(), name="netfence publisher"))
 
-        @kopf.on.cleanup(registry=registry)
+        @kopf.on.cleanup(registry=registry, id="stop-publisher")
         async def stop_publisher(**_: Any) -> None:
             for task in tasks:
                 task.cancel()
