@@ -1,0 +1,1 @@
+"""`netfence lab`: a flannel-shaped cluster in network namespaces, with real packets."""
