@@ -256,8 +256,6 @@ class Compiler:
                 self._index_pod(pod)
             for policy in objects.policies.values():
                 self._add_policy(policy)
-            for state in self._groups.values():
-                state.members = self._compute_members(state.definition)
 
     # ------------------------------------------------------------------ public API
     def upsert(self, obj: BaseModel) -> set[str]:
@@ -388,7 +386,7 @@ class Compiler:
         return out
 
     def _register_group(self, d: GroupDef) -> None:
-        self._groups[d.name] = _GroupState(d)
+        self._groups[d.name] = _GroupState(d, members=self._compute_members(d))
         if d.any_peer or d.blocks and d.port_names or any(s.namespace_selector is not None for s in d.selectors):
             self._groups_open.add(d.name)
         for s in d.selectors:
@@ -435,10 +433,6 @@ class Compiler:
             return set()
         affected = self._delete_policy(policy.key) if old is not None else set()
         self._add_policy(policy)
-        for name in self._policy_groups[policy.key]:
-            state = self._groups[name]
-            if not state.members and self._group_refs[name] == 1:
-                state.members = self._compute_members(state.definition)
         affected |= self._invalidate_namespace_pods(policy.metadata.namespace)
         return affected
 
