@@ -81,7 +81,7 @@ class Controller:
             await asyncio.gather(*tasks, return_exceptions=True)
 
         @kopf.on.probe(registry=registry, id="publisher")
-        def publisher_alive(**_: Any) -> dict[str, Any]:
+        async def publisher_alive(**_: Any) -> dict[str, Any]:
             # Liveness: a dead publisher task means nothing is published any more; restart.
             for task in tasks:
                 if task.done():

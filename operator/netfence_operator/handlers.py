@@ -13,7 +13,9 @@ Per watched kind, two handlers:
   notices re-listings (kopf marks listed objects with event type None).
 
 No handler calls the API; on.event and index handlers make kopf write nothing to the objects
-(no finalizers, no annotations).
+(no finalizers, no annotations). The handlers are coroutines on purpose: kopf runs plain
+functions in a thread pool, and the state, the compiler and the publisher's signals are
+single-threaded; as coroutines they all run on the operator's event loop, one at a time.
 """
 
 from __future__ import annotations
@@ -47,13 +49,13 @@ def _register_kind(registry: kopf.OperatorRegistry, state: ClusterState, publish
     update_time = metrics.compile_duration.labels("update")
 
     @kopf.index(group, version, plural, registry=registry, id=f"observe-{plural}")
-    def observe(body: kopf.Body, **_: Any) -> None:
+    async def observe(body: kopf.Body, **_: Any) -> None:
         with update_time.time():
             state.observe(kind, dict(body))
         publisher.wake()
 
     @kopf.on.event(group, version, plural, registry=registry, id=f"event-{plural}")
-    def event(type: str | None, body: kopf.Body, **_: Any) -> None:  # noqa: A002 - kopf's kwarg name
+    async def event(type: str | None, body: kopf.Body, **_: Any) -> None:  # noqa: A002 - kopf's kwarg name
         if not publisher.indexed.is_set():
             publisher.indexed.set()  # kopf runs this only once every kind is indexed
         if type == "DELETED":
