@@ -307,3 +307,16 @@ def test_metrics_and_readiness(api_server, kubeconfig):
         port = controller.metrics_server.port
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
             assert r.status == 200
+
+
+def test_namespace_restriction_watches_pods_and_policies_only_there(api_server, kubeconfig):
+    seed(api_server)
+    with running_controller(kubeconfig, namespaces=("dev",)) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        specs = published(api_server)
+        assert set(specs) == {"n1", "n2", "n3"}  # nodes are cluster-scoped: all of them
+        assert all(not p.isolation.ingress for s in specs.values() for p in s.pods)  # prod's policies unseen
+        assert controller.state.counts()["Pod"] == 1 and controller.state.counts()["NetworkPolicy"] == 0
+        api_server.apply(policy("dev", "deny", {"podSelector": {}, "policyTypes": ["Ingress"]}))
+        wait_for(lambda: any(p.isolation.ingress for p in published(api_server)["n3"].pods), what="dev's policy")
