@@ -1,6 +1,7 @@
 """Hypothesis strategies for small random clusters with NetworkPolicies, as plain manifests.
 
-Everything generated is valid for the apiserver (kubernetes-validate checks the shapes in
+Some pods use hostNetwork (address = their node's) and some namespaces have no Namespace
+object. Everything generated is valid for the apiserver (kubernetes-validate checks the shapes in
 tests/spec/test_property.py): canonical CIDRs, `except` strictly inside its `cidr`, endPort
 only with a numeric port and >= it, unique container port names per pod. The vocabularies
 are tiny on purpose so that selectors, names and addresses collide often.
@@ -181,15 +182,18 @@ def scenarios(draw) -> Scenario:
     node_count = draw(st.integers(1, 3))
     nodes = [node(f"node-{i}", f"10.244.{i}.0/24", f"172.18.0.{i + 1}") for i in range(1, node_count + 1)]
     namespace_names = draw(st.lists(st.sampled_from(NAMESPACE_NAMES), min_size=2, max_size=4, unique=True))
+    # a namespace may come without its Namespace object (pods only), or without the name label
     namespaces = [namespace(name, draw(labels(NAMESPACE_LABEL_KEYS)), with_name_label=draw(st.booleans()))
-                  for name in namespace_names]
+                  for name in namespace_names if draw(st.integers(0, 4)) > 0]
     pods = []
     for i in range(draw(st.integers(2, 6))):
         node_index = draw(st.integers(1, node_count))
-        pods.append(pod(f"{draw(st.sampled_from(namespace_names))}/p{i}", f"10.244.{node_index}.{10 + i}",
+        host_network = draw(st.integers(0, 7)) == 0  # uses the node's address, never policed
+        address = f"172.18.0.{node_index + 1}" if host_network else f"10.244.{node_index}.{10 + i}"
+        pods.append(pod(f"{draw(st.sampled_from(namespace_names))}/p{i}", address,
                         labels=draw(labels(POD_LABEL_KEYS)), node_name=f"node-{node_index}",
-                        ports=draw(container_ports())))
-    anchors = [p["status"]["podIP"] for p in pods]
+                        ports=draw(container_ports()), host_network=host_network))
+    anchors = sorted({p["status"]["podIP"] for p in pods})
     policies = [policy(f"{draw(st.sampled_from(namespace_names))}/pol{i}",
                        draw(policy_spec(anchors, namespace_names)))
                 for i in range(draw(st.integers(0, 4)))]

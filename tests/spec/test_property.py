@@ -66,20 +66,26 @@ def test_reference_allow_all_rules_open_every_connection(scenario: Scenario):
 
 @SELF_CHECK_SETTINGS
 @given(scenarios())
-def test_reference_deny_all_everywhere_leaves_only_self(scenario: Scenario):
-    """With every rule removed and a deny-all policy per namespace, only loopback stays open."""
+def test_reference_deny_all_everywhere_leaves_only_self_and_node_traffic(scenario: Scenario):
+    """With every rule removed and a deny-all policy per namespace, only loopback, traffic
+    between a pod and its own node, and hostNetwork-to-hostNetwork traffic stay open."""
     for doc in scenario.docs:
         if doc["kind"] == "NetworkPolicy":
             doc["spec"].pop("ingress", None)
             doc["spec"].pop("egress", None)
-    namespaces = {doc["metadata"]["name"] for doc in scenario.docs if doc["kind"] == "Namespace"}
+    pods = {f"{d['metadata']['namespace']}/{d['metadata']['name']}": d for d in scenario.docs if d["kind"] == "Pod"}
+    namespaces = {key.split("/")[0] for key in pods}
     scenario.docs += [{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                        "metadata": {"name": "zz-deny-all", "namespace": ns},
                        "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}} for ns in namespaces]
     got = reference_matrix(scenario.docs, scenario.port, scenario.protocol)
     for source, row in got["matrix"].items():
-        for destination, allowed in row.items():
-            assert allowed is (source == destination), f"{source}->{destination}"
+        for destination, cell in row.items():
+            src, dst = pods[source]["spec"], pods[destination]["spec"]
+            host_ends = bool(src.get("hostNetwork")) + bool(dst.get("hostNetwork"))
+            open_path = (source == destination or host_ends == 2
+                         or (host_ends == 1 and src["nodeName"] == dst["nodeName"]))
+            assert cell is open_path, f"{source}->{destination}"
 
 
 @settings(SELF_CHECK_SETTINGS, max_examples=min(EXAMPLES, 25))
