@@ -25,7 +25,7 @@ from netfence_agent import br_netfilter
 from netfence_agent.discovery import DEFAULT_CNI_DIR, DEFAULT_NETNS_DIR, Discovery, Snapshot
 from netfence_agent.metrics import AgentMetrics, serve
 from netfence_agent.nft.kernel import OWNED_TABLES, Kernel, NftError
-from netfence_agent.nft.transaction import Transaction, full_sync_commands, plan
+from netfence_agent.nft.transaction import Transaction, plan
 from netfence_agent.render import PodPort, RenderOptions, RenderResult, render
 from netfence_agent.source import RuleSetSource
 
@@ -150,11 +150,12 @@ class Agent:
         try:
             self._apply(transaction)
         except NftError as first:
-            if transaction.kind != "elements":
+            if transaction.kind == "full":
                 return self._failed(rule_set, started, str(first))
-            # The kernel no longer holds what we loaded last (someone changed it): start over.
-            log.warning("element update rejected (%s); doing a full sync", first)
-            transaction = Transaction("full", full_sync_commands(result.ruleset, self.kernel.inventory()))
+            # Either the new rules are bad or the kernel no longer holds what we loaded last
+            # (someone changed it). A full sync tells which, and repairs the second case.
+            log.warning("%s sync rejected (%s); trying a full sync", transaction.kind, first)
+            transaction = plan(result.ruleset, None, self.kernel.inventory)
             try:
                 self._apply(transaction)
             except NftError as second:
@@ -169,8 +170,9 @@ class Agent:
             if transaction.kind == "full":
                 self.metrics.book_counters()  # forget counters the sync deleted
             self.metrics.applied(seconds, rule_set.metadata.generation)
-            log.info("applied generation %s (%s sync, %d commands, %d local pods, %d veths) in %.1f ms",
-                     rule_set.metadata.generation, transaction.kind, len(transaction.commands),
+            log.info("applied generation %s (%s sync%s, %d commands, %d local pods, %d veths) in %.1f ms",
+                     rule_set.metadata.generation, transaction.kind,
+                     f": {transaction.why}" if transaction.why else "", len(transaction.commands),
                      len(rule_set.spec.pods), len(ports), seconds * 1000)
         self._report(rule_set, force=transaction.kind != "noop")
         return SyncOutcome(transaction.kind, seconds)

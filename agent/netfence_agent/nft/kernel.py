@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable
 
 import nftables
 
+from netfence_agent.nft.dump import NftDumper
 from netfence_agent.nft.transaction import ChainDecl, Inventory, SetDecl, TableInventory, TableKey, Transaction
 
 OWNED_TABLES: tuple[TableKey, ...] = (("inet", "netfence"), ("bridge", "netfence"))
@@ -37,16 +38,17 @@ class CounterValue:
 
 
 class Kernel:
-    """A libnftables context. Thread-safe: one lock around every call into the library
-    (the sync loop applies while a /metrics scrape reads counters)."""
+    """A libnftables context for changes and an nfnetlink socket for reads, each behind its own
+    lock: the sync loop applies while a /metrics scrape reads counters, and a long full sync
+    must not hold up the scrape."""
 
     def __init__(self) -> None:
         self._nft = nftables.Nftables()
         self._nft.set_json_output(True)
-        # Terse: listings leave out set elements, which can be tens of thousands.
-        self._nft.set_terse_output(True)
         self._nft.set_handle_output(False)
-        self._lock = threading.RLock()  # re-entered by ruleset_json around run()
+        self._lock = threading.Lock()
+        self._dumper = NftDumper()
+        self._read_lock = threading.Lock()
 
     # ------------------------------------------------------------------ raw
     def run(self, commands: list[dict]) -> list[dict]:
@@ -64,58 +66,48 @@ class Kernel:
     def apply(self, transaction: Transaction) -> None:
         self.run(transaction.commands)
 
-    def _list(self, what: str, body: dict) -> list[dict]:
-        return self.run([{"list": {what: body}}])
-
     # ------------------------------------------------------------------ reading
+    # Reads go to the kernel directly (nft/dump.py): libnftables 1.0.6 would first load every
+    # rule and set element into its cache, seconds at a thousand pods.
     def tables(self) -> set[TableKey]:
-        return {(t["table"]["family"], t["table"]["name"]) for t in self._list("tables", None) if "table" in t}
+        with self._read_lock:
+            return self._dumper.tables()
 
     def inventory(self, keys: Iterable[TableKey] = OWNED_TABLES) -> Inventory:
         """Declarations of every object of the given tables that exist (no rules, no elements)."""
-        present = self.tables()
         inventory: Inventory = {}
-        for family, name in keys:
-            if (family, name) not in present:
-                continue
-            inventory[(family, name)] = TableInventory(
-                chains={b["name"]: _chain_decl(b) for b in self._objects("chains", family, name)},
-                sets={b["name"]: _set_decl(b) for b in self._objects("sets", family, name)},
-                maps={b["name"]: _set_decl(b) for b in self._objects("maps", family, name)},
-                counters={b["name"] for b in self._objects("counters", family, name)},
-            )
+        with self._read_lock:
+            present = self._dumper.tables()
+            for family, name in keys:
+                if (family, name) not in present:
+                    continue
+                have = TableInventory()
+                for c in self._dumper.chains(family, name):
+                    have.chains[c.name] = ChainDecl(c.hook, c.type, c.priority, c.policy, c.comment)
+                for s in self._dumper.sets(family, name):
+                    (have.maps if s.is_map else have.sets)[s.name] = SetDecl(s.type, s.flags, s.comment)
+                have.counters = {c.name for c in self._dumper.counters(family, name)}
+                inventory[(family, name)] = have
         return inventory
-
-    def _objects(self, what: str, family: str, table: str) -> list[dict]:
-        """Bodies of `list chains|sets|maps|counters`, of one table only (libnftables filters
-        chains, sets and maps by family alone)."""
-        kind = what[:-1]
-        return [
-            item[kind] for item in self._list(what, {"family": family, "table": table})
-            if kind in item and item[kind].get("table") == table and item[kind].get("family") == family
-        ]
 
     def counters(self, keys: Iterable[TableKey] = OWNED_TABLES) -> dict[tuple[str, str, str], CounterValue]:
         """Named counters of the given tables: (family, table, name) -> packets and bytes."""
-        present = self.tables()
         values: dict[tuple[str, str, str], CounterValue] = {}
-        for family, name in keys:
-            if (family, name) not in present:
-                continue
-            for body in self._objects("counters", family, name):
-                values[(family, name, body["name"])] = CounterValue(body.get("packets", 0), body.get("bytes", 0))
+        with self._read_lock:
+            present = self._dumper.tables()
+            for family, name in keys:
+                if (family, name) in present:
+                    for c in self._dumper.counters(family, name):
+                        values[(family, name, c.name)] = CounterValue(c.packets, c.bytes)
         return values
 
     def ruleset_json(self, keys: Iterable[TableKey] = OWNED_TABLES) -> list[dict]:
         """Everything of the given tables, set elements included (for tests and debugging)."""
         present = self.tables()
-        listing = [{"list": {"table": {"family": f, "name": n}}} for f, n in keys if (f, n) in present]
-        with self._lock:
-            self._nft.set_terse_output(False)
-            try:
-                return self.run(listing)
-            finally:
-                self._nft.set_terse_output(True)
+        # One table per call: libnftables 1.0.6 filters its cache by the first `list table`
+        # of a batch and then cannot find the second one.
+        return [item for f, n in keys if (f, n) in present
+                for item in self.run([{"list": {"table": {"family": f, "name": n}}}])]
 
     # ------------------------------------------------------------------ removing
     def delete_tables(self, keys: Iterable[TableKey] = OWNED_TABLES) -> list[TableKey]:
@@ -125,13 +117,3 @@ class Kernel:
         self.run([{"delete": {"table": {"family": f, "name": n}}} for f, n in doomed])
         return doomed
 
-
-def _chain_decl(body: dict[str, Any]) -> ChainDecl:
-    if "hook" not in body:
-        return ChainDecl()
-    return ChainDecl(body["hook"], body.get("type"), body.get("prio"), body.get("policy", "accept"))
-
-
-def _set_decl(body: dict[str, Any]) -> SetDecl:
-    type_ = body["type"]
-    return SetDecl(tuple(type_) if isinstance(type_, list) else (type_,), frozenset(body.get("flags", ())))
