@@ -1,0 +1,147 @@
+"""The offline CLI contract: compile / explain / matrix, exit codes and error messages."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from netfence_api import NodeRuleSet
+from netfence_cli.main import main
+
+GOLDEN = Path(__file__).resolve().parent.parent / "golden"
+CLUSTER = str(GOLDEN / "cluster.yaml")
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_compile_yaml_is_one_valid_noderuleset_per_node(capsys):
+    rc, out, _ = run(capsys, "compile", "-f", CLUSTER, "-f", str(GOLDEN / "allow-frontend-to-backend.yaml"))
+    assert rc == 0
+    objects = [NodeRuleSet.model_validate(d) for d in yaml.safe_load_all(out)]
+    assert [o.metadata.name for o in objects] == ["node-1", "node-2"]
+    backend = next(p for p in objects[0].spec.pods if p.name == "backend")
+    assert backend.isolation.ingress and not backend.isolation.egress
+    origins = [o for r in backend.ingress for o in r.origin]
+    assert "shop/allow-frontend-to-backend ingress[0]" in origins
+
+
+def test_compile_json_is_a_list_and_node_filter_works(capsys):
+    rc, out, _ = run(capsys, "compile", "-f", CLUSTER, "--node", "node-2", "-o", "json")
+    assert rc == 0
+    doc = json.loads(out)
+    assert doc["kind"] == "List" and [i["metadata"]["name"] for i in doc["items"]] == ["node-2"]
+
+
+def test_compile_unknown_node_is_bad_input(capsys):
+    rc, _, err = run(capsys, "compile", "-f", CLUSTER, "--node", "nope")
+    assert rc == 2 and "--node nope" in err
+
+
+def test_bad_policy_exits_2_naming_file_object_and_field(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "broken", "namespace": "shop"},
+        "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/40"}}]}]},
+    }))
+    rc, out, err = run(capsys, "matrix", "-f", CLUSTER, "-f", str(bad), "--port", "80/TCP", "-o", "json")
+    assert rc == 2 and out == ""
+    assert f"{bad}: NetworkPolicy shop/broken: spec.ingress[0].from[0].ipBlock.cidr" in err
+
+
+def test_unreadable_and_non_yaml_files_are_bad_input(capsys, tmp_path):
+    rc, _, err = run(capsys, "matrix", "-f", str(tmp_path / "missing.yaml"), "--port", "80/TCP")
+    assert rc == 2 and "missing.yaml: cannot read" in err
+    junk = tmp_path / "junk.yaml"
+    junk.write_text("a: [unclosed\n")
+    rc, _, err = run(capsys, "matrix", "-f", str(junk), "--port", "80/TCP")
+    assert rc == 2 and "not valid YAML" in err
+
+
+@pytest.mark.parametrize("port", ["80/ICMP", "http/TCP", "70000/TCP"])
+def test_bad_port_argument_is_bad_input(capsys, port):
+    rc, _, err = run(capsys, "matrix", "-f", CLUSTER, "--port", port)
+    assert rc == 2 and f"--port {port}" in err
+
+
+def test_kind_list_stdin_and_ignored_kinds(capsys, monkeypatch):
+    docs = list(yaml.safe_load_all(open(CLUSTER)))
+    listed = {"apiVersion": "v1", "kind": "List", "items": docs + [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s", "namespace": "shop"}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "d", "namespace": "shop"}},
+    ]}
+    monkeypatch.setattr(sys, "stdin", io.StringIO(yaml.safe_dump(listed)))
+    rc, out, err = run(capsys, "matrix", "-f", "-", "--port", "80/TCP", "-o", "json")
+    assert rc == 0
+    assert "ignored 1 object(s) of kind Deployment" in err and "ignored 1 object(s) of kind Service" in err
+    matrix = json.loads(out)["matrix"]
+    pods = {"shop/frontend", "shop/backend", "shop/db", "monitoring/prometheus", "kube-system/coredns",
+            "monitoring/node-exporter"}
+    assert set(matrix) == pods and all(set(row) == pods for row in matrix.values())
+
+
+def test_matrix_table_and_json_agree(capsys):
+    args = ["-f", CLUSTER, "-f", str(GOLDEN / "allow-frontend-to-backend.yaml"), "--port", "80/TCP"]
+    _, out, _ = run(capsys, "matrix", *args, "-o", "json")
+    matrix = json.loads(out)["matrix"]
+    _, table, _ = run(capsys, "matrix", *args, "-o", "table")
+    lines = table.splitlines()[2:]
+    cols = list(matrix)
+    for line in lines:
+        src, *cells = line.split()
+        assert [c == "." for c in cells] == [matrix[src][c] for c in cols]
+    assert matrix["shop/frontend"]["shop/backend"] is True
+    assert matrix["shop/db"]["shop/backend"] is False
+
+
+def test_explain_names_the_policy_rule_and_counter(capsys):
+    rc, out, _ = run(capsys, "explain", "-f", CLUSTER, "-f", str(GOLDEN / "allow-frontend-to-backend.yaml"),
+                     "--from", "shop/frontend", "--to", "shop/backend", "--port", "80/TCP")
+    assert rc == 0
+    assert out.startswith("shop/frontend (10.244.1.10) -> shop/backend (10.244.1.11) 80/TCP: ALLOWED")
+    assert 'comment "shop/allow-frontend-to-backend ingress[0]"' in out
+    rc, out, _ = run(capsys, "explain", "-f", CLUSTER, "-f", str(GOLDEN / "allow-frontend-to-backend.yaml"),
+                     "--from", "shop/db", "--to", "shop/backend", "--port", "80/TCP")
+    assert ": DENIED" in out.splitlines()[0]
+    assert "isolated by shop/allow-frontend-to-backend, shop/allow-monitoring, shop/default-deny-ingress" in out
+    assert "counted in pod_" in out
+
+
+def test_explain_accepts_ip_endpoints(capsys):
+    rc, out, _ = run(capsys, "explain", "-f", CLUSTER, "-f", str(GOLDEN / "ipblock-except.yaml"),
+                     "--from", "172.16.4.4", "--to", "shop/frontend", "--port", "8080/TCP")
+    assert rc == 0 and ": ALLOWED" in out.splitlines()[0]
+    rc, out, _ = run(capsys, "explain", "-f", CLUSTER, "-f", str(GOLDEN / "ipblock-except.yaml"),
+                     "--from", "172.17.0.9", "--to", "shop/frontend", "--port", "8080/TCP")
+    assert ": DENIED" in out.splitlines()[0]
+    rc, out, _ = run(capsys, "explain", "-f", CLUSTER, "-f", str(GOLDEN / "ipblock-except.yaml"),
+                     "--from", "shop/frontend", "--to", "10.1.2.3", "--port", "443/TCP")
+    assert ": DENIED" in out.splitlines()[0]
+    rc, out, _ = run(capsys, "explain", "-f", CLUSTER, "-f", str(GOLDEN / "ipblock-except.yaml"),
+                     "--from", "shop/frontend", "--to", "192.0.2.1", "--port", "443/TCP")
+    assert ": ALLOWED" in out.splitlines()[0]
+
+
+def test_explain_unknown_pod_is_bad_input(capsys):
+    rc, _, err = run(capsys, "explain", "-f", CLUSTER, "--from", "shop/nope", "--to", "shop/db", "--port", "80/TCP")
+    assert rc == 2 and "no Pod shop/nope" in err
+
+
+def test_console_script_and_module_entry_point(tmp_path):
+    exe = Path(sys.executable).with_name("netfence")
+    for cmd in ([str(exe)], [sys.executable, "-m", "netfence_cli"]):
+        r = subprocess.run(cmd + ["matrix", "-f", CLUSTER, "--port", "53/UDP", "-o", "json"],
+                           capture_output=True, text=True, timeout=120, env={**os.environ})
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["port"] == "53/UDP"

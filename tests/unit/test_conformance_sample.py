@@ -1,0 +1,17 @@
+"""The shared conformance sample, run by its own checker against `netfence matrix` (offline)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_conformance_sample_offline(shared_dir):
+    sample = shared_dir / "conformance-sample"
+    r = subprocess.run(
+        [sys.executable, str(sample / "check.py"), "--netfence", f"{sys.executable} -m netfence_cli"],
+        cwd=sample, capture_output=True, text=True, timeout=600,
+    )
+    last = r.stdout.strip().splitlines()[-1]
+    assert r.returncode == 0 and last.endswith(" 0 failed"), r.stdout + r.stderr
+    assert not last.startswith("0 passed")
