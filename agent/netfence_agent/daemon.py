@@ -114,13 +114,14 @@ class Agent:
 
     # ------------------------------------------------------------------ health
     def readiness(self) -> tuple[bool, str]:
+        """Ready while the latest rule set is enforced and same-node traffic reaches the rules."""
         if self.applied is None:
-            reason = f"no rule set applied yet{': ' + self.last_error if self.last_error else ''}"
-            return False, reason
+            return False, f"no rule set applied yet{': ' + self.last_error if self.last_error else ''}"
         if not self.br_state.ok:
             return False, f"br_netfilter off, same-node pod traffic is not policed: {self.br_state.message}"
         if self.last_error:
-            return True, f"rules of generation {self.metrics.generation} enforced; newer rule set failed: {self.last_error}"
+            return False, (f"the latest rule set was rejected, rules of generation {self.metrics.generation} "
+                           f"stay enforced: {self.last_error}")
         return True, f"rules of generation {self.metrics.generation} enforced"
 
     def health(self) -> tuple[bool, str]:
@@ -136,13 +137,14 @@ class Agent:
             log.error("br_netfilter: %s", self.br_state.message)
         if rule_set is None:
             return SyncOutcome("skipped")  # nothing to load yet; whatever the kernel has stays
-        if rule_set.spec.nodeName != self.config.node:
-            self._report(rule_set, error=("WrongNode", f"rule set is for node {rule_set.spec.nodeName!r}, "
-                                                       f"this agent is node {self.config.node!r}"))
-            return SyncOutcome("skipped")
-
-        result = render(rule_set.spec, ports, self.config.render_options)
         started = time.perf_counter()
+        if rule_set.spec.nodeName != self.config.node:
+            return self._failed(rule_set, started, f"rule set is for node {rule_set.spec.nodeName!r}, "
+                                                   f"this agent is node {self.config.node!r}", "WrongNode", retry=False)
+        try:
+            result = render(rule_set.spec, ports, self.config.render_options)
+        except ValueError as exc:  # e.g. an address that is none: nothing sensible to load
+            return self._failed(rule_set, started, f"cannot render: {exc}", "InvalidRuleSet", retry=False)
         if self.applied is not None and not set(OWNED_TABLES) <= self.kernel.tables():
             log.warning("netfence tables were removed from the kernel by someone else; loading them again")
             self.applied = None
@@ -184,17 +186,23 @@ class Agent:
             self.metrics.book_counters()  # book counts of counters this sync may delete
         self.kernel.apply(transaction)
 
-    def _failed(self, rule_set: netfence_api.NodeRuleSet, started: float, error: str) -> SyncOutcome:
+    def _failed(self, rule_set: netfence_api.NodeRuleSet, started: float, error: str,
+                reason: str = "KernelRejected", retry: bool = True) -> SyncOutcome:
+        """Keep the rules loaded before (a transaction is all or nothing), and say so."""
         seconds = time.perf_counter() - started
         self.metrics.failed(seconds)
         self.last_error = error.strip()[:MESSAGE_MAX]
-        delay = self.RETRY_BACKOFF[min(self._failures_in_row, len(self.RETRY_BACKOFF) - 1)]
-        self._failures_in_row += 1
-        self._retry_at = time.monotonic() + delay
         kept = f"generation {self.applied_object.metadata.generation}" if self.applied_object else "none by this agent"
-        log.error("kernel rejected generation %s, keeping the rules loaded before (%s); retry in %.1fs: %s",
-                  rule_set.metadata.generation, kept, delay, self.last_error)
-        self._report(rule_set, error=("KernelRejected", self.last_error))
+        if retry:  # the same input may load later (e.g. someone else's rules were in the way)
+            delay = self.RETRY_BACKOFF[min(self._failures_in_row, len(self.RETRY_BACKOFF) - 1)]
+            self._failures_in_row += 1
+            self._retry_at = time.monotonic() + delay
+            log.error("generation %s not loaded (%s), keeping the rules loaded before (%s); retry in %.1fs: %s",
+                      rule_set.metadata.generation, reason, kept, delay, self.last_error)
+        else:
+            log.error("generation %s not loaded (%s), keeping the rules loaded before (%s): %s",
+                      rule_set.metadata.generation, reason, kept, self.last_error)
+        self._report(rule_set, error=(reason, self.last_error))
         return SyncOutcome("failed", seconds, self.last_error)
 
     # ------------------------------------------------------------------ status

@@ -143,6 +143,9 @@ class Node:
                 cni_record: bool = False) -> Pod:
         """A pod netns with eth0 veth-paired into cni0, like the CNI bridge plugin makes it."""
         netns = self.netns_factory("pod")
+        # An IPv4-only pod network: without this, the pods' IPv6 link-local chatter (router
+        # solicitations, MLD) counts as spoofed in the bridge anti-spoofing chains.
+        in_netns(netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
         index = self._next_ip
         self._next_ip += 1
         ip = f"{self.prefix}.{index}"

@@ -159,6 +159,9 @@ def _table_diff(old: Table, new: Table) -> _TableDiff | str:
             recreated.append(chain)
         elif before.rules != chain.rules:
             refilled.append(chain)
+    for m in new.maps.values():
+        if len(dict(m.elements)) != len(_unique(m.elements)):
+            return f"map {m.name} has a key with two verdicts"  # a full sync lets the kernel refuse it
     for kind, olds, news in (("set", old.sets, new.sets), ("map", old.maps, new.maps)):
         for name in olds.keys() & news.keys():
             a, b = olds[name], news[name]
