@@ -68,13 +68,17 @@ pod = st.builds(
     st.sampled_from(NAMESPACES), st.sampled_from(["p", "q", "r"]), st.sampled_from(NODES), labels,
     st.integers(0, 600), st.sampled_from([8080, 9090]), st.booleans(),
 )
+node = st.builds(lambda name, cidr: {"kind": "Node", "metadata": {"name": name}, "spec": {"podCIDR": cidr}},
+                 st.sampled_from(NODES), st.sampled_from(["10.0.0.0/16", "10.9.0.0/16"]))
 namespace = st.builds(lambda name, l: {"kind": "Namespace", "metadata": {"name": name, "labels": l}},
                       st.sampled_from(NAMESPACES), labels)
 operation = st.one_of(
     pod.map(lambda d: ("upsert", d)), policy.map(lambda d: ("upsert", d)), namespace.map(lambda d: ("upsert", d)),
+    node.map(lambda d: ("upsert", d)),
     st.tuples(st.sampled_from(["Pod", "NetworkPolicy"]), st.sampled_from(NAMESPACES),
               st.sampled_from(["p", "q", "r", "p1", "p2", "p3"])).map(lambda t: ("delete", t)),
     st.sampled_from(NAMESPACES).map(lambda n: ("delete", ("Namespace", None, n))),
+    st.sampled_from(NODES).map(lambda n: ("delete", ("Node", None, n))),
 )
 
 
@@ -91,12 +95,15 @@ def test_incremental_equals_fresh_compile(operations):
             objects.add(obj)
         else:
             kind, ns, name = arg
-            key = name if kind == "Namespace" else f"{ns}/{name}"
+            key = name if kind in ("Namespace", "Node") else f"{ns}/{name}"
             affected = compiler.delete(kind, key)
-            store = {"Pod": objects.pods, "NetworkPolicy": objects.policies, "Namespace": objects.namespaces}[kind]
+            store = {"Pod": objects.pods, "NetworkPolicy": objects.policies, "Namespace": objects.namespaces,
+                     "Node": objects.nodes}[kind]
             store.pop(key, None)
         after = dump(compiler.all_specs())
-        assert after == dump(Compiler(objects).all_specs())
+        fresh = Compiler(objects)
+        assert after == dump(fresh.all_specs())
+        assert compiler.problems() == fresh.problems()
         # Every node whose spec changed was reported, so the publisher patches it.
         assert {n for n in after if after[n] != before.get(n)} <= affected
 

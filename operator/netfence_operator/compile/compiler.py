@@ -220,6 +220,7 @@ class _GroupState:
     members: frozenset[str] = frozenset()  # pod keys matched by the selectors
     nodes: set[str] = field(default_factory=set)  # nodes whose spec names this group
     published: PeerGroup | PeerPortGroup | None = None  # cache, dropped when members change
+    owners: set[str] = field(default_factory=set)  # policies whose rules name this group
 
 
 class Compiler:
@@ -247,6 +248,7 @@ class Compiler:
         self._policed: dict[str, PolicedPod | None] = {}  # cache of each pod's rules
         self._specs: dict[str, NodeRuleSetSpec] = {}  # cache of node specs
         self._node_pods: dict[str, list[PolicedPod]] = {}  # cache of each node's pods, kept when only groups change
+        self._problems: dict[str, list[str]] = {}  # cache of problems() per policy
         if objects is not None:
             for ns in objects.namespaces.values():
                 self.namespaces[ns.name] = ns
@@ -267,6 +269,8 @@ class Compiler:
             return self._upsert_namespace(obj)
         if isinstance(obj, Node):
             new = obj.name not in self.nodes
+            if self.nodes.get(obj.name) is None or self.nodes[obj.name].pod_cidrs != obj.pod_cidrs:
+                self._problems.clear()  # ipBlock notes depend on the pod CIDRs
             self.nodes[obj.name] = obj
             return {obj.name} if new else set()
         raise TypeError(f"cannot compile {type(obj).__name__}")
@@ -283,6 +287,7 @@ class Compiler:
         if kind == "Node":
             self._specs.pop(key, None)
             self._node_pods.pop(key, None)
+            self._problems.clear()
             return {key} if self.nodes.pop(key, None) is not None else set()
         raise TypeError(f"cannot compile {kind}")
 
@@ -302,7 +307,9 @@ class Compiler:
         """Per policy key: what a user should know about it (it compiles either way)."""
         out: dict[str, list[str]] = {}
         for key, policy in sorted(self.policies.items()):
-            notes = self._policy_problems(policy)
+            notes = self._problems.get(key)
+            if notes is None:
+                notes = self._problems[key] = self._policy_problems(policy)
             if notes:
                 out[key] = notes
         return out
@@ -358,17 +365,22 @@ class Compiler:
         affected = {p.spec.nodeName for p in (old, new) if p is not None and p.spec.nodeName}
         for node in affected:
             self._node_pods.pop(node, None)
+        for p in (old, new):
+            if p is not None:  # its selection, hence ingress named ports, may have changed
+                for policy_key in self._policies_by_ns.get(p.metadata.namespace, ()):
+                    self._problems.pop(policy_key, None)
         for name in self._candidate_groups(old) | self._candidate_groups(new):
             state = self._groups[name]
             matched = new is not None and self._live(new) and state.definition.matches_pod(new, self._ns(new))
             was = key in state.members
             if matched != was:
                 state.members = state.members | {key} if matched else state.members - {key}
-                state.published = None
-                affected |= state.nodes
-            elif matched and (old is None or old.ips != new.ips or old.spec.containers != new.spec.containers):
-                state.published = None
-                affected |= state.nodes
+            elif not (matched and (old is None or old.ips != new.ips or old.spec.containers != new.spec.containers)):
+                continue
+            state.published = None
+            affected |= state.nodes
+            for policy_key in state.owners:
+                self._problems.pop(policy_key, None)
         for node in affected:
             self._specs.pop(node, None)
         return affected
@@ -422,6 +434,8 @@ class Compiler:
                 state.members = members
                 state.published = None
                 affected |= state.nodes
+                for policy_key in state.owners:
+                    self._problems.pop(policy_key, None)
         for node in affected:
             self._specs.pop(node, None)
         return affected
@@ -441,9 +455,11 @@ class Compiler:
         if policy is None:
             return set()
         self._policies_by_ns[policy.metadata.namespace].discard(key)
+        self._problems.pop(key, None)
         for direction, i, _, _ in self._rules.pop(key, ()):
             self._static_rules.pop(f"{key} {direction}[{i}]", None)
         for name in self._policy_groups.pop(key, []):
+            self._groups[name].owners.discard(key)
             self._group_refs[name] -= 1
             if self._group_refs[name] == 0:
                 del self._group_refs[name]
@@ -460,7 +476,9 @@ class Compiler:
                 if d.name not in self._groups:
                     self._register_group(d)
                 names.append(d.name)
+        self._problems.pop(policy.key, None)
         for name in names:
+            self._groups[name].owners.add(policy.key)
             self._group_refs[name] += 1
         self._policy_groups[policy.key] = names
 
