@@ -22,9 +22,11 @@ visible (e.g. the agent's mount of /var/run/netns missed it).
 
 Changes are event-driven, without polling: RTM_NEWLINK/RTM_DELLINK on an RTMGRP_LINK netlink
 socket keep the host link table current, inotify on both directories reports new and removed
-namespaces and cache records. A new veth is usually announced before its pod's IP is set, so
-after an event the scan is retried a few times with a short backoff until every new veth is
-accounted for, then the loop sleeps until the next event.
+namespaces and cache records. A new veth is usually announced before its pod's IP is set (the
+CNI plugin configures the address afterwards, inside the pod's namespace), so while a pod
+namespace is peered with one of our veths but has no address yet, an address-event socket
+opened in that namespace wakes the loop the moment the address appears. A few retries with
+a short backoff after each event cover what no event announces; then the loop sleeps.
 
 Netlink messages are built and parsed with pyroute2's rtnl codecs on plain sockets: a pyroute2
 IPRoute per pod namespace costs 4-18 ms (an asyncio loop, or a forked child for `netns=`), the
@@ -47,7 +49,16 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
-from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_GETADDR, RTM_GETLINK, RTM_GETNSID, RTM_NEWLINK, RTMGRP_LINK
+from pyroute2.netlink.rtnl import (
+    RTM_DELLINK,
+    RTM_GETADDR,
+    RTM_GETLINK,
+    RTM_GETNSID,
+    RTM_NEWLINK,
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV6_IFADDR,
+    RTMGRP_LINK,
+)
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 from pyroute2.netlink.rtnl.nsidmsg import nsidmsg
@@ -202,6 +213,16 @@ def _split(data: bytes) -> Iterable[tuple[int, int, bytes]]:
         offset += (length + 3) & ~3
 
 
+def _drain(rtnl: Rtnl) -> None:
+    while True:
+        try:
+            rtnl.sock.recv(1 << 16, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # ENOBUFS: there was something; the rescan reads the truth anyway
+            continue
+
+
 def _host_link(msg) -> HostLink:
     linkinfo = msg.get_attr("IFLA_LINKINFO")
     kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
@@ -290,6 +311,8 @@ class Discovery:
         self._cni: dict[str, tuple[tuple[int, int], CniRecord | None]] = {}  # file -> ((mtime, size), record)
         self._inotify = inotify.Inotify()
         self._watched: set[str] = set()
+        # Pod namespaces wired to one of our veths but without an IP yet: address events there.
+        self._address_watch: dict[tuple[str, int], Rtnl] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -333,6 +356,9 @@ class Discovery:
                 changed = True
 
     def scan(self) -> Snapshot:
+        """The pod -> veth map now. One thread at a time: the caller before start(), then only
+        the discovery thread."""
+        self._apply_link_events()
         snapshot = Snapshot()
         walked = self._walk_netns(snapshot)
         by_name = {link.ifname: link for link in self._links.values()}
@@ -393,6 +419,7 @@ class Discovery:
             live.add(key)
             side = self._pod_sides.get(key)
             if side is None or not self._peers_match(side, nsid):
+                self._watch_addresses(key, path)  # before reading: an address set now is not missed
                 side = self._read_pod_side(path)
                 if side is None or not self._peers_match(side, nsid):
                     snapshot.incomplete.append(f"netns {name}")
@@ -407,7 +434,19 @@ class Discovery:
                 snapshot.pods[ip] = DiscoveredPod(ip, host.ifname, side.mac, "netns")
         for key in set(self._pod_sides) - live:
             del self._pod_sides[key]
+        for key in set(self._address_watch) - (live - set(self._pod_sides)):
+            self._address_watch.pop(key).close()  # complete, or gone
         return accounted
+
+    MAX_ADDRESS_WATCHES = 256
+
+    def _watch_addresses(self, key: tuple[str, int], path: str) -> None:
+        if key in self._address_watch or len(self._address_watch) >= self.MAX_ADDRESS_WATCHES:
+            return
+        try:
+            self._address_watch[key] = netns.call_in(path, Rtnl.here, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR)
+        except OSError as exc:
+            log.debug("cannot watch addresses in %s: %s", path, exc)
 
     def _peers_match(self, side: PodSide, nsid: int) -> bool:
         """Our veth at the pod's peer ifindex names the pod's interface back, in the pod's netns."""
@@ -470,7 +509,8 @@ class Discovery:
             pass
         if self._thread is not None:
             self._thread.join(timeout=5)
-        for closer in (self._events.close, self._host.close, self._inotify.close):
+        for closer in (self._events.close, self._host.close, self._inotify.close,
+                       *(w.close for w in self._address_watch.values())):
             closer()
         for fd in (self._wake_r, self._wake_w, self._own_netns_fd):
             os.close(fd)
@@ -485,10 +525,16 @@ class Discovery:
         while not self._stop.is_set():
             now = time.monotonic()
             deadline = min([next_resync, *retries])
-            readable, _, _ = select.select([self._events, self._inotify, self._wake_r], [], [], max(0.0, deadline - now))
+            watches = list(self._address_watch.values())
+            readable, _, _ = select.select([self._events, self._inotify, self._wake_r, *watches], [], [],
+                                           max(0.0, deadline - now))
             if self._stop.is_set():
                 return
             evented = False
+            for watch in watches:
+                if watch in readable:
+                    _drain(watch)
+                    evented = True
             if self._events in readable:
                 evented |= self._apply_link_events()
             if self._inotify in readable:

@@ -137,6 +137,7 @@ class FileRuleSetSource:
                 found = self._read_if_changed()
                 if isinstance(found, RuleSetFileError):
                     if self._wait(self.SETTLE_SECONDS):
+                        self._last_stat = self._last_text = None  # still being written: read it again
                         continue
                     log.error("%s", found)
                     self.report(netfence_api.NodeRuleSetStatus(conditions=[netfence_api.Condition(

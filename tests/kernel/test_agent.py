@@ -293,8 +293,8 @@ def test_a_new_veth_gets_its_rules_within_milliseconds(node: Node, record_proper
     run_ip("link", "add", "eth0", "address", "02:42:0a:f4:00:32", "type", "veth", "peer", "name", veth,
            "netns", node.netns, netns=netns)
     run_ip("link", "set", veth, "master", "cni0", "up", netns=node.netns)
-    run_ip("addr", "add", f"{late_ip}/24", "dev", "eth0", netns=netns)
     run_ip("link", "set", "eth0", "up", netns=netns)
+    run_ip("addr", "add", f"{late_ip}/24", "dev", "eth0", netns=netns)  # the CNI plugin's order: address last
     wired = time.monotonic()
     deadline = t0 + 10
     while time.monotonic() < deadline:
