@@ -231,14 +231,16 @@ def _pod_chain(pod: PolicedPod, direction: str, counter: str, families, options:
     for rule in getattr(pod, direction):
         chain.rules += _allow_rules(rule, peer_field, allow, families)
     if options.log_drops:
-        chain.rules.append(Rule(
-            (Limit(options.log_rate_per_second, "second", burst=options.log_rate_per_second),
-             Log(options.nflog_group, log_prefix(counter))),
-            f"{pod.key} {direction}: log a sample of drops",
-        ))
+        chain.rules.append(_log_sample(options, counter, f"{pod.key} {direction}: log a sample of drops"))
     chain.rules.append(Rule((CounterRef(counter), Verdict("drop")),
                             f"{pod.key} {direction}: no policy rule allows this"))
     return chain
+
+
+def _log_sample(options: RenderOptions, counter: str, comment: str) -> Rule:
+    """NFLOG a rate-limited sample of what the next rule drops, tagged with its counter."""
+    limit = Limit(options.log_rate_per_second, "second", burst=options.log_rate_per_second)
+    return Rule((limit, Log(options.nflog_group, log_prefix(counter))), comment)
 
 
 def _allow_rules(rule: AllowRule, peer_field: str, allow: Verdict, families) -> list[Rule]:
@@ -289,11 +291,7 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
             chain.rules.append(Rule((*mac, Match(Payload("ip6", "saddr"), own6), Verdict("return")),
                                     f"{pod.key}: its own IPv6 and link-local addresses"))
         if options.log_drops:
-            chain.rules.append(Rule(
-                (Limit(options.log_rate_per_second, "second", burst=options.log_rate_per_second),
-                 Log(options.nflog_group, log_prefix(counter))),
-                f"{pod.key}: log a sample of spoofed frames",
-            ))
+            chain.rules.append(_log_sample(options, counter, f"{pod.key}: log a sample of spoofed frames"))
         chain.rules.append(Rule((CounterRef(counter), Verdict("drop")),
                                 f"{pod.key}: source address or MAC is not the pod's"))
         dispatch.elements.append((port.ifname, Verdict("jump", chain.name)))

@@ -377,13 +377,17 @@ class Compiler:
                 state.members = state.members | {key} if matched else state.members - {key}
             elif not (matched and (old is None or old.ips != new.ips or old.spec.containers != new.spec.containers)):
                 continue
-            state.published = None
-            affected |= state.nodes
-            for policy_key in state.owners:
-                self._problems.pop(policy_key, None)
+            affected |= self._group_changed(state)
         for node in affected:
             self._specs.pop(node, None)
         return affected
+
+    def _group_changed(self, state: _GroupState) -> set[str]:
+        """Drop what was derived from a group whose members (or their addresses) changed."""
+        state.published = None
+        for policy_key in state.owners:
+            self._problems.pop(policy_key, None)
+        return state.nodes
 
     def _candidate_groups(self, pod: Pod | None) -> set[str]:
         """Groups a pod of this namespace could be a member of (cheap pre-filter)."""
@@ -432,10 +436,7 @@ class Compiler:
             members = self._compute_members(state.definition)
             if members != state.members:
                 state.members = members
-                state.published = None
-                affected |= state.nodes
-                for policy_key in state.owners:
-                    self._problems.pop(policy_key, None)
+                affected |= self._group_changed(state)
         for node in affected:
             self._specs.pop(node, None)
         return affected

@@ -215,18 +215,23 @@ class NetworkPolicySpec(_Strict):
         return frozenset({"Ingress", "Egress"} if self.egress else {"Ingress"})
 
 
-class Metadata(_Loose):
+class NamespaceMetadata(_Loose):
+    """Metadata of cluster-scoped objects (Namespace, Node)."""
+
     name: str
-    namespace: str = "default"
     labels: dict[str, str] = Field(default_factory=dict)
     uid: str = ""
-    resourceVersion: str | None = None
-    deletionTimestamp: str | None = None
 
     @field_validator("labels", mode="before")
     @classmethod
     def _none_is_empty(cls, value: Any) -> Any:
         return {} if value is None else value
+
+
+class Metadata(NamespaceMetadata):
+    namespace: str = "default"
+    resourceVersion: str | None = None
+    deletionTimestamp: str | None = None
 
 
 class NetworkPolicy(_Loose):
@@ -320,17 +325,6 @@ class Pod(_Loose):
             for p in c.ports or ()
             if p.name
         ]
-
-
-class NamespaceMetadata(_Loose):
-    name: str
-    labels: dict[str, str] = Field(default_factory=dict)
-    uid: str = ""
-
-    @field_validator("labels", mode="before")
-    @classmethod
-    def _none_is_empty(cls, value: Any) -> Any:
-        return {} if value is None else value
 
 
 class Namespace(_Loose):
