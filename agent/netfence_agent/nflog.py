@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Callable, Mapping, TextIO
 
-from netfence_agent.render import CounterLabels
+from netfence_agent.render import CounterLabels, log_prefix
 
 log = logging.getLogger("netfence.nflog")
 
@@ -142,9 +142,12 @@ def five_tuple(payload: bytes, hw_protocol: int | None = None) -> FiveTuple:
     return FiveTuple(_PROTO_NAMES.get(proto, str(proto)), str(src), str(dst), sport, dport)
 
 
-def drop_record(packet: LoggedPacket, labels: Mapping[str, CounterLabels], prefix_tag: str = "netfence:") -> dict:
+PREFIX_TAG = log_prefix("")  # what render puts before the counter name
+
+
+def drop_record(packet: LoggedPacket, labels: Mapping[str, CounterLabels]) -> dict:
     """The JSON log line of one logged drop."""
-    counter = packet.prefix[len(prefix_tag):] if packet.prefix.startswith(prefix_tag) else None
+    counter = packet.prefix[len(PREFIX_TAG):] if packet.prefix.startswith(PREFIX_TAG) else None
     owner = labels.get(counter) if counter else None
     kind = owner.kind if owner else None
     record = {
