@@ -154,6 +154,10 @@ class Builder:
             "--udp", ",".join(map(str, pod.ports_of("UDP"))),
             "--ready-file", str(ready),
         ]
+        if pod.host_network:
+            # In the node netns a wildcard UDP socket replies from the route's source address
+            # (cni0 or flannel.1), which a connected client discards: answer from the pod's IP.
+            argv += ["--bind", pod.ip]
         pid, start = system.spawn(argv, log)
         self._record_process(ProcessRecord(pid, start, "server", pod.key, pod.netns, str(log)))
 
