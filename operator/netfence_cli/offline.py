@@ -98,6 +98,15 @@ class OfflineCluster:
         addresses |= {ip for p in self.objects.pods.values() if p.spec.hostNetwork and p.spec.nodeName == node for ip in p.ips}
         return frozenset(addresses)
 
+    def overlay_address(self, node: str, version: int) -> str | None:
+        """The node's flannel.1 address: the network address of its podCIDR of that family."""
+        n = self.objects.nodes.get(node)
+        for cidr in n.pod_cidrs if n is not None else ():
+            net = ipaddress.ip_network(cidr, strict=False)
+            if net.version == version:
+                return str(net.network_address)
+        return None
+
     def node_of_address(self, address: str) -> str | None:
         for name in self.rendered:
             if address in self.node_addresses(name):
@@ -186,6 +195,9 @@ def connection(cluster: OfflineCluster, src: Endpoint, dst: Endpoint, port: int,
     if dst.host_network and dst.node is not None and src_policed and src.node == dst.node:
         # Addressed to the node itself: the input hook takes it, not forward.
         return Verdict(True, [], f"traffic from a pod to its own node {dst.node} is always allowed")
+    if src.host_network and src.node is not None and dst_policed and dst.node != src.node:
+        # Another node's pod range is routed via flannel.1: the kernel sources from its address.
+        saddr = cluster.overlay_address(src.node, ipaddress.ip_address(saddr).version) or saddr
     legs: list[Leg] = []
     if src_policed:
         oif = BRIDGE if dst_policed and dst.node == src.node else (OVERLAY if dst.node else UPLINK)

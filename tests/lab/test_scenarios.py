@@ -607,11 +607,6 @@ def test_sctp_rule_opens_neither_tcp_nor_udp(lab):
              tables={"80/TCP": X_INGRESS_CLOSED, "80/UDP": X_INGRESS_CLOSED})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (offline matrix): a hostNetwork/node source reaching a pod on ANOTHER node leaves through "
-    "flannel.1, so its packets carry the node's flannel.1 address (10.244.2.0 for sc-2), not the "
-    "node's InternalIP; netfence_cli.offline traces them with saddr = 172.18.0.3 and gets "
-    "y/h->x/a and y/h->x/c backwards. The lab (real packets) matches the table."))
 def test_hostnetwork_source_on_another_node_carries_its_flannel_address(lab):
     # x/a admits 10.244.2.0/24 (sc-2's pod range, which holds sc-2's flannel.1 address 10.244.2.0);
     # x/c admits only sc-2's InternalIP 172.18.0.3/32, which never reaches another node's pods.

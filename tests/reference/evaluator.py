@@ -12,6 +12,10 @@ Decisions beyond the API text (kept in one place so they are easy to argue with)
   namespace selectors (its address is the node's); only ipBlocks can match it.
 - Traffic between a pod and its own node is always allowed: a hostNetwork pod talking to
   a pod on the same node, in either direction.
+- A hostNetwork pod reaching a pod on another node sends from its node's flannel.1 address
+  (the network address of the node's podCIDR of that family: flannel's vxlan layout routes
+  other nodes' pod ranges via flannel.1, so the kernel picks that address), not from its
+  InternalIP. Without a known podCIDR the pod's own address is used.
 - The address family of a connection is IPv4 when both ends have an IPv4 address, else
   IPv6 when both have one; with no common family there is no connection.
 - A named port matches iff the destination pod (the policed pod for ingress, the peer for
@@ -55,6 +59,7 @@ class Cluster:
     pods: list[Pod]
     namespace_labels: dict[str, dict[str, str]]
     policies: list[dict[str, Any]]
+    node_pod_cidrs: dict[str, list[str]] = field(default_factory=dict)
 
     def pod(self, key: str) -> Pod:
         for pod in self.pods:
@@ -128,7 +133,12 @@ def load_cluster(docs: Iterable[dict]) -> Cluster:
     for name, labels in namespace_labels.items():
         labels[METADATA_NAME_LABEL] = name
     policies = [d for d in objects if d.get("kind") == "NetworkPolicy"]
-    return Cluster(pods, namespace_labels, policies)
+    pod_cidrs = {
+        _meta(d)["name"]: list((d.get("spec") or {}).get("podCIDRs") or [])
+        + [c for c in [(d.get("spec") or {}).get("podCIDR")] if c]
+        for d in objects if d.get("kind") == "Node"
+    }
+    return Cluster(pods, namespace_labels, policies, pod_cidrs)
 
 
 # ------------------------------------------------------------------ matching pieces
@@ -253,8 +263,15 @@ def connection_allowed(cluster: Cluster, source: Pod, destination: Pod, port: in
     same_node = source.node is not None and source.node == destination.node
     if same_node and (source.host_network or destination.host_network):
         return True  # a pod and its own node
+    source_address = source.addresses[family]
+    if source.host_network and not same_node:
+        for cidr in cluster.node_pod_cidrs.get(source.node or "", []):
+            network = ipaddress.ip_network(cidr, strict=False)
+            if network.version == family:
+                source_address = network.network_address  # the node's flannel.1 address
+                break
     return (_direction_allows(cluster, source, destination, destination.addresses[family], "Egress", port, protocol)
-            and _direction_allows(cluster, destination, source, source.addresses[family], "Ingress", port, protocol))
+            and _direction_allows(cluster, destination, source, source_address, "Ingress", port, protocol))
 
 
 # ------------------------------------------------------------------ public API

@@ -733,10 +733,26 @@ def test_host_network_source_is_not_matched_by_pod_selectors(engine):
     """)
 
 
-def test_host_network_source_is_matched_by_ip_block_on_its_node_address(engine):
+def test_host_network_source_on_another_node_is_not_its_internal_ip(engine):
+    # x/h (node-1's network) reaches x/b on node-2 through flannel.1, so its packets carry
+    # node-1's flannel.1 address 10.244.1.0, not the InternalIP 172.18.0.2 (measured in the lab).
     docs = small_world() + [host_pod("x/h", "node-1", "172.18.0.2"),
                             policy("x/db", {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"],
                                             "ingress": [{"from": [{"ipBlock": {"cidr": "172.18.0.2/32"}}]}]})]
+    assert_reachability(engine, docs, "80/TCP", """
+    -    x/a x/b y/a y/b x/h
+    x/a  .   X   .   .   .
+    x/b  .   .   .   .   .
+    y/a  .   X   .   .   .
+    y/b  .   X   .   .   .
+    x/h  .   X   .   .   .
+    """)
+
+
+def test_host_network_source_on_another_node_is_matched_by_its_flannel_address(engine):
+    docs = small_world() + [host_pod("x/h", "node-1", "172.18.0.2"),
+                            policy("x/db", {"podSelector": {"matchLabels": {"app": "db"}}, "policyTypes": ["Ingress"],
+                                            "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.1.0/32"}}]}]})]
     assert_reachability(engine, docs, "80/TCP", """
     -    x/a x/b y/a y/b x/h
     x/a  .   X   .   .   .
