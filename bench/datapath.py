@@ -13,8 +13,8 @@ policies.
 Policies select IP-keyed synthetic pods of the node plus the two real ones; every pod, the
 client and the server included, is selected by its share of them (policies / pods), so the
 server's ingress chain and the client's egress chain grow with the policy count, and the rule
-allowing client -> server is the last one in each. Results are ratios to the baseline (bare
-shows what conntrack itself costs); both are measured first and last to show drift.
+allowing client -> server is the last one in each. Results are ratios to the conntrack
+baseline measured just before and after each configuration (bare shows what conntrack costs).
 
 Root only; creates netns nf-bench-dp-<hex>-{node,client,server} and deletes them by name.
 Needs iperf3 (Debian package iperf3).
@@ -173,41 +173,46 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--policies", default="10,1000,10000")
     p.add_argument("--seconds", type=float, default=5)
-    p.add_argument("--repeat", type=int, default=3, help="rounds over all configurations")
+    p.add_argument("--repeat", type=int, default=3, help="measurements per configuration")
     args = p.parse_args()
     if os.geteuid() != 0 or not shutil.which("iperf3"):
         print("bench/datapath.py needs root and iperf3", file=sys.stderr)
         return 2
-    configs: list[int | str] = ["bare", "conntrack"] + [int(x) for x in args.policies.split(",")]
+    policy_counts = [int(x) for x in args.policies.split(",")]
+    # Each configuration is loaded once (10,000 policies take minutes to load, see
+    # docs/benchmarks.md) and measured --repeat times; a conntrack baseline runs before the first
+    # and after every netfence configuration, and each is compared with the baselines on either
+    # side of it, so that drift from other load on the machine cancels out as far as it can.
+    sequence: list[int | str] = ["bare", "conntrack"]
+    for count in policy_counts:
+        sequence += [count, "conntrack"]
     bench = Bench(args.seconds)
-    gbps: dict = {c: [] for c in configs}
-    rates: dict = {c: [] for c in configs}
-    detail: dict = {}
+    measured: list[tuple[int | str, str, float, float, list[float], list[float]]] = []
     try:
         bench.up()
-        # Rounds over every configuration, so that drift (other load on the machine) hits all
-        # of them alike; the median of the rounds is reported.
-        for round_ in range(args.repeat):
-            for config in configs:
-                detail[config] = bench.load(config)
-                gbps[config].append(bench.throughput() / 1e9)
-                rates[config].append(bench.conn_rate())
-                print(f"  round {round_ + 1}: {config}: {gbps[config][-1]:.2f} Gbit/s, {rates[config][-1]:.0f} conn/s",
-                      file=sys.stderr)
+        for config in sequence:
+            what = bench.load(config)
+            gbps = [bench.throughput() / 1e9 for _ in range(args.repeat)]
+            rates = [bench.conn_rate() for _ in range(args.repeat)]
+            measured.append((config, what, statistics.median(gbps), statistics.median(rates), gbps, rates))
+            print(f"  {config}: {what}: Gbit/s {[round(g, 2) for g in gbps]}, conn/s {[round(r) for r in rates]}",
+                  file=sys.stderr)
     finally:
         bench.down()
-    median_gbps = {c: statistics.median(v) for c, v in gbps.items()}
-    median_rate = {c: statistics.median(v) for c, v in rates.items()}
 
     print(f"machine: {machine()}")
-    print(f"{args.repeat} rounds over all configurations, {args.seconds:.0f} s per measurement, medians; "
-          f"ratios to the conntrack baseline")
-    print(f"{'configuration':<22} {'Gbit/s':>8} {'ratio':>7} {'conn/s':>9} {'ratio':>7}  detail")
-    for config in configs:
+    print(f"{args.repeat} measurements of {args.seconds:.0f} s per configuration, medians [min-max]; "
+          f"ratios to the mean of the conntrack baselines just before and after")
+    print(f"{'configuration':<16} {'Gbit/s':>20} {'ratio':>7} {'conn/s':>20} {'ratio':>7}  detail")
+    for i, (config, what, gbps, rate, all_gbps, all_rates) in enumerate(measured):
+        near = [m for m in (measured[i - 1] if i else None, measured[i + 1] if i + 1 < len(measured) else None)
+                if m is not None and m[0] == "conntrack"] or [m for m in measured if m[0] == "conntrack"]
+        base_g = statistics.mean(m[2] for m in near)
+        base_r = statistics.mean(m[3] for m in near)
         label = f"netfence {config}" if isinstance(config, int) else config
-        g, r = median_gbps[config], median_rate[config]
-        print(f"{label:<22} {g:8.2f} {g / median_gbps['conntrack']:7.1%} {r:9.0f} "
-              f"{r / median_rate['conntrack']:7.1%}  {detail[config]}")
+        spread_g = f"{gbps:6.2f} [{min(all_gbps):.1f}-{max(all_gbps):.1f}]"
+        spread_r = f"{rate:6.0f} [{min(all_rates):.0f}-{max(all_rates):.0f}]"
+        print(f"{label:<16} {spread_g:>20} {gbps / base_g:7.1%} {spread_r:>20} {rate / base_r:7.1%}  {what}")
     print(f"failed connection attempts over the whole run: {bench.failed}")
     return 0
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import netfence_api
@@ -52,7 +52,7 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class SyncOutcome:
-    kind: str  # "noop" | "elements" | "full" | "failed" | "skipped"
+    kind: str  # a Transaction kind ("noop", "elements", "partial", "full"), "failed" or "skipped"
     seconds: float = 0.0
     error: str | None = None
 
@@ -85,10 +85,8 @@ class Agent:
         self._conditions: dict[str, netfence_api.Condition] = {}
         self._last_status: netfence_api.NodeRuleSetStatus | None = None
         self.discovery: Discovery | None = None
-        self._threads: list[threading.Thread] = []
         self._http = None
         self._nflog = None
-        self.synced = threading.Event()  # set after every sync round (tests wait on it)
 
     # ------------------------------------------------------------------ inputs
     def set_rule_set(self, rule_set: netfence_api.NodeRuleSet) -> None:
@@ -128,13 +126,17 @@ class Agent:
         return True, "ok"
 
     # ------------------------------------------------------------------ the loop
+    def check_br_netfilter(self) -> None:
+        self.br_state = br_netfilter.ensure(self.config.proc_sys)
+        if not self.br_state.ok:
+            log.error("br_netfilter: %s", self.br_state.message)
+
     def sync_once(self) -> SyncOutcome:
         with self._cond:
             rule_set, ports = self._desired, dict(self._ports)
             self._dirty = False
-        self.br_state = br_netfilter.ensure(self.config.proc_sys)
-        if not self.br_state.ok:
-            log.error("br_netfilter: %s", self.br_state.message)
+            self._retry_at = None  # a failure below schedules the next attempt again
+        self.check_br_netfilter()
         if rule_set is None:
             return SyncOutcome("skipped")  # nothing to load yet; whatever the kernel has stays
         started = time.perf_counter()
@@ -166,7 +168,6 @@ class Agent:
         self.applied, self.applied_object = result, rule_set
         self.last_error = None
         self._failures_in_row = 0
-        self._retry_at = None
         self.metrics.set_labels(result.counters)
         if transaction.kind != "noop":
             if transaction.kind == "full":
@@ -266,9 +267,7 @@ class Agent:
             self._nflog.start()
         if self.config.metrics_bind_address:
             self._http = serve(self.metrics, self.config.metrics_bind_address, self.health, self.readiness)
-        thread = threading.Thread(target=self._consume_source, name="source", daemon=True)
-        thread.start()
-        self._threads.append(thread)
+        threading.Thread(target=self._consume_source, name="source", daemon=True).start()
 
     def _consume_source(self) -> None:
         delay = 1.0
@@ -290,23 +289,25 @@ class Agent:
         next_check = time.monotonic() + self.BR_NETFILTER_RECHECK
         while True:
             with self._cond:
-                def wake() -> bool:
-                    now = time.monotonic()
-                    return self._stopping or self._dirty or (self._retry_at is not None and now >= self._retry_at)
-                deadlines = [next_check] + ([self._retry_at] if self._retry_at is not None else [])
-                self._cond.wait_for(wake, timeout=max(0.0, min(deadlines) - time.monotonic()))
+                def due() -> bool:
+                    return self._dirty or (self._retry_at is not None and time.monotonic() >= self._retry_at)
+                deadline = min(next_check, self._retry_at or next_check)
+                self._cond.wait_for(lambda: self._stopping or due(), timeout=max(0.0, deadline - time.monotonic()))
                 if self._stopping:
                     return
-            now = time.monotonic()
-            if now >= next_check:
-                next_check = now + self.BR_NETFILTER_RECHECK
+                work = due()
+            if not work:  # only the timer: is same-node traffic still reaching the rules?
+                next_check = time.monotonic() + self.BR_NETFILTER_RECHECK
+                was = self.br_state.ok
+                self.check_br_netfilter()
+                if self.br_state.ok == was:
+                    continue  # nothing new; otherwise sync to report it
             try:
                 self.sync_once()
             except Exception:  # a bug must not end enforcement: the old rules stay; try again
                 log.exception("sync failed")
                 with self._cond:
                     self._retry_at = time.monotonic() + self.RETRY_BACKOFF[-1]
-            self.synced.set()
 
     def run(self) -> None:
         self.start()
