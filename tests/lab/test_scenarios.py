@@ -16,7 +16,8 @@ the scenarios do not depend on each other's order.
 
 Facts the tables rely on (DESIGN §3): a pod reaches itself; a node reaches its own pods and its
 pods reach it, so y/h (on sc-2) <-> x/b, y/b is always open; y/h is never policed and, as
-most implementations do, not matched by pod/namespace selectors.
+most implementations do, not matched by pod/namespace selectors. Traffic from node sc-2 (so from
+y/h) to a pod on sc-1 leaves through flannel.1 and carries its address 10.244.2.0, not 172.18.0.3.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from lab.scenarios.kit import SCENARIO_CLUSTER, cell_differences, format_matrix,
 from netfence_cli.offline import matrix as offline_matrix
 from netfence_lab.cli import parse_port
 from netfence_lab.lab import Lab, load_manifests
+from netfence_lab.model import ManifestError
 
 pytestmark = pytest.mark.lab
 
@@ -623,3 +625,15 @@ def test_hostnetwork_source_on_another_node_carries_its_flannel_address(lab):
              netpol("x", "a-from-sc-2-range", podSelector=pods(pod="a"), ingress=[{"from": [{"ipBlock": {"cidr": "10.244.2.0/24"}}]}]),
              netpol("x", "c-from-sc-2-address", podSelector=pods(pod="c"), ingress=[{"from": [{"ipBlock": {"cidr": "172.18.0.3/32"}}]}]),
              tables={"80/TCP": table})
+
+
+def test_invalid_policy_is_rejected_and_the_enforced_set_stays(lab):
+    # endPort below port: the whole apply is refused, naming the object and field; the policy
+    # already enforced stays enforced (nothing widened, nothing dropped).
+    deny = netpol("x", "deny-ingress", **DENY_INGRESS)
+    scenario(lab, deny, tables={"80/TCP": X_INGRESS_CLOSED}, step="before")
+    bad = netpol("y", "bad-range", podSelector={}, ingress=[{"ports": [{"port": 90, "endPort": 80}]}])
+    with pytest.raises(ManifestError, match=r"y/bad-range") as refused:
+        lab.apply(world(bad))
+    assert "endPort" in str(refused.value)
+    assert_tables(lab, {"80/TCP": X_INGRESS_CLOSED}, step="after the refused apply")
