@@ -160,7 +160,7 @@ def test_100_rule_set_changes_under_continuous_traffic_never_break_a_connection(
         # (partial syncs). A transaction that was not atomic would open windows in c's chain
         # (denied traffic passes) or b's (allowed traffic dropped).
         j = i // 2
-        extra = (f"10.9.{i % 7}.0/24",) if i % 2 else ()
+        extra = (f"10.9.{i % 7}.1/32",) if i % 2 else ()  # single addresses: the set kind stays
         c_ports = [[TCP80], [TCP80, PortRange(protocol="TCP", port=81)], [UDP80, TCP80]][j % 3]
         b_rules = [allow("from-a", TCP80, UDP80)] + ([allow("other", TCP80, origin=f"x/p{j}")] if j % 3 == 0 else [])
         pods = [policed(b, ingress=b_rules), policed(c, ingress=[allow("other", *c_ports, origin=f"x/c{j}")]),
