@@ -91,6 +91,10 @@ def _field(expr, pkt: Packet):
             return ipaddress.ip_address(pkt.src if expr.field == "saddr" else pkt.dst)
         if expr.protocol == "th":
             return pkt.dport if expr.field == "dport" else pkt.sport
+        if expr.protocol in ("tcp", "udp", "sctp"):  # `tcp dport`: only packets of that protocol
+            if _L4[pkt.protocol] != expr.protocol:
+                return None
+            return pkt.dport if expr.field == "dport" else pkt.sport
         if expr.protocol == "ether" and expr.field == "saddr":
             return pkt.src_mac
         return None  # arp, icmpv6: the traced packet is TCP/UDP/SCTP over IP
