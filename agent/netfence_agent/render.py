@@ -297,10 +297,11 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
         # One literal per rule, no anonymous sets: thousands of those load quadratically slowly.
         own = [(_address(ip), f"{pod.key}: its own address") for ip in pod.ips]
         own4 = [a for a, _ in own if a.version == 4]
-        own6 = [a for a, _ in own if a.version == 6]
-        if own6:
-            own += [(ipaddress.ip_network("fe80::/10"), f"{pod.key}: IPv6 link-local"),
-                    (ipaddress.IPv6Address("::"), f"{pod.key}: IPv6 duplicate address detection")]
+        # Link-local IPv6 (router solicitation, MLD, DAD) leaves every pod with IPv6 up, even an
+        # IPv4-only one; it is never routed, so allowing it (from the pod's MAC) opens nothing
+        # and keeps the spoofing counter for real spoofing.
+        own += [(ipaddress.ip_network("fe80::/10"), f"{pod.key}: IPv6 link-local"),
+                (ipaddress.IPv6Address("::"), f"{pod.key}: IPv6 duplicate address detection")]
         for address, why in own:
             family = "ip" if address.version == 4 else "ip6"
             chain.rules.append(Rule((*mac, Match(Payload(family, "saddr"), address), Verdict("return")), why))
