@@ -37,6 +37,7 @@ sys.path[:0] = [str(ROOT / d) for d in ("operator", "agent", "tests")]
 import netfence_api  # noqa: E402
 from bench_machine import machine  # noqa: E402
 from kernel.synthetic import pod_ip, synthetic_spec, with_member  # noqa: E402
+from netfence_api.runtime import tune_gc  # noqa: E402
 from netfence_agent.netns import executor_in  # noqa: E402
 from netfence_agent.nft.kernel import Kernel  # noqa: E402
 from netfence_agent.nft.transaction import plan  # noqa: E402
@@ -70,6 +71,7 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--host-sets", action="store_true")
     args = p.parse_args()
+    tune_gc()  # as the agent process does (netfence_cli.main)
     if os.geteuid() != 0:
         print("bench/apply.py needs root (it creates a network namespace)", file=sys.stderr)
         return 2

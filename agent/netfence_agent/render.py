@@ -60,6 +60,9 @@ INGRESS_DISPATCH = "ingress_dispatch"
 SPOOF_CHAIN = "prerouting_hook"
 _PROTO = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 _FAMILY = {4: ("ip", "ipv4_addr", "v4"), 6: ("ip6", "ipv6_addr", "v6")}
+_LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
+_UNSPECIFIED6 = ipaddress.IPv6Address("::")
+_UNSPECIFIED4 = ipaddress.IPv4Address("0.0.0.0")
 _ND_TYPES = ("nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert")
 
 
@@ -300,13 +303,13 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
         # Link-local IPv6 (router solicitation, MLD, DAD) leaves every pod with IPv6 up, even an
         # IPv4-only one; it is never routed, so allowing it (from the pod's MAC) opens nothing
         # and keeps the spoofing counter for real spoofing.
-        own += [(ipaddress.ip_network("fe80::/10"), f"{pod.key}: IPv6 link-local"),
-                (ipaddress.IPv6Address("::"), f"{pod.key}: IPv6 duplicate address detection")]
+        own += [(_LINK_LOCAL6, f"{pod.key}: IPv6 link-local"),
+                (_UNSPECIFIED6, f"{pod.key}: IPv6 duplicate address detection")]
         for address, why in own:
             family = "ip" if address.version == 4 else "ip6"
             chain.rules.append(Rule((*mac, Match(Payload(family, "saddr"), address), Verdict("return")), why))
         # ARP from the pod's address, or from 0.0.0.0 for duplicate address detection.
-        for address in own4 + ([ipaddress.IPv4Address("0.0.0.0")] if own4 else []):
+        for address in own4 + ([_UNSPECIFIED4] if own4 else []):
             chain.rules.append(Rule((*mac, Match(Payload("arp", "saddr ip"), address), Verdict("return")),
                                     f"{pod.key}: ARP for its own address"))
         if options.log_drops:
