@@ -41,7 +41,7 @@ from netfence_api.runtime import tune_gc  # noqa: E402
 from netfence_agent.netns import executor_in  # noqa: E402
 from netfence_agent.nft.kernel import Kernel  # noqa: E402
 from netfence_agent.nft.transaction import plan  # noqa: E402
-from netfence_agent.render import PodPort, RenderResult, render  # noqa: E402
+from netfence_agent.render import PodPort, RenderResult, render, only_group_members_changed, render_group_members  # noqa: E402
 
 ms = 1000.0
 
@@ -110,8 +110,10 @@ def main() -> int:
 
         joins, applied, current = [], base, spec
         for i in range(args.repeat):
-            current = with_member(current, i % len(current.peerGroups), pod_ip(40000 + i))
-            run, applied = timed(lambda: render(current, ports), applied)
+            previous, current = current, with_member(current, i % len(current.peerGroups), pod_ip(40000 + i))
+            # What the agent does (daemon.sync_once): only the changed group's sets are rendered.
+            assert only_group_members_changed(previous, current)
+            run, applied = timed(lambda: render_group_members(applied, previous, current), applied)
             joins.append(run)
         rows.append(("elements: one pod joins a peer group", joins))
 

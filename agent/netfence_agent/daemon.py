@@ -26,7 +26,14 @@ from netfence_agent.discovery import DEFAULT_CNI_DIR, DEFAULT_NETNS_DIR, Discove
 from netfence_agent.metrics import AgentMetrics, serve
 from netfence_agent.nft.kernel import OWNED_TABLES, Kernel, NftError
 from netfence_agent.nft.transaction import Transaction, plan
-from netfence_agent.render import PodPort, RenderOptions, RenderResult, render
+from netfence_agent.render import (
+    PodPort,
+    RenderOptions,
+    RenderResult,
+    only_group_members_changed,
+    render,
+    render_group_members,
+)
 from netfence_agent.source import RuleSetSource
 
 log = logging.getLogger("netfence.agent")
@@ -80,6 +87,7 @@ class Agent:
         # What the kernel holds as far as this process knows (None: not loaded by us yet).
         self.applied: RenderResult | None = None
         self.applied_object: netfence_api.NodeRuleSet | None = None
+        self._applied_ports: dict[str, PodPort] = {}
         self.last_error: str | None = None
         self.br_state = br_netfilter.BrNetfilterState(False, "not checked yet")
         self._conditions: dict[str, netfence_api.Condition] = {}
@@ -144,7 +152,11 @@ class Agent:
             return self._failed(rule_set, started, f"rule set is for node {rule_set.spec.nodeName!r}, "
                                                    f"this agent is node {self.config.node!r}", "WrongNode", retry=False)
         try:
-            result = render(rule_set.spec, ports, self.config.render_options)
+            if (self.applied is not None and self.applied_object is not None and ports == self._applied_ports
+                    and only_group_members_changed(self.applied_object.spec, rule_set.spec)):
+                result = render_group_members(self.applied, self.applied_object.spec, rule_set.spec)
+            else:
+                result = render(rule_set.spec, ports, self.config.render_options)
         except ValueError as exc:  # e.g. an address that is none: nothing sensible to load
             return self._failed(rule_set, started, f"cannot render: {exc}", "InvalidRuleSet", retry=False)
         if self.applied is not None and not set(OWNED_TABLES) <= self.kernel.tables():
@@ -165,7 +177,7 @@ class Agent:
             except NftError as second:
                 return self._failed(rule_set, started, str(second))
         seconds = time.perf_counter() - started
-        self.applied, self.applied_object = result, rule_set
+        self.applied, self.applied_object, self._applied_ports = result, rule_set, ports
         self.last_error = None
         self._failures_in_row = 0
         self.metrics.set_labels(result.counters)
