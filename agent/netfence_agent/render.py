@@ -60,6 +60,16 @@ INGRESS_DISPATCH = "ingress_dispatch"
 SPOOF_CHAIN = "prerouting_hook"
 _PROTO = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 _FAMILY = {4: ("ip", "ipv4_addr", "v4"), 6: ("ip6", "ipv6_addr", "v6")}
+# Expressions and verdicts are immutable; sharing them saves most of render's allocations.
+_ACCEPT, _DROP, _RETURN = Verdict("accept"), Verdict("drop"), Verdict("return")
+_GOTO_INGRESS = Verdict("goto", INGRESS_DISPATCH)
+_ETHER_SADDR = Payload("ether", "saddr")
+_ARP_SADDR_IP = Payload("arp", "saddr ip")
+_ADDR = {(proto, f): Payload(proto, f) for proto in ("ip", "ip6") for f in ("saddr", "daddr")}
+_DPORT = {proto: Payload(proto, "dport") for proto in ("tcp", "udp", "sctp")}
+_PROTO_PORT = Concat((Meta("l4proto"), Payload("th", "dport")))
+_ADDR_PROTO_PORT = {proto: Concat((_ADDR[(proto, "daddr")], Meta("l4proto"), Payload("th", "dport")))
+                    for proto in ("ip", "ip6")}
 _LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
 _UNSPECIFIED6 = ipaddress.IPv6Address("::")
 _UNSPECIFIED4 = ipaddress.IPv4Address("0.0.0.0")
@@ -273,18 +283,18 @@ def _port_match(ports: list[PortRange], inet: Table) -> Match:
     )
     if len(elements) == 1:
         protocol, port = elements[0]
-        return Match(Payload(protocol, "dport"), port)
+        return Match(_DPORT[protocol], port)
     name = "ports_" + hashlib.sha256(repr(elements).encode()).hexdigest()[:12]
     if name not in inet.sets:
         inet.add(Set(name, ("inet_proto", "inet_service"), list(elements), flags=("interval",),
                      comment="ports " + ", ".join(f"{p.port}{'-' + str(p.endPort) if p.endPort else ''}/{p.protocol}"
                                                   for p in ports)))
-    return Match(Concat((Meta("l4proto"), Payload("th", "dport"))), SetRef(name))
+    return Match(_PROTO_PORT, SetRef(name))
 
 
 def _pod_chain(pod: PolicedPod, direction: str, counter: str, families, options: RenderOptions, inet: Table) -> Chain:
     peer_field = "saddr" if direction == "ingress" else "daddr"
-    allow = Verdict("accept") if direction == "ingress" else Verdict("goto", INGRESS_DISPATCH)
+    allow = _ACCEPT if direction == "ingress" else _GOTO_INGRESS
     policies = pod.ingressPolicies if direction == "ingress" else pod.egressPolicies
     chain = Chain(f"pod_{pod_id(pod.namespace, pod.name)}_{direction}",
                   comment=f"{pod.key} {direction}, isolated by {', '.join(policies)}")
@@ -292,7 +302,7 @@ def _pod_chain(pod: PolicedPod, direction: str, counter: str, families, options:
         chain.rules += _allow_rules(rule, peer_field, allow, families, inet)
     if options.log_drops:
         chain.rules.append(_log_sample(options, counter, f"{pod.key} {direction}: log a sample of drops"))
-    chain.rules.append(Rule((CounterRef(counter), Verdict("drop")),
+    chain.rules.append(Rule((CounterRef(counter), _DROP),
                             f"{pod.key} {direction}: no policy rule allows this"))
     return chain
 
@@ -307,15 +317,14 @@ def _allow_rules(rule: AllowRule, peer_field: str, allow: Verdict, families, ine
     comment = "; ".join(rule.origin)
     if rule.peerPorts is not None:
         return [
-            Rule((Match(Concat((Payload(_FAMILY[f][0], "daddr"), Meta("l4proto"), Payload("th", "dport"))),
-                        SetRef(set_name(rule.peerPorts, f))), allow), comment)
+            Rule((Match(_ADDR_PROTO_PORT[_FAMILY[f][0]], SetRef(set_name(rule.peerPorts, f))), allow), comment)
             for f in families
         ]
     ports = [] if rule.ports is None else [_port_match(rule.ports, inet)]
     if rule.peers is None:
         return [Rule((*ports, allow), comment)]
     return [
-        Rule((Match(Payload(_FAMILY[f][0], peer_field), SetRef(set_name(rule.peers, f))), *ports, allow), comment)
+        Rule((Match(_ADDR[(_FAMILY[f][0], peer_field)], SetRef(set_name(rule.peers, f))), *ports, allow), comment)
         for f in families
     ]
 
@@ -336,7 +345,7 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
         bridge.add(Counter(counter, comment=f"{pod.key} spoofed frames"))
         chain = bridge.add(Chain(f"pod_{pod_id(pod.namespace, pod.name)}_spoof",
                                  comment=f"{pod.key} on {port.ifname}"))
-        mac = (Match(Payload("ether", "saddr"), port.mac),) if port.mac else ()
+        mac = (Match(_ETHER_SADDR, port.mac),) if port.mac else ()
         # One literal per rule, no anonymous sets: thousands of those load quadratically slowly.
         own = [(_address(ip), f"{pod.key}: its own address") for ip in pod.ips]
         own4 = [a for a, _ in own if a.version == 4]
@@ -347,13 +356,13 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
                 (_UNSPECIFIED6, f"{pod.key}: IPv6 duplicate address detection")]
         for address, why in own:
             family = "ip" if address.version == 4 else "ip6"
-            chain.rules.append(Rule((*mac, Match(Payload(family, "saddr"), address), Verdict("return")), why))
+            chain.rules.append(Rule((*mac, Match(_ADDR[(family, "saddr")], address), _RETURN), why))
         # ARP from the pod's address, or from 0.0.0.0 for duplicate address detection.
         for address in own4 + ([_UNSPECIFIED4] if own4 else []):
-            chain.rules.append(Rule((*mac, Match(Payload("arp", "saddr ip"), address), Verdict("return")),
+            chain.rules.append(Rule((*mac, Match(_ARP_SADDR_IP, address), _RETURN),
                                     f"{pod.key}: ARP for its own address"))
         if options.log_drops:
             chain.rules.append(_log_sample(options, counter, f"{pod.key}: log a sample of spoofed frames"))
-        chain.rules.append(Rule((CounterRef(counter), Verdict("drop")),
+        chain.rules.append(Rule((CounterRef(counter), _DROP),
                                 f"{pod.key}: source address or MAC is not the pod's"))
         dispatch.elements.append((port.ifname, Verdict("jump", chain.name)))

