@@ -44,6 +44,7 @@ from netfence_operator.compile.objects import (
 )
 
 DIRECTIONS = ("ingress", "egress")
+_ISOLATION = {(i, e): Isolation(ingress=i, egress=e) for i in (False, True) for e in (False, True)}
 _POLICY_TYPE = {"ingress": "Ingress", "egress": "Egress"}
 
 
@@ -243,11 +244,15 @@ class Compiler:
         self._groups_open: set[str] = set()  # groups that may match pods of any namespace
         self._rules: dict[str, list] = {}  # policy key -> its compiled rules
         self._static_rules: dict[str, list[AllowRule]] = {}  # "ns/policy direction[i]" -> rules shared by all pods
+        self._static_ids: set[int] = set()
+        self._merge_cache: dict[tuple[int, ...], tuple[list[AllowRule], list[AllowRule]]] = {}
+        self._isolates: dict[str, tuple[str, ...]] = {}  # policy key -> directions it isolates
         self._group_refs: dict[str, int] = defaultdict(int)
         self._policy_groups: dict[str, list[str]] = {}
         self._policed: dict[str, PolicedPod | None] = {}  # cache of each pod's rules
         self._specs: dict[str, NodeRuleSetSpec] = {}  # cache of node specs
-        self._node_pods: dict[str, list[PolicedPod]] = {}  # cache of each node's pods, kept when only groups change
+        # cache of each node's pods and the groups they name, kept when only group members change
+        self._node_pods: dict[str, tuple[list[PolicedPod], list[str], list[str]]] = {}
         self._problems: dict[str, list[str]] = {}  # cache of problems() per policy
         if objects is not None:
             for ns in objects.namespaces.values():
@@ -457,8 +462,11 @@ class Compiler:
             return set()
         self._policies_by_ns[policy.metadata.namespace].discard(key)
         self._problems.pop(key, None)
+        self._isolates.pop(key, None)
+        self._merge_cache.clear()  # entries may hold this policy's rules
         for direction, i, _, _ in self._rules.pop(key, ()):
-            self._static_rules.pop(f"{key} {direction}[{i}]", None)
+            for rule in self._static_rules.pop(f"{key} {direction}[{i}]", ()):
+                self._static_ids.discard(id(rule))
         for name in self._policy_groups.pop(key, []):
             self._groups[name].owners.discard(key)
             self._group_refs[name] -= 1
@@ -471,6 +479,8 @@ class Compiler:
         self.policies[policy.key] = policy
         self._policies_by_ns[policy.metadata.namespace].add(policy.key)
         self._rules[policy.key] = list(self._policy_rules(policy))
+        types = policy.spec.effective_policy_types()
+        self._isolates[policy.key] = tuple(d for d in DIRECTIONS if _POLICY_TYPE[d] in types)
         names = []
         for _, _, _, definitions in self._rules[policy.key]:
             for d in definitions:
@@ -599,25 +609,36 @@ class Compiler:
             policy = self.policies[key]
             if not policy.spec.podSelector.matches(pod.metadata.labels):
                 continue
-            types = policy.spec.effective_policy_types()
-            for direction in DIRECTIONS:
-                if _POLICY_TYPE[direction] in types:
-                    isolation[direction] = True
-                    isolating[direction].append(key)
+            for direction in self._isolates[key]:
+                isolation[direction] = True
+                isolating[direction].append(key)
             for direction, i, rule, definitions in self._rules[key]:
-                origin = f"{key} {direction}[{i}]"
-                rules[direction] += self._allow_rules(pod, direction, origin, rule, definitions)
+                rules[direction] += self._allow_rules(pod, direction, f"{key} {direction}[{i}]", rule, definitions)
         return PolicedPod.model_construct(
             namespace=ns,
             name=pod.metadata.name,
             uid=pod.metadata.uid,
             ips=pod.ips,
-            isolation=Isolation.model_construct(**isolation),
+            isolation=_ISOLATION[(isolation["ingress"], isolation["egress"])],
             ingressPolicies=isolating["ingress"],
             egressPolicies=isolating["egress"],
-            ingress=_merge(rules["ingress"]),
-            egress=_merge(rules["egress"]),
+            ingress=self._merged(rules["ingress"]),
+            egress=self._merged(rules["egress"]),
         )
+
+    def _merged(self, rules: list[AllowRule]) -> list[AllowRule]:
+        """_merge, remembered for lists of shared rules: pods selected alike get one result."""
+        if len(rules) <= 1:
+            return rules
+        key = tuple(map(id, rules))
+        hit = self._merge_cache.get(key)
+        if hit is not None:
+            return hit[1]
+        merged = _merge(rules)
+        if all(id(r) in self._static_ids for r in rules):
+            # Holding `rules` keeps their ids from being reused while the entry lives.
+            self._merge_cache[key] = (rules, merged)
+        return merged
 
     def _allow_rules(self, pod: Pod, direction: str, origin: str, rule, definitions: list[GroupDef]) -> list[AllowRule]:
         # Most rules compile the same for every pod they select: share those AllowRules.
@@ -627,6 +648,7 @@ class Compiler:
         cached = self._static_rules.get(origin)
         if cached is None:
             cached = self._static_rules[origin] = self._build_allow_rules(pod, direction, origin, rule, definitions)
+            self._static_ids.update(map(id, cached))
         return cached
 
     def _build_allow_rules(self, pod: Pod, direction: str, origin: str, rule, definitions: list[GroupDef]) -> list[AllowRule]:
@@ -655,33 +677,28 @@ class Compiler:
 
     # ------------------------------------------------------------------ node specs
     def _build_spec(self, node: str) -> NodeRuleSetSpec:
-        pods = self._node_pods.get(node)
-        if pods is None:
+        cached = self._node_pods.get(node)
+        if cached is None:
             pods = []
             for key in sorted(self._pods_by_node.get(node, ())):
                 policed = self._policed_pod(key)
                 if policed is not None:
                     pods.append(policed)
-            self._node_pods[node] = pods
-        for state in self._groups.values():
-            state.nodes.discard(node)
-        groups: dict[str, PeerGroup] = {}
-        port_groups: dict[str, PeerPortGroup] = {}
-        for pod in pods:
-            for rule in pod.ingress + pod.egress:
-                if rule.peers is not None and rule.peers not in groups:
-                    state = self._groups[rule.peers]
-                    state.nodes.add(node)
-                    groups[rule.peers] = self._peer_group(state.definition)
-                if rule.peerPorts is not None and rule.peerPorts not in port_groups:
-                    state = self._groups[rule.peerPorts]
-                    state.nodes.add(node)
-                    port_groups[rule.peerPorts] = self._peer_port_group(state.definition)
+            rules = [rule for pod in pods for rule in pod.ingress + pod.egress]
+            group_names = sorted({r.peers for r in rules if r.peers is not None})
+            port_group_names = sorted({r.peerPorts for r in rules if r.peerPorts is not None})
+            # Which groups a node names changes only with its pods: kept for group-only changes.
+            cached = self._node_pods[node] = (pods, group_names, port_group_names)
+            for state in self._groups.values():
+                state.nodes.discard(node)
+            for name in group_names + port_group_names:
+                self._groups[name].nodes.add(node)
+        pods, group_names, port_group_names = cached
         return NodeRuleSetSpec.model_construct(
             nodeName=node,
             pods=pods,
-            peerGroups=[groups[k] for k in sorted(groups)],
-            peerPortGroups=[port_groups[k] for k in sorted(port_groups)],
+            peerGroups=[self._peer_group(self._groups[n].definition) for n in group_names],
+            peerPortGroups=[self._peer_port_group(self._groups[n].definition) for n in port_group_names],
         )
 
     # ------------------------------------------------------------------ problems

@@ -262,8 +262,20 @@ class PodSpec(_Loose):
     containers: list[Container] = Field(default_factory=list)
 
 
+def _normal_ip(text: str | None) -> str | None:
+    """The address in its canonical spelling (IPv6 compressed), or a clear error."""
+    if text is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address") from None
+
+
 class PodIP(_Loose):
     ip: str
+
+    _normal = field_validator("ip")(classmethod(lambda cls, v: _normal_ip(v)))
 
 
 class PodStatus(_Loose):
@@ -271,15 +283,7 @@ class PodStatus(_Loose):
     podIPs: list[PodIP] | None = None
     phase: str | None = None
 
-    @model_validator(mode="after")
-    def _valid_ips(self) -> "PodStatus":
-        for text in [self.podIP] + [p.ip for p in self.podIPs or ()]:
-            if text is not None:
-                try:
-                    ipaddress.ip_address(text)
-                except ValueError:
-                    raise ValueError(f"{text!r} is not an IP address") from None
-        return self
+    _normal = field_validator("podIP")(classmethod(lambda cls, v: _normal_ip(v)))
 
 
 class Pod(_Loose):
@@ -297,10 +301,8 @@ class Pod(_Loose):
         """All pod IPs, primary first, normalised, without duplicates."""
         seen: list[str] = []
         for text in [self.status.podIP] + [p.ip for p in self.status.podIPs or ()]:
-            if text:
-                norm = str(ipaddress.ip_address(text))
-                if norm not in seen:
-                    seen.append(norm)
+            if text and text not in seen:  # already canonical (validated)
+                seen.append(text)
         return seen
 
     @property
