@@ -64,6 +64,7 @@ _FAMILY = {4: ("ip", "ipv4_addr", "v4"), 6: ("ip6", "ipv6_addr", "v6")}
 _ACCEPT, _DROP, _RETURN = Verdict("accept"), Verdict("drop"), Verdict("return")
 _GOTO_INGRESS = Verdict("goto", INGRESS_DISPATCH)
 _ETHER_SADDR = Payload("ether", "saddr")
+_IIFNAME = Meta("iifname")
 _ARP_SADDR_IP = Payload("arp", "saddr ip")
 _ADDR = {(proto, f): Payload(proto, f) for proto in ("ip", "ip6") for f in ("saddr", "daddr")}
 _DPORT = {proto: Payload(proto, "dport") for proto in ("tcp", "udp", "sctp")}
@@ -71,7 +72,7 @@ _PROTO_PORT = Concat((Meta("l4proto"), Payload("th", "dport")))
 _ADDR_PROTO_PORT = {proto: Concat((_ADDR[(proto, "daddr")], Meta("l4proto"), Payload("th", "dport")))
                     for proto in ("ip", "ip6")}
 _LINK_LOCAL6 = ipaddress.ip_network("fe80::/10")
-_UNSPECIFIED6 = ipaddress.IPv6Address("::")
+_UNSPECIFIED6_NET = ipaddress.ip_network("::/128")
 _UNSPECIFIED4 = ipaddress.IPv4Address("0.0.0.0")
 _ND_TYPES = ("nd-router-solicit", "nd-router-advert", "nd-neighbor-solicit", "nd-neighbor-advert")
 
@@ -336,6 +337,28 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
     hook = bridge.add(Chain(SPOOF_CHAIN, hook="prerouting", priority=-200, policy="accept",
                             comment="frames leaving a pod must carry its own addresses"))
     hook.rules.append(Rule((VMap(Meta("iifname"), dispatch.name),), "frames entering the bridge from a pod veth"))
+    # Every pod chain starts with the same three rules, looking up the frame's (port, MAC, source)
+    # in node-wide sets; only the counter differs per pod. A veth's addresses are set elements,
+    # and the rules are shared objects, so render and the kernel carry little per pod.
+    own = {
+        "v4": bridge.add(Set("pod_addresses_v4", ("ifname", "ether_addr", "ipv4_addr"),
+                             comment="each local pod's veth, MAC and IPv4 addresses")),
+        "v6": bridge.add(Set("pod_addresses_v6", ("ifname", "ether_addr", "ipv6_addr"), flags=("interval",),
+                             comment="each local pod's veth, MAC, IPv6 addresses, link-local and ::")),
+        "arp": bridge.add(Set("pod_arp_senders", ("ifname", "ether_addr", "ipv4_addr"),
+                              comment="each local pod's veth, MAC and ARP sender addresses (its own, 0.0.0.0)")),
+    }
+    shared = (
+        Rule((Match(Concat((_IIFNAME, _ETHER_SADDR, _ADDR[("ip", "saddr")])), SetRef(own["v4"].name)), _RETURN),
+             "its own MAC and IPv4 address"),
+        # Link-local IPv6 (router solicitation, MLD, DAD) leaves every pod with IPv6 up, even an
+        # IPv4-only one; it is never routed, so allowing it from the pod's MAC opens nothing and
+        # keeps the spoofing counter for real spoofing.
+        Rule((Match(Concat((_IIFNAME, _ETHER_SADDR, _ADDR[("ip6", "saddr")])), SetRef(own["v6"].name)), _RETURN),
+             "its own MAC and IPv6 address, link-local or unspecified"),
+        Rule((Match(Concat((_IIFNAME, _ETHER_SADDR, _ARP_SADDR_IP)), SetRef(own["arp"].name)), _RETURN),
+             "ARP from its own MAC and address, or 0.0.0.0 for duplicate address detection"),
+    )
     for pod in spec.pods:
         port = next((ports[ip] for ip in pod.ips if ip in ports), None)
         if port is None:
@@ -345,22 +368,21 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
         bridge.add(Counter(counter, comment=f"{pod.key} spoofed frames"))
         chain = bridge.add(Chain(f"pod_{pod_id(pod.namespace, pod.name)}_spoof",
                                  comment=f"{pod.key} on {port.ifname}"))
-        mac = (Match(_ETHER_SADDR, port.mac),) if port.mac else ()
-        # One literal per rule, no anonymous sets: thousands of those load quadratically slowly.
-        own = [(_address(ip), f"{pod.key}: its own address") for ip in pod.ips]
-        own4 = [a for a, _ in own if a.version == 4]
-        # Link-local IPv6 (router solicitation, MLD, DAD) leaves every pod with IPv6 up, even an
-        # IPv4-only one; it is never routed, so allowing it (from the pod's MAC) opens nothing
-        # and keeps the spoofing counter for real spoofing.
-        own += [(_LINK_LOCAL6, f"{pod.key}: IPv6 link-local"),
-                (_UNSPECIFIED6, f"{pod.key}: IPv6 duplicate address detection")]
-        for address, why in own:
-            family = "ip" if address.version == 4 else "ip6"
-            chain.rules.append(Rule((*mac, Match(_ADDR[(family, "saddr")], address), _RETURN), why))
-        # ARP from the pod's address, or from 0.0.0.0 for duplicate address detection.
-        for address in own4 + ([_UNSPECIFIED4] if own4 else []):
-            chain.rules.append(Rule((*mac, Match(_ARP_SADDR_IP, address), _RETURN),
-                                    f"{pod.key}: ARP for its own address"))
+        addresses = [_address(ip) for ip in pod.ips]
+        if port.mac:
+            mac, name = port.mac.lower(), port.ifname
+            own["v4"].elements += [(name, mac, a) for a in addresses if a.version == 4]
+            own["v6"].elements += [(name, mac, _network(f"{a}/128")) for a in addresses if a.version == 6]
+            own["v6"].elements += [(name, mac, _LINK_LOCAL6), (name, mac, _UNSPECIFIED6_NET)]
+            if any(a.version == 4 for a in addresses):
+                own["arp"].elements += [(name, mac, a) for a in addresses if a.version == 4]
+                own["arp"].elements.append((name, mac, _UNSPECIFIED4))
+            chain.rules += shared
+        else:
+            # MAC unknown (seen only in the CNI cache): check the source address alone.
+            for a in addresses:
+                chain.rules.append(Rule((Match(_ADDR[("ip" if a.version == 4 else "ip6", "saddr")], a), _RETURN),
+                                        f"{pod.key}: its own address (MAC unknown)"))
         if options.log_drops:
             chain.rules.append(_log_sample(options, counter, f"{pod.key}: log a sample of spoofed frames"))
         chain.rules.append(Rule((CounterRef(counter), _DROP),

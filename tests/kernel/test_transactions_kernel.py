@@ -28,13 +28,26 @@ PODS = [("x", "a", ("10.244.0.2",)), ("x", "b", ("10.244.0.3",)), ("y", "c", ("1
 CIDRS = ["10.244.0.2/32", "10.244.0.3/32", "10.244.0.4/32", "10.244.1.0/24", "10.1.0.0/16", "192.168.0.0/24", "fd00::5/128"]
 PORTS = [PortRange(protocol="TCP", port=80), PortRange(protocol="TCP", port=8000, endPort=8080),
          PortRange(protocol="UDP", port=53)]
-GROUPS = ["g-one", "g-two", "g-three"]
+HOSTS = ["10.244.0.2/32", "10.244.0.3/32", "10.244.0.4/32"]
+# Render makes a group's set a hash set when it holds single addresses only and an interval set
+# when it holds ranges; a change of set type is structural. The first three groups keep their
+# kind across member changes (so those stay element-level); g-four is drawn freely per rule set.
+GROUP_MEMBERS = {"g-one": ([], HOSTS), "g-two": (["10.244.1.0/24"], HOSTS + ["192.168.0.0/24"]),
+                 "g-three": (["10.1.0.0/16", "fd00::5/128"], HOSTS)}
+GROUPS = [*GROUP_MEMBERS, "g-four"]
+
+
+def members_of_stable_groups():
+    return st.tuples(*[st.lists(st.sampled_from(optional), unique=True, max_size=3).map(lambda m, f=fixed: f + m)
+                       for fixed, optional in GROUP_MEMBERS.values()])
 
 
 @st.composite
 def rule_sets(draw):
-    groups = [PeerGroup(name=g, selector=f"sel {g}", cidrs=draw(st.lists(st.sampled_from(CIDRS), unique=True, max_size=4)))
-              for g in GROUPS]
+    groups = [PeerGroup(name=g, selector=f"sel {g}", cidrs=m)
+              for g, m in zip(GROUP_MEMBERS, draw(members_of_stable_groups()))]
+    groups.append(PeerGroup(name="g-four", selector="sel g-four",
+                            cidrs=draw(st.lists(st.sampled_from(CIDRS), unique=True, max_size=4))))
     port_group = PeerPortGroup(name="pp-http", selector="named port http", entries=[
         PeerPort(address=ip, protocol="TCP", port=8080)
         for ip in draw(st.lists(st.sampled_from(["10.244.0.3", "10.244.0.4"]), unique=True))])
@@ -62,8 +75,8 @@ def rule_sets(draw):
 
 
 def group_members():
-    return st.tuples(*[st.lists(st.sampled_from(CIDRS[:-1]), unique=True, max_size=4) for _ in GROUPS]).map(
-        lambda members: [PeerGroup(name=g, selector=f"sel {g}", cidrs=m) for g, m in zip(GROUPS, members)])
+    return members_of_stable_groups().map(
+        lambda members: [PeerGroup(name=g, selector=f"sel {g}", cidrs=m) for g, m in zip(GROUP_MEMBERS, members)])
 
 
 def test_any_sequence_of_syncs_leaves_what_a_fresh_full_load_gives(kernel_in):
@@ -77,8 +90,10 @@ def test_any_sequence_of_syncs_leaves_what_a_fresh_full_load_gives(kernel_in):
         sequence = [first]
         for change in changes:
             # A new rule set, or the one before with other peer group members (element-level).
+            previous = sequence[-1][0]
             sequence.append(change if isinstance(change, tuple) else
-                            (sequence[-1][0].model_copy(update={"peerGroups": change}), *sequence[-1][1:]))
+                            (previous.model_copy(update={"peerGroups": change + previous.peerGroups[-1:]}),
+                             *sequence[-1][1:]))
         for spec, veths, options in sequence:
             desired = render(spec, veths, options).ruleset
             tx = plan(desired, applied, agent_ns.inventory)
