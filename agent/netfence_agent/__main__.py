@@ -2,6 +2,6 @@
 
 import sys
 
-from netfence_agent.cli import main
+from netfence_cli.main import main
 
-sys.exit(main())
+sys.exit(main(sys.argv[1:]))

@@ -27,6 +27,7 @@ from kubernetes.watch.watch import iter_resp_lines
 from pydantic import ValidationError
 
 import netfence_api
+from netfence_api.client import load_client
 
 log = logging.getLogger("netfence.apisource")
 
@@ -34,17 +35,6 @@ GROUP, VERSION = netfence_api.API_GROUP, netfence_api.API_VERSION
 PLURAL = netfence_api.PLURAL
 
 
-def load_client(kubeconfig: str | None) -> kubernetes.client.ApiClient:
-    """A client from the given kubeconfig, else in-cluster (the DaemonSet), else ~/.kube/config."""
-    config = kubernetes.client.Configuration()
-    if kubeconfig:
-        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
-    else:
-        try:
-            kubernetes.config.load_incluster_config(client_configuration=config)
-        except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config(client_configuration=config)
-    return kubernetes.client.ApiClient(config)
 
 
 class _Relist(Exception):

@@ -88,14 +88,3 @@ def run_cleanup(args: argparse.Namespace) -> int:
     if not deleted:
         print("no netfence tables")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="netfence")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
 import sys
 
-from netfence_operator.cli import main
+from netfence_cli.main import main
 
 sys.exit(main(sys.argv[1:]))

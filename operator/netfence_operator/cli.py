@@ -42,11 +42,3 @@ def run(args: argparse.Namespace) -> int:
     )
     Controller(config).run()
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m netfence_operator` without the netfence CLI around it."""
-    parser = argparse.ArgumentParser(prog="netfence")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)

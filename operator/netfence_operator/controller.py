@@ -22,7 +22,8 @@ import kopf
 import kubernetes
 
 from netfence_operator import handlers
-from netfence_operator.kube import KubeApi, load_client
+from netfence_api.client import load_client
+from netfence_operator.kube import KubeApi
 from netfence_operator.metrics import ControllerMetrics, MetricsServer, parse_bind_address
 from netfence_operator.publish import Publisher
 from netfence_operator.state import ClusterState

@@ -30,17 +30,6 @@ WATCHED_PATHS = {
 _METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 
 
-def load_client(kubeconfig: str | None) -> kubernetes.client.ApiClient:
-    """A client from --kubeconfig, else in-cluster, else the default kubeconfig."""
-    config = kubernetes.client.Configuration()
-    if kubeconfig:
-        kubernetes.config.load_kube_config(config_file=kubeconfig, client_configuration=config)
-    else:
-        try:
-            kubernetes.config.load_incluster_config(client_configuration=config)
-        except kubernetes.config.ConfigException:
-            kubernetes.config.load_kube_config(client_configuration=config)
-    return kubernetes.client.ApiClient(config)
 
 
 def conflict_or_missing(e: Exception) -> int | None:
