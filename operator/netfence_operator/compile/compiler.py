@@ -247,6 +247,8 @@ class Compiler:
         self._static_ids: set[int] = set()
         self._merge_cache: dict[tuple[int, ...], tuple[list[AllowRule], list[AllowRule]]] = {}
         self._isolates: dict[str, tuple[str, ...]] = {}  # policy key -> directions it isolates
+        self._origins: dict[str, list[str]] = {}  # policy key -> "ns/name direction[i]" of each rule
+        self._policies_sorted: dict[str, list[str]] = {}  # namespace -> its policy keys, sorted
         self._group_refs: dict[str, int] = defaultdict(int)
         self._policy_groups: dict[str, list[str]] = {}
         self._policed: dict[str, PolicedPod | None] = {}  # cache of each pod's rules
@@ -463,6 +465,8 @@ class Compiler:
         self._policies_by_ns[policy.metadata.namespace].discard(key)
         self._problems.pop(key, None)
         self._isolates.pop(key, None)
+        self._origins.pop(key, None)
+        self._policies_sorted.pop(policy.metadata.namespace, None)
         self._merge_cache.clear()  # entries may hold this policy's rules
         for direction, i, _, _ in self._rules.pop(key, ()):
             for rule in self._static_rules.pop(f"{key} {direction}[{i}]", ()):
@@ -479,6 +483,8 @@ class Compiler:
         self.policies[policy.key] = policy
         self._policies_by_ns[policy.metadata.namespace].add(policy.key)
         self._rules[policy.key] = list(self._policy_rules(policy))
+        self._origins[policy.key] = [f"{policy.key} {d}[{i}]" for d, i, _, _ in self._rules[policy.key]]
+        self._policies_sorted.pop(policy.metadata.namespace, None)
         types = policy.spec.effective_policy_types()
         self._isolates[policy.key] = tuple(d for d in DIRECTIONS if _POLICY_TYPE[d] in types)
         names = []
@@ -605,15 +611,15 @@ class Compiler:
         isolation = {"ingress": False, "egress": False}
         isolating: dict[str, list[str]] = {"ingress": [], "egress": []}
         rules: dict[str, list[AllowRule]] = {"ingress": [], "egress": []}
-        for key in sorted(self._policies_by_ns.get(ns, ())):
+        for key in self._sorted_policies(ns):
             policy = self.policies[key]
             if not policy.spec.podSelector.matches(pod.metadata.labels):
                 continue
             for direction in self._isolates[key]:
                 isolation[direction] = True
                 isolating[direction].append(key)
-            for direction, i, rule, definitions in self._rules[key]:
-                rules[direction] += self._allow_rules(pod, direction, f"{key} {direction}[{i}]", rule, definitions)
+            for (direction, _, rule, definitions), origin in zip(self._rules[key], self._origins[key]):
+                rules[direction] += self._allow_rules(pod, direction, origin, rule, definitions)
         return PolicedPod.model_construct(
             namespace=ns,
             name=pod.metadata.name,
@@ -625,6 +631,12 @@ class Compiler:
             ingress=self._merged(rules["ingress"]),
             egress=self._merged(rules["egress"]),
         )
+
+    def _sorted_policies(self, namespace: str) -> list[str]:
+        keys = self._policies_sorted.get(namespace)
+        if keys is None:
+            keys = self._policies_sorted[namespace] = sorted(self._policies_by_ns.get(namespace, ()))
+        return keys
 
     def _merged(self, rules: list[AllowRule]) -> list[AllowRule]:
         """_merge, remembered for lists of shared rules: pods selected alike get one result."""
