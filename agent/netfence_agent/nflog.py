@@ -24,18 +24,15 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Callable, Mapping, TextIO
 
+from netfence_agent.nfnetlink import NETLINK_NETFILTER, NFGEN, NLM_F_REQUEST, NLMSG, NLMSG_ERROR, attribute, attributes
 from netfence_agent.render import CounterLabels, log_prefix
 
 log = logging.getLogger("netfence.nflog")
 
-NETLINK_NETFILTER = 12
 NFNL_SUBSYS_ULOG = 4
 NFULNL_MSG_PACKET = 0
 NFULNL_MSG_CONFIG = 1
-NLM_F_REQUEST = 0x1
 NLM_F_ACK = 0x4
-NLMSG_ERROR = 0x2
-NLA_TYPE_MASK = ~(0x8000 | 0x4000) & 0xFFFF
 
 NFULA_CFG_CMD = 1
 NFULA_CFG_MODE = 2
@@ -55,9 +52,6 @@ ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
 ETH_P_ARP = 0x0806
 _PROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 58: "icmpv6", 132: "sctp"}
-_NLMSG = struct.Struct("=IHHII")
-_NFGEN = struct.Struct("=BBH")  # family, version, res_id (big-endian group)
-_NLA = struct.Struct("=HH")
 COPY_BYTES = 128  # IP + TCP/UDP headers, with IPv6 extension headers to spare
 
 
@@ -79,28 +73,12 @@ class FiveTuple:
     dport: int | None = None
 
 
-def _attrs(data: bytes, offset: int) -> dict[int, bytes]:
-    attrs: dict[int, bytes] = {}
-    while offset + _NLA.size <= len(data):
-        length, kind = _NLA.unpack_from(data, offset)
-        if length < _NLA.size:
-            break
-        attrs[kind & NLA_TYPE_MASK] = data[offset + _NLA.size: offset + length]
-        offset += (length + 3) & ~3
-    return attrs
-
-
-def _attr(kind: int, value: bytes) -> bytes:
-    body = _NLA.pack(_NLA.size + len(value), kind) + value
-    return body + b"\0" * ((4 - len(body) % 4) % 4)
-
-
 def parse_packet_message(message: bytes) -> LoggedPacket | None:
     """One netlink message (header included) of type NFULNL_MSG_PACKET, or None."""
-    _length, msg_type, _flags, _seq, _pid = _NLMSG.unpack_from(message, 0)
+    _length, msg_type, _flags, _seq, _pid = NLMSG.unpack_from(message, 0)
     if msg_type != (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET:
         return None
-    attrs = _attrs(message, _NLMSG.size + _NFGEN.size)
+    attrs = attributes(message, NLMSG.size + NFGEN.size)
     hdr = attrs.get(NFULA_PACKET_HDR)
     indev = attrs.get(NFULA_IFINDEX_INDEV)
     outdev = attrs.get(NFULA_IFINDEX_OUTDEV)
@@ -176,19 +154,19 @@ class NflogReader:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.sock.bind((0, 0))
         self._seq = 0
-        self._configure(_attr(NFULA_CFG_CMD, struct.pack("B", NFULNL_CFG_CMD_BIND)))
-        self._configure(_attr(NFULA_CFG_MODE, struct.pack("!IBB", COPY_BYTES, NFULNL_COPY_PACKET, 0)))
+        self._configure(attribute(NFULA_CFG_CMD, struct.pack("B", NFULNL_CFG_CMD_BIND)))
+        self._configure(attribute(NFULA_CFG_MODE, struct.pack("!IBB", COPY_BYTES, NFULNL_COPY_PACKET, 0)))
         # Deliver every packet at once instead of batching up to a second's worth.
-        self._configure(_attr(NFULA_CFG_QTHRESH, struct.pack("!I", 1)) + _attr(NFULA_CFG_TIMEOUT, struct.pack("!I", 0)))
+        self._configure(attribute(NFULA_CFG_QTHRESH, struct.pack("!I", 1)) + attribute(NFULA_CFG_TIMEOUT, struct.pack("!I", 0)))
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def _configure(self, attrs: bytes) -> None:
         self._seq += 1
-        body = _NFGEN.pack(socket.AF_UNSPEC, 0, socket.htons(self.group)) + attrs
+        body = NFGEN.pack(socket.AF_UNSPEC, 0, socket.htons(self.group)) + attrs
         msg_type = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
-        self.sock.send(_NLMSG.pack(_NLMSG.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, self._seq, 0) + body)
+        self.sock.send(NLMSG.pack(NLMSG.size + len(body), msg_type, NLM_F_REQUEST | NLM_F_ACK, self._seq, 0) + body)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:  # logged packets may queue ahead of the answer
             readable, _, _ = select.select([self.sock], [], [], max(0.0, deadline - time.monotonic()))
@@ -196,21 +174,21 @@ class NflogReader:
                 break
             data = self.sock.recv(1 << 20)
             offset = 0
-            while offset + _NLMSG.size <= len(data):
-                length, reply_type, _flags, seq, _pid = _NLMSG.unpack_from(data, offset)
+            while offset + NLMSG.size <= len(data):
+                length, reply_type, _flags, seq, _pid = NLMSG.unpack_from(data, offset)
                 if reply_type == NLMSG_ERROR and seq == self._seq:
-                    code = struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
+                    code = struct.unpack_from("=i", data, offset + NLMSG.size)[0]
                     if code:
                         raise OSError(-code, f"NFLOG group {self.group}: {os.strerror(-code)}")
                     return
-                offset += max((length + 3) & ~3, _NLMSG.size)
+                offset += max((length + 3) & ~3, NLMSG.size)
         raise OSError(f"NFLOG group {self.group}: no answer to a configuration request")
 
     def handle(self, data: bytes) -> None:
         offset = 0
-        while offset + _NLMSG.size <= len(data):
-            length = _NLMSG.unpack_from(data, offset)[0]
-            if length < _NLMSG.size:
+        while offset + NLMSG.size <= len(data):
+            length = NLMSG.unpack_from(data, offset)[0]
+            if length < NLMSG.size:
                 return
             packet = parse_packet_message(data[offset: offset + length])
             if packet is not None:
@@ -240,7 +218,7 @@ class NflogReader:
         if self._thread is not None:
             self._thread.join(timeout=5)
         try:
-            self._configure(_attr(NFULA_CFG_CMD, struct.pack("B", NFULNL_CFG_CMD_UNBIND)))
+            self._configure(attribute(NFULA_CFG_CMD, struct.pack("B", NFULNL_CFG_CMD_UNBIND)))
         except OSError:
             pass
         self.sock.close()

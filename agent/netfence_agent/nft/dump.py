@@ -16,11 +16,11 @@ import struct
 from dataclasses import dataclass
 from typing import Iterator
 
-NETLINK_NETFILTER = 12
+from netfence_agent.nfnetlink import NETLINK_NETFILTER, NFGEN, NLM_F_REQUEST, NLMSG, NLMSG_ERROR, attribute, attributes
+
 NFNL_SUBSYS_NFTABLES = 10
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLA_TYPE_MASK = 0x3FFF
+NLM_F_DUMP = 0x300
+NLMSG_DONE = 3
 
 NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETSET, NFT_MSG_GETOBJ = 1, 4, 10, 19
 NFTA_TABLE_NAME, NFTA_TABLE_USERDATA = 1, 6
@@ -52,9 +52,6 @@ DATATYPE_IDS = {
 DATATYPE_NAMES = {v: k for k, v in DATATYPE_IDS.items()}
 TYPE_BITS = 6
 
-_NLMSG = struct.Struct("=IHHII")
-_NFGEN = struct.Struct("=BBH")
-_NLA = struct.Struct("=HH")
 
 
 def concat_type_id(types: tuple[str, ...]) -> int | None:
@@ -101,23 +98,6 @@ class CounterInfo:
     bytes: int
 
 
-def _attrs(data: bytes, offset: int = 0, end: int | None = None) -> dict[int, bytes]:
-    end = len(data) if end is None else end
-    attrs: dict[int, bytes] = {}
-    while offset + _NLA.size <= end:
-        length, kind = _NLA.unpack_from(data, offset)
-        if length < _NLA.size:
-            break
-        attrs[kind & NLA_TYPE_MASK] = data[offset + _NLA.size: offset + length]
-        offset += (length + 3) & ~3
-    return attrs
-
-
-def _attr(kind: int, value: bytes) -> bytes:
-    body = _NLA.pack(_NLA.size + len(value), kind) + value
-    return body + b"\0" * (-len(body) % 4)
-
-
 def _string(value: bytes | None) -> str:
     return (value or b"").split(b"\0", 1)[0].decode(errors="replace")
 
@@ -152,27 +132,27 @@ class NftDumper:
         """(nfproto family, attributes) of each object in the dump."""
         self._seq += 1
         proto = NFPROTO[family] if isinstance(family, str) else family
-        body = _NFGEN.pack(proto, 0, 0) + attrs
-        header = _NLMSG.pack(_NLMSG.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | msg,
+        body = NFGEN.pack(proto, 0, 0) + attrs
+        header = NLMSG.pack(NLMSG.size + len(body), (NFNL_SUBSYS_NFTABLES << 8) | msg,
                              NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0)
         self.sock.send(header + body)
         while True:
             data = self.sock.recv(1 << 20)
             offset = 0
-            while offset + _NLMSG.size <= len(data):
-                length, msg_type, _flags, seq, _pid = _NLMSG.unpack_from(data, offset)
-                if length < _NLMSG.size:
+            while offset + NLMSG.size <= len(data):
+                length, msg_type, _flags, seq, _pid = NLMSG.unpack_from(data, offset)
+                if length < NLMSG.size:
                     break
                 if seq == self._seq:
                     if msg_type == NLMSG_DONE:
                         return
                     if msg_type == NLMSG_ERROR:
-                        code = struct.unpack_from("=i", data, offset + _NLMSG.size)[0]
+                        code = struct.unpack_from("=i", data, offset + NLMSG.size)[0]
                         if code:
                             raise OSError(-code, f"nfnetlink dump: {os.strerror(-code)}")
                         return
-                    nf_family = data[offset + _NLMSG.size]
-                    yield nf_family, _attrs(data, offset + _NLMSG.size + _NFGEN.size, offset + length)
+                    nf_family = data[offset + NLMSG.size]
+                    yield nf_family, attributes(data, offset + NLMSG.size + NFGEN.size, offset + length)
                 offset += (length + 3) & ~3
 
     def tables(self) -> set[tuple[str, str]]:
@@ -180,12 +160,12 @@ class NftDumper:
 
     def chains(self, family: str, table: str) -> list[ChainInfo]:
         out = []
-        for _f, a in self._dump(NFT_MSG_GETCHAIN, family, _attr(NFTA_CHAIN_TABLE, table.encode() + b"\0")):
+        for _f, a in self._dump(NFT_MSG_GETCHAIN, family, attribute(NFTA_CHAIN_TABLE, table.encode() + b"\0")):
             if _string(a.get(NFTA_CHAIN_TABLE)) != table:
                 continue
             hook = type_ = priority = policy = None
             if NFTA_CHAIN_HOOK in a:
-                h = _attrs(a[NFTA_CHAIN_HOOK])
+                h = attributes(a[NFTA_CHAIN_HOOK])
                 number = _be32(h.get(NFTA_HOOK_HOOKNUM))
                 hook = (NETDEV_HOOK_NAMES if family == "netdev" else HOOK_NAMES).get(number, str(number))
                 raw = h.get(NFTA_HOOK_PRIORITY)
@@ -199,7 +179,7 @@ class NftDumper:
     def sets(self, family: str, table: str) -> list[SetInfo]:
         """Named sets and maps (the anonymous sets of rules such as `{ tcp . 80 }` left out)."""
         out = []
-        for _f, a in self._dump(NFT_MSG_GETSET, family, _attr(NFTA_SET_TABLE, table.encode() + b"\0")):
+        for _f, a in self._dump(NFT_MSG_GETSET, family, attribute(NFTA_SET_TABLE, table.encode() + b"\0")):
             flags = _be32(a.get(NFTA_SET_FLAGS)) or 0
             if _string(a.get(NFTA_SET_TABLE)) != table or flags & NFT_SET_ANONYMOUS:
                 continue
@@ -213,12 +193,12 @@ class NftDumper:
         return out
 
     def counters(self, family: str, table: str) -> list[CounterInfo]:
-        request = _attr(NFTA_OBJ_TABLE, table.encode() + b"\0") + _attr(NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
+        request = attribute(NFTA_OBJ_TABLE, table.encode() + b"\0") + attribute(NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
         out = []
         for _f, a in self._dump(NFT_MSG_GETOBJ, family, request):
             if _string(a.get(NFTA_OBJ_TABLE)) != table or _be32(a.get(NFTA_OBJ_TYPE)) != NFT_OBJECT_COUNTER:
                 continue
-            data = _attrs(a.get(NFTA_OBJ_DATA, b""))
+            data = attributes(a.get(NFTA_OBJ_DATA, b""))
             packets = data.get(NFTA_COUNTER_PACKETS)
             count = data.get(NFTA_COUNTER_BYTES)
             out.append(CounterInfo(_string(a.get(NFTA_OBJ_NAME)),
