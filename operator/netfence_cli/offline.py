@@ -72,6 +72,7 @@ class OfflineCluster:
     specs: dict[str, NodeRuleSetSpec]
     rendered: dict[str, RenderResult] = field(default_factory=dict)
     problems: dict[str, list[str]] = field(default_factory=dict)
+    _node_addresses: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, objects: ClusterObjects, options: RenderOptions = RenderOptions()) -> "OfflineCluster":
@@ -88,6 +89,13 @@ class OfflineCluster:
         return cluster
 
     def node_addresses(self, node: str) -> frozenset[str]:
+        """The node's own addresses (computed once: every traced leg asks)."""
+        cached = self._node_addresses.get(node)
+        if cached is None:
+            cached = self._node_addresses[node] = self._addresses_of(node)
+        return cached
+
+    def _addresses_of(self, node: str) -> frozenset[str]:
         addresses = set()
         n = self.objects.nodes.get(node)
         if n is not None:
