@@ -245,6 +245,14 @@ class Compiler:
         self._rules: dict[str, list] = {}  # policy key -> its compiled rules
         self._static_rules: dict[str, list[AllowRule]] = {}  # "ns/policy direction[i]" -> rules shared by all pods
         self._static_ids: set[int] = set()
+        # origin -> {how the pod resolves the rule's named ports -> rules}: ingress rules with
+        # named ports differ only between pods that number those ports differently.
+        self._resolved_rules: dict[str, dict[tuple, list[AllowRule]]] = {}
+        self._selected: dict[str, set[str]] = {}  # policy key -> live pods its podSelector selects
+        self._ingress_named: dict[str, bool] = {}  # policy key -> has ingress rules with named ports
+        # namespace -> {(policies selecting a pod, its named ports if they matter) -> its rules}:
+        # pods selected by the same policies compile alike, as replicas of one workload do.
+        self._shapes: dict[str, dict[tuple, tuple]] = {}
         self._merge_cache: dict[tuple[int, ...], tuple[list[AllowRule], list[AllowRule]]] = {}
         self._isolates: dict[str, tuple[str, ...]] = {}  # policy key -> directions it isolates
         self._origins: dict[str, list[str]] = {}  # policy key -> "ns/name direction[i]" of each rule
@@ -322,9 +330,7 @@ class Compiler:
         return out
 
     def pods_selected_by(self, policy_key: str) -> list[str]:
-        policy = self.policies[policy_key]
-        ns = policy.metadata.namespace
-        return sorted(self._select_in_namespaces([ns], policy.spec.podSelector))
+        return sorted(self._selected_by(policy_key))
 
     # ------------------------------------------------------------------ pods
     def _live(self, pod: Pod) -> bool:
@@ -376,6 +382,12 @@ class Compiler:
             if p is not None:  # its selection, hence ingress named ports, may have changed
                 for policy_key in self._policies_by_ns.get(p.metadata.namespace, ()):
                     self._problems.pop(policy_key, None)
+                    selected = self._selected.get(policy_key)
+                    if selected is not None:
+                        selected.discard(key)
+                        if p is new and self._live(new) and self.policies[policy_key].spec.podSelector.matches(
+                                new.metadata.labels):
+                            selected.add(key)
         for name in self._candidate_groups(old) | self._candidate_groups(new):
             state = self._groups[name]
             matched = new is not None and self._live(new) and state.definition.matches_pod(new, self._ns(new))
@@ -468,9 +480,14 @@ class Compiler:
         self._origins.pop(key, None)
         self._policies_sorted.pop(policy.metadata.namespace, None)
         self._merge_cache.clear()  # entries may hold this policy's rules
+        self._selected.pop(key, None)
+        self._ingress_named.pop(key, None)
+        self._shapes.pop(policy.metadata.namespace, None)
         for direction, i, _, _ in self._rules.pop(key, ()):
-            for rule in self._static_rules.pop(f"{key} {direction}[{i}]", ()):
-                self._static_ids.discard(id(rule))
+            origin = f"{key} {direction}[{i}]"
+            for rules in [self._static_rules.pop(origin, ()), *self._resolved_rules.pop(origin, {}).values()]:
+                for rule in rules:
+                    self._static_ids.discard(id(rule))
         for name in self._policy_groups.pop(key, []):
             self._groups[name].owners.discard(key)
             self._group_refs[name] -= 1
@@ -483,6 +500,9 @@ class Compiler:
         self.policies[policy.key] = policy
         self._policies_by_ns[policy.metadata.namespace].add(policy.key)
         self._rules[policy.key] = list(self._policy_rules(policy))
+        self._ingress_named[policy.key] = any(
+            d == "ingress" and any(isinstance(p.port, str) for p in rule.ports or ()) for d, _, rule, _ in self._rules[policy.key])
+        self._shapes.pop(policy.metadata.namespace, None)
         self._origins[policy.key] = [f"{policy.key} {d}[{i}]" for d, i, _, _ in self._rules[policy.key]]
         self._policies_sorted.pop(policy.metadata.namespace, None)
         types = policy.spec.effective_policy_types()
@@ -607,30 +627,45 @@ class Compiler:
         return result
 
     def _compile_pod(self, pod: Pod) -> PolicedPod:
-        ns = pod.metadata.namespace
-        isolation = {"ingress": False, "egress": False}
-        isolating: dict[str, list[str]] = {"ingress": [], "egress": []}
-        rules: dict[str, list[AllowRule]] = {"ingress": [], "egress": []}
-        for key in self._sorted_policies(ns):
-            policy = self.policies[key]
-            if not policy.spec.podSelector.matches(pod.metadata.labels):
-                continue
-            for direction in self._isolates[key]:
-                isolation[direction] = True
-                isolating[direction].append(key)
-            for (direction, _, rule, definitions), origin in zip(self._rules[key], self._origins[key]):
-                rules[direction] += self._allow_rules(pod, direction, origin, rule, definitions)
+        ns, key = pod.metadata.namespace, pod.key
+        selecting = tuple(k for k in self._sorted_policies(ns) if key in self._selected_by(k))
+        named = tuple(pod.port_names()) if any(self._ingress_named[k] for k in selecting) else ()
+        shapes = self._shapes.setdefault(ns, {})
+        shape = shapes.get((selecting, named))
+        if shape is None:
+            shape = shapes[(selecting, named)] = self._compile_shape(pod, selecting)
+        isolation, ingress_policies, egress_policies, ingress, egress = shape
         return PolicedPod.model_construct(
             namespace=ns,
             name=pod.metadata.name,
             uid=pod.metadata.uid,
             ips=pod.ips,
-            isolation=_ISOLATION[(isolation["ingress"], isolation["egress"])],
-            ingressPolicies=isolating["ingress"],
-            egressPolicies=isolating["egress"],
-            ingress=self._merged(rules["ingress"]),
-            egress=self._merged(rules["egress"]),
+            isolation=isolation,
+            ingressPolicies=ingress_policies,
+            egressPolicies=egress_policies,
+            ingress=ingress,
+            egress=egress,
         )
+
+    def _compile_shape(self, pod: Pod, selecting: tuple[str, ...]) -> tuple:
+        """Isolation, isolating policies and merged rules of a pod that these policies select."""
+        isolating: dict[str, list[str]] = {"ingress": [], "egress": []}
+        rules: dict[str, list[AllowRule]] = {"ingress": [], "egress": []}
+        for key in selecting:
+            for direction in self._isolates[key]:
+                isolating[direction].append(key)
+            for (direction, _, rule, definitions), origin in zip(self._rules[key], self._origins[key]):
+                rules[direction] += self._allow_rules(pod, direction, origin, rule, definitions)
+        isolation = _ISOLATION[(bool(isolating["ingress"]), bool(isolating["egress"]))]
+        return (isolation, isolating["ingress"], isolating["egress"],
+                self._merged(rules["ingress"]), self._merged(rules["egress"]))
+
+    def _selected_by(self, policy_key: str) -> set[str]:
+        selected = self._selected.get(policy_key)
+        if selected is None:
+            selected = self._selected[policy_key] = self._select_in_namespaces(
+                [self.policies[policy_key].metadata.namespace], self.policies[policy_key].spec.podSelector)
+        return selected
 
     def _sorted_policies(self, namespace: str) -> list[str]:
         keys = self._policies_sorted.get(namespace)
@@ -654,9 +689,14 @@ class Compiler:
 
     def _allow_rules(self, pod: Pod, direction: str, origin: str, rule, definitions: list[GroupDef]) -> list[AllowRule]:
         # Most rules compile the same for every pod they select: share those AllowRules.
-        depends_on_pod = direction == "ingress" and any(isinstance(p.port, str) for p in rule.ports or ())
-        if depends_on_pod:
-            return self._build_allow_rules(pod, direction, origin, rule, definitions)
+        if direction == "ingress" and any(isinstance(p.port, str) for p in rule.ports or ()):
+            resolution = tuple(pod.named_port(p.port, p.protocol) for p in rule.ports if isinstance(p.port, str))
+            cache = self._resolved_rules.setdefault(origin, {})
+            cached = cache.get(resolution)
+            if cached is None:
+                cached = cache[resolution] = self._build_allow_rules(pod, direction, origin, rule, definitions)
+                self._static_ids.update(map(id, cached))
+            return cached
         cached = self._static_rules.get(origin)
         if cached is None:
             cached = self._static_rules[origin] = self._build_allow_rules(pod, direction, origin, rule, definitions)
