@@ -10,7 +10,7 @@ import copy
 import ipaddress
 
 from netfence_agent.nft.model import Chain, Counter, CounterRef, Map, Match, Payload, Rule, Ruleset, Set, SetRef, Table, Verdict, VMap
-from netfence_agent.nft.transaction import ChainDecl, SetDecl, TableInventory, plan
+from netfence_agent.nft.transaction import REFILL_MAX, ChainDecl, SetDecl, TableInventory, plan
 
 IP = ipaddress.ip_address
 NET = ipaddress.ip_network
@@ -66,20 +66,48 @@ def test_identical_rule_set_is_a_noop():
     assert plan(base_ruleset(), base_ruleset(), no_inventory).kind == "noop"
 
 
-def test_peer_group_member_change_is_element_level():
+def test_peer_group_member_change_refills_a_small_set_in_place():
     desired = base_ruleset()
     desired.tables[0].sets["peers_v4"].elements = [NET("10.0.0.1/32"), NET("10.2.0.0/16"), NET("10.0.0.9/32")]
     tx = plan(desired, base_ruleset(), no_inventory)
     assert tx.kind == "elements"
+    # flush + re-declare with every element: commands libnftables evaluates without reading the
+    # whole rule set back, in one transaction, so the set is never seen empty.
     assert tx.commands == [
-        {"delete": {"element": {"family": "inet", "table": "nftest", "name": "peers_v4",
-                                "elem": [{"prefix": {"addr": "10.1.0.0", "len": 16}}]}}},
-        {"add": {"element": {"family": "inet", "table": "nftest", "name": "peers_v4",
-                             "elem": [{"prefix": {"addr": "10.2.0.0", "len": 16}}, "10.0.0.9"]}}},
+        {"flush": {"set": {"family": "inet", "table": "nftest", "name": "peers_v4"}}},
+        {"add": {"set": {"family": "inet", "table": "nftest", "name": "peers_v4", "type": "ipv4_addr",
+                         "flags": ["interval"],
+                         "elem": ["10.0.0.1", {"prefix": {"addr": "10.2.0.0", "len": 16}}, "10.0.0.9"]}}},
     ]
 
 
-def test_map_verdict_change_deletes_then_adds_the_key():
+def test_a_member_joining_adds_only_that_element():
+    desired = base_ruleset()
+    desired.tables[0].sets["peers_v4"].elements.append(NET("10.0.0.9/32"))
+    tx = plan(desired, base_ruleset(), no_inventory)
+    assert tx.kind == "elements"
+    assert tx.commands == [
+        {"add": {"set": {"family": "inet", "table": "nftest", "name": "peers_v4", "type": "ipv4_addr",
+                         "flags": ["interval"], "elem": ["10.0.0.9"]}}},
+    ]
+
+
+def test_a_member_leaving_a_large_set_deletes_only_that_element():
+    big = [NET(f"10.{i // 250}.{i % 250}.1/32") for i in range(REFILL_MAX + 10)]
+    applied = base_ruleset()
+    applied.tables[0].sets["peers_v4"].elements = big
+    desired = copy.deepcopy(applied)
+    desired.tables[0].sets["peers_v4"].elements = big[1:] + [NET("10.200.0.1/32")]
+    tx = plan(desired, applied, no_inventory)
+    assert tx.kind == "elements"
+    assert tx.commands == [
+        {"delete": {"element": {"family": "inet", "table": "nftest", "name": "peers_v4", "elem": ["10.0.0.1"]}}},
+        {"add": {"set": {"family": "inet", "table": "nftest", "name": "peers_v4", "type": "ipv4_addr",
+                         "flags": ["interval"], "elem": ["10.200.0.1"]}}},
+    ]
+
+
+def test_map_verdict_change_refills_the_map():
     applied = with_pod_b(base_ruleset())
     desired = copy.deepcopy(applied)
     desired.tables[0].maps["ingress_v4"].elements = [
@@ -88,9 +116,11 @@ def test_map_verdict_change_deletes_then_adds_the_key():
     ]
     tx = plan(desired, applied, no_inventory)
     assert tx.kind == "elements"
-    assert verbs(tx) == [("delete", "element", "ingress_v4"), ("add", "element", "ingress_v4")]
-    assert tx.commands[0]["delete"]["element"]["elem"] == [["10.244.0.2", {"jump": {"target": "pod_a_ingress"}}]]
-    assert tx.commands[1]["add"]["element"]["elem"] == [["10.244.0.2", {"jump": {"target": "pod_b_ingress"}}]]
+    assert verbs(tx) == [("flush", "map", "ingress_v4"), ("add", "map", "ingress_v4")]
+    assert tx.commands[1]["add"]["map"]["elem"] == [
+        ["10.244.0.2", {"jump": {"target": "pod_b_ingress"}}],
+        ["10.244.0.3", {"jump": {"target": "pod_b_ingress"}}],
+    ]
 
 
 # --------------------------------------------------------------------------- partial syncs
@@ -100,7 +130,7 @@ def test_new_pod_is_a_partial_sync_touching_only_its_objects():
     assert verbs(tx) == [
         ("add", "counter", "pod_b_ingress"),
         ("add", "chain", "pod_b_ingress"),
-        ("add", "element", "ingress_v4"),
+        ("add", "map", "ingress_v4"),                  # its new element, once the chain exists
         ("add", "rule", "pod_b_ingress"),
     ]
 
@@ -111,8 +141,9 @@ def test_pod_removal_unhooks_before_deleting():
     assert verbs(tx) == [
         ("flush", "chain", "pod_b_ingress"),           # its rule referred to the counter
         ("delete", "counter", "pod_b_ingress"),
-        ("delete", "element", "ingress_v4"),           # the map jumped to the chain
+        ("flush", "map", "ingress_v4"),                # the map jumped to the chain
         ("delete", "chain", "pod_b_ingress"),
+        ("add", "map", "ingress_v4"),                  # the other pod's entry, back in the same batch
     ]
 
 
@@ -132,10 +163,10 @@ def test_changed_chain_comment_recreates_the_chain_and_its_map_entry():
     assert tx.kind == "partial"
     assert verbs(tx) == [
         ("flush", "chain", "pod_b_ingress"),
-        ("delete", "element", "ingress_v4"),
+        ("flush", "map", "ingress_v4"),
         ("delete", "chain", "pod_b_ingress"),
         ("add", "chain", "pod_b_ingress"),
-        ("add", "element", "ingress_v4"),
+        ("add", "map", "ingress_v4"),
         ("add", "rule", "pod_b_ingress"),
     ]
 
@@ -204,5 +235,7 @@ def test_full_sync_recreates_what_add_cannot_change():
 
 def test_full_sync_fills_maps_after_the_chains_they_jump_to():
     steps = verbs(plan(base_ruleset(), None, lambda: {}))
-    assert steps.index(("add", "chain", "pod_a_ingress")) < steps.index(("add", "element", "ingress_v4"))
+    assert steps.index(("add", "chain", "pod_a_ingress")) < steps.index(("add", "map", "ingress_v4"))
     assert steps.index(("add", "map", "ingress_v4")) < steps.index(("add", "rule", "forward_hook"))
+    # Elements inline: a separate `add element` would make libnftables read the rule set back.
+    assert not any(v == "add" and k == "element" for v, k, _ in steps)

@@ -18,7 +18,7 @@ from kernel.conftest import normalized
 from netfence_api import AllowRule, Isolation, NodeRuleSetSpec, PeerGroup, PeerPort, PeerPortGroup, PolicedPod, PortRange
 from netfence_agent.nft.kernel import OWNED_TABLES, CounterValue, NftError
 from netfence_agent.nft.model import Counter, Ruleset, Set, Table
-from netfence_agent.nft.transaction import plan
+from netfence_agent.nft.transaction import REFILL_MAX, plan
 from netfence_agent.render import PodPort, RenderOptions, render
 
 pytestmark = pytest.mark.kernel
@@ -144,6 +144,23 @@ def test_restart_full_sync_replaces_in_place_without_duplicates(kernel_in):
     listing = normalized(k.ruleset_json())
     assert not [key for key in listing if key[0] == "chain" and key[3].startswith("pod_")]
     assert sorted(k.tables()) == sorted(OWNED_TABLES)
+
+
+@pytest.mark.parametrize("size", [3, REFILL_MAX + 3], ids=["refilled", "element-deleted"])
+def test_element_syncs_of_small_and_large_sets_match_a_fresh_load(kernel_in, size):
+    agent_ns, fresh_ns = kernel_in("ela"), kernel_in("elb")
+    hosts = [f"10.{i // 250}.{i % 250}.1/32" for i in range(size)]
+    sequence = [hosts, hosts[1:], hosts[1:] + ["10.250.0.0/24"], hosts[2:] + ["10.250.0.0/24", "10.251.0.7/32"]]
+    applied = None
+    for members in sequence:
+        desired = tiny(1, members)
+        tx = plan(desired, applied, agent_ns.inventory)
+        assert tx.kind == ("full" if applied is None else "elements")
+        agent_ns.apply(tx)
+        applied = desired
+        fresh_ns.delete_tables()
+        fresh_ns.apply(plan(desired, None, fresh_ns.inventory))
+        assert normalized(agent_ns.ruleset_json()) == normalized(fresh_ns.ruleset_json())
 
 
 def test_a_rejected_transaction_changes_nothing(kernel_in):
