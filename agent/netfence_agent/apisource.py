@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 import netfence_api
 from netfence_api.client import load_client
+from netfence_agent.source import RuleSetReader
 
 log = logging.getLogger("netfence.apisource")
 
@@ -54,6 +55,7 @@ class ApiRuleSetSource:
         self._response: Any = None
         self._delivered: tuple[str, int | None] | None = None  # (uid, generation) last yielded
         self._last_status: netfence_api.NodeRuleSetStatus | None = None
+        self._reader = RuleSetReader()  # validates only what changed since the last update
 
     # ------------------------------------------------------------------ updates
     def updates(self) -> Iterator[netfence_api.NodeRuleSet]:
@@ -134,7 +136,7 @@ class ApiRuleSetSource:
         if key == self._delivered:
             return  # a status or metadata change: nothing for the agent to apply
         try:
-            rule_set = netfence_api.NodeRuleSet.model_validate(
+            rule_set = self._reader.read(
                 {k: obj[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in obj})
         except ValidationError as e:
             problems = "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())
