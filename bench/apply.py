@@ -23,6 +23,7 @@ docs/benchmarks.md for why that matters to libnftables 1.0.6).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -39,6 +40,7 @@ from bench_machine import machine  # noqa: E402
 from kernel.synthetic import pod_ip, synthetic_spec, with_member  # noqa: E402
 from netfence_api.runtime import tune_gc  # noqa: E402
 from netfence_agent.netns import executor_in  # noqa: E402
+from netfence_agent.source import RuleSetReader  # noqa: E402
 from netfence_agent.nft.kernel import Kernel  # noqa: E402
 from netfence_agent.nft.transaction import plan  # noqa: E402
 from netfence_agent.render import PodPort, RenderResult, render, only_group_members_changed, render_group_members  # noqa: E402
@@ -117,6 +119,31 @@ def main() -> int:
             joins.append(run)
         rows.append(("elements: one pod joins a peer group", joins))
 
+        # The same change as the agent meets it: a whole NodeRuleSet as JSON text (what the API
+        # watch or the rules file delivers), decoded, validated (RuleSetReader: what changed
+        # only), checked for a group-only change, rendered, planned and applied.
+        reader, updates = RuleSetReader(), []
+        object_of = lambda s, g: netfence_api.NodeRuleSet.for_node(s, g).model_dump_json()  # noqa: E731
+        last = reader.read(json.loads(object_of(current, 1)))
+        for i in range(args.repeat):
+            text = object_of(with_member(last.spec, i % len(last.spec.peerGroups), pod_ip(50000 + i)), i + 2)
+            t0 = time.perf_counter()
+            data = json.loads(text)
+            t1 = time.perf_counter()
+            rule_set = reader.read(data)
+            t2 = time.perf_counter()
+            assert only_group_members_changed(last.spec, rule_set.spec)
+            result = render_group_members(applied, last.spec, rule_set.spec)
+            t3 = time.perf_counter()
+            tx = plan(result.ruleset, applied.ruleset, lambda: k(kernel.inventory))
+            t4 = time.perf_counter()
+            k(kernel.apply, tx)
+            t5 = time.perf_counter()
+            assert tx.kind == "elements"
+            updates.append({"decode": t1 - t0, "validate": t2 - t1, "render": t3 - t2, "plan": t4 - t3,
+                            "apply": t5 - t4, "total": t5 - t0, "size": len(text)})
+            applied, last = result, rule_set
+
         veths, more_ports = [], dict(ports)
         extra_pods = synthetic_spec(pods=args.repeat, policies=1, first_ip=args.pods)
         grown = current
@@ -161,7 +188,13 @@ def main() -> int:
             print(row(label, runs))
         print(f"/metrics counter read ({len(counters)} counters): median {statistics.median(scrape) * ms:.1f} ms, "
               f"worst {max(scrape) * ms:.1f} ms")
-        print(f"parse of the NodeRuleSet JSON ({len(text) // 1024} KiB, what a source pays per update): {parse * ms:.1f} ms")
+        print(f"validating a whole NodeRuleSet JSON ({len(text) // 1024} KiB; what an update cost before RuleSetReader): "
+              f"{parse * ms:.1f} ms")
+        parts = " + ".join(f"{key} {statistics.median(u[key] for u in updates) * ms:.1f}"
+                           for key in ("decode", "validate", "render", "plan", "apply"))
+        print(f"elements, whole agent path from the {updates[0]['size'] // 1024} KiB JSON text: median "
+              f"{statistics.median(u['total'] for u in updates) * ms:.1f} ms, worst {max(u['total'] for u in updates) * ms:.1f} ms "
+              f"({parts} ms)")
         joins_total = statistics.median([sum(r[x] for x in ("render", "plan", "apply")) for r in joins]) * ms
         joins_apply = statistics.median([r["plan"] + r["apply"] for r in joins]) * ms
         print(f"target element-level <= 20 ms end to end: median {joins_total:.1f} ms "
