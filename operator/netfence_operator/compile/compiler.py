@@ -236,6 +236,7 @@ class Compiler:
         self.policies: dict[str, NetworkPolicy] = {}
         self.nodes: dict[str, Node] = {}
         self._pods_by_ns: dict[str, set[str]] = defaultdict(set)
+        self._live_keys: set[str] = set()  # pods for which _live() holds
         self._pods_by_node: dict[str, set[str]] = defaultdict(set)
         self._policies_by_ns: dict[str, set[str]] = defaultdict(set)
         self._label_index: dict[str, dict[tuple[str, str], set[str]]] = defaultdict(lambda: defaultdict(set))
@@ -257,6 +258,7 @@ class Compiler:
         self._isolates: dict[str, tuple[str, ...]] = {}  # policy key -> directions it isolates
         self._origins: dict[str, list[str]] = {}  # policy key -> "ns/name direction[i]" of each rule
         self._policies_sorted: dict[str, list[str]] = {}  # namespace -> its policy keys, sorted
+        self._selections_by_ns: dict[str, list[tuple[str, set[str]]]] = {}  # see _namespace_selections
         self._group_refs: dict[str, int] = defaultdict(int)
         self._policy_groups: dict[str, list[str]] = {}
         self._policed: dict[str, PolicedPod | None] = {}  # cache of each pod's rules
@@ -333,13 +335,16 @@ class Compiler:
         return sorted(self._selected_by(policy_key))
 
     # ------------------------------------------------------------------ pods
-    def _live(self, pod: Pod) -> bool:
+    @staticmethod
+    def _live(pod: Pod) -> bool:
         """A pod that holds its IPs on the pod network (terminated pods give them back)."""
         return pod.on_pod_network and bool(pod.ips) and not pod.terminated
 
     def _index_pod(self, pod: Pod) -> None:
         key = pod.key
         self.pods[key] = pod
+        if self._live(pod):
+            self._live_keys.add(key)
         self._pods_by_ns[pod.metadata.namespace].add(key)
         if pod.spec.nodeName:
             self._pods_by_node[pod.spec.nodeName].add(key)
@@ -350,6 +355,7 @@ class Compiler:
     def _unindex_pod(self, pod: Pod) -> None:
         key = pod.key
         self.pods.pop(key, None)
+        self._live_keys.discard(key)
         self._pods_by_ns[pod.metadata.namespace].discard(key)
         if pod.spec.nodeName:
             self._pods_by_node[pod.spec.nodeName].discard(key)
@@ -479,6 +485,7 @@ class Compiler:
         self._isolates.pop(key, None)
         self._origins.pop(key, None)
         self._policies_sorted.pop(policy.metadata.namespace, None)
+        self._selections_by_ns.pop(policy.metadata.namespace, None)
         self._merge_cache.clear()  # entries may hold this policy's rules
         self._selected.pop(key, None)
         self._ingress_named.pop(key, None)
@@ -505,6 +512,7 @@ class Compiler:
         self._shapes.pop(policy.metadata.namespace, None)
         self._origins[policy.key] = [f"{policy.key} {d}[{i}]" for d, i, _, _ in self._rules[policy.key]]
         self._policies_sorted.pop(policy.metadata.namespace, None)
+        self._selections_by_ns.pop(policy.metadata.namespace, None)
         types = policy.spec.effective_policy_types()
         self._isolates[policy.key] = tuple(d for d in DIRECTIONS if _POLICY_TYPE[d] in types)
         names = []
@@ -560,10 +568,11 @@ class Compiler:
                 candidates = self._label_index.get(ns, {}).get(item, set())
             else:
                 candidates = self._pods_by_ns.get(ns, set())
-            for key in candidates:
-                pod = self.pods[key]
-                if self._live(pod) and (selector is None or selector.matches(pod.metadata.labels)):
-                    out.add(key)
+            live = candidates & self._live_keys
+            if selector is None:
+                out |= live
+            else:
+                out.update(key for key in live if selector.matches(self.pods[key].metadata.labels))
         return out
 
     def _all_namespace_names(self) -> set[str]:
@@ -571,7 +580,7 @@ class Compiler:
 
     def _compute_members(self, d: GroupDef) -> frozenset[str]:
         if d.any_peer:
-            return frozenset(k for k, p in self.pods.items() if self._live(p))
+            return frozenset(self._live_keys)
         members: set[str] = set()
         for s in d.selectors:
             if s.namespace_selector is None:
@@ -628,7 +637,7 @@ class Compiler:
 
     def _compile_pod(self, pod: Pod) -> PolicedPod:
         ns, key = pod.metadata.namespace, pod.key
-        selecting = tuple(k for k in self._sorted_policies(ns) if key in self._selected_by(k))
+        selecting = tuple(k for k, selected in self._namespace_selections(ns) if key in selected)
         named = tuple(pod.port_names()) if any(self._ingress_named[k] for k in selecting) else ()
         shapes = self._shapes.setdefault(ns, {})
         shape = shapes.get((selecting, named))
@@ -666,6 +675,13 @@ class Compiler:
             selected = self._selected[policy_key] = self._select_in_namespaces(
                 [self.policies[policy_key].metadata.namespace], self.policies[policy_key].spec.podSelector)
         return selected
+
+    def _namespace_selections(self, namespace: str) -> list[tuple[str, set[str]]]:
+        """(policy key, pods it selects) of the namespace's policies, in key order."""
+        found = self._selections_by_ns.get(namespace)
+        if found is None:
+            found = self._selections_by_ns[namespace] = [(k, self._selected_by(k)) for k in self._sorted_policies(namespace)]
+        return found
 
     def _sorted_policies(self, namespace: str) -> list[str]:
         keys = self._policies_sorted.get(namespace)
