@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import socket
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Literal
+from typing import Callable, Generic, Literal, TypeVar
 
-from netfence_api import AllowRule, NodeRuleSetSpec, PolicedPod, PortRange
+from netfence_api import AllowRule, NodeRuleSetSpec, PeerGroup, PeerPortGroup, PolicedPod
 from netfence_agent.nft.model import (
     AnonSet,
     Chain,
@@ -106,8 +108,64 @@ class RenderResult:
 
 
 # Parsing addresses dominates render time; the same pod IPs recur in every group and sync.
-_address = lru_cache(maxsize=1 << 17)(ipaddress.ip_address)
+@lru_cache(maxsize=1 << 17)
+def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """ipaddress.ip_address(text). The C library parses an IPv4 address in a quarter of the time
+    and accepts exactly the dotted quads ipaddress does (four decimal octets, no leading zeros);
+    anything else, IPv6 and errors included, goes to ipaddress."""
+    try:
+        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+    except (OSError, ValueError):
+        return ipaddress.ip_address(text)
+
+
 _network = lru_cache(maxsize=1 << 17)(ipaddress.ip_network)
+
+_Derived = TypeVar("_Derived")
+
+
+class _PerObject(Generic[_Derived]):
+    """What render derives from one spec object (an AllowRule, a peer group), kept for as long
+    as that object lives.
+
+    The compiler gives pods selected alike the very same AllowRule objects, on every node and
+    across recompiles, and one PeerGroup object to every node naming the group. Rendering every
+    node from one compiler (the operator's offline views, the compile benchmark) meets each of
+    them on many nodes, and reading the object again costs more than what it renders to. Entries
+    are keyed by id and dropped by a weakref callback when the object is collected, so a later
+    object never inherits an entry through a reused id. A spec parsed from JSON shares no
+    objects: its entries serve pods within the render and go with the spec. Spec objects are
+    frozen, and so is what is derived from them, so every table may share it.
+    """
+
+    def __init__(self, derive: Callable[..., _Derived]) -> None:
+        self._derive = derive
+        self._by_id: dict[int, tuple[weakref.ref, dict[tuple, _Derived]]] = {}
+
+    def __call__(self, obj: object, *variant: object) -> _Derived:
+        key = id(obj)
+        entry = self._by_id.get(key)
+        if entry is None or entry[0]() is not obj:
+            entry = self._by_id[key] = (weakref.ref(obj, lambda _, key=key: self._by_id.pop(key, None)), {})
+        derived = entry[1].get(variant)
+        if derived is None:
+            derived = entry[1][variant] = self._derive(obj, *variant)
+        return derived
+
+
+@dataclass(frozen=True)
+class _SetContent:
+    """A named set as derived from the spec. Immutable, so shared across renders; each table
+    gets its own (mutable) Set."""
+
+    name: str
+    type: tuple[str, ...]
+    elements: tuple
+    flags: tuple[str, ...] = ()
+    comment: str = ""
+
+    def new_set(self) -> Set:
+        return Set(self.name, self.type, list(self.elements), self.flags, self.comment)
 
 
 @lru_cache(maxsize=1 << 16)
@@ -147,19 +205,49 @@ def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderO
     inet.add(_forward_chain(families))
     inet.add(_ingress_dispatch_chain(families))
     for pod in spec.pods:
-        for direction in ("egress", "ingress"):
-            if not getattr(pod.isolation, direction):
+        isolation = pod.isolation
+        if not (isolation.ingress or isolation.egress):
+            continue
+        key = pod.key
+        for direction, isolated, rules, policies in (
+            ("egress", isolation.egress, pod.egress, pod.egressPolicies),
+            ("ingress", isolation.ingress, pod.ingress, pod.ingressPolicies),
+        ):
+            if not isolated:
                 continue
-            counter = counter_name(pod.namespace, pod.name, direction)
-            result.counters[counter] = CounterLabels(pod.namespace, pod.name, direction)
-            inet.add(Counter(counter, comment=f"{pod.key} {direction} drops"))
-            chain = inet.add(_pod_chain(pod, direction, counter, families, options, inet))
+            # The counter and the chain share a name, in separate namespaces of the table.
+            name = counter_name(pod.namespace, pod.name, direction)
+            result.counters[name] = CounterLabels(pod.namespace, pod.name, direction)
+            _register(inet.counters, Counter(name, comment=f"{key} {direction} drops"))
+            chain = _register(inet.chains, Chain(name, comment=f"{key} {direction}, isolated by {', '.join(policies)}"))
+            for rule in rules:
+                nft = _allow_rules(rule, direction, families)
+                # A port set joins the table with the first rule that matches against it.
+                if nft.port_set is not None and nft.port_set.name not in inet.sets:
+                    inet.add(nft.port_set.new_set())
+                chain.rules += nft.rules
+            if options.log_drops:
+                chain.rules.append(_log_sample(options, name, f"{key} {direction}: log a sample of drops"))
+            chain.rules.append(Rule((CounterRef(name), _DROP), f"{key} {direction}: no policy rule allows this"))
+            jump = Verdict("jump", name)
             for ip in pod.ips:
                 address = _address(ip)
-                dispatch[(direction, address.version)].elements.append((address, Verdict("jump", chain.name)))
+                dispatch[(direction, address.version)].elements.append((address, jump))
 
     _render_anti_spoofing(bridge, spec, ports, result, options)
     return result
+
+
+_PerPod = TypeVar("_PerPod", Chain, Counter)
+
+
+def _register(registry: dict[str, _PerPod], obj: _PerPod) -> _PerPod:
+    """Table.add, given the table's registry for the object's kind: Table.add first finds it
+    from the object's type, which for the few objects of each pod costs as much as building them."""
+    if obj.name in registry:
+        raise ValueError(f"duplicate {type(obj).__name__.lower()} {obj.name}")
+    registry[obj.name] = obj
+    return obj
 
 
 def only_group_members_changed(old: NodeRuleSetSpec, new: NodeRuleSetSpec) -> bool:
@@ -215,28 +303,39 @@ def _families(spec: NodeRuleSetSpec) -> tuple[int, ...]:
 
 def _render_groups(inet: Table, spec: NodeRuleSetSpec, families: tuple[int, ...]) -> None:
     for group in spec.peerGroups:
-        for fam in families:
-            nets = [n for n in map(_network, group.cidrs) if n.version == fam]
-            # Pod IPs alone make a plain hash set: libnftables 1.0.6 reads back every interval
-            # set's elements to add one element to any of them. Which kind a group needs changes
-            # only with its policy (an ipBlock), never with pod churn.
-            ranges = any(n.prefixlen != n.max_prefixlen for n in nets)
-            inet.add(Set(
-                set_name(group.name, fam), (_FAMILY[fam][1],),
-                elements=nets,
-                flags=("interval",) if ranges else (),
-                comment=f"peers: {group.selector}",
-            ))
+        for content in _peer_sets(group, families):
+            inet.add(content.new_set())
     for group in spec.peerPortGroups:
-        for fam in families:
-            inet.add(Set(
-                set_name(group.name, fam), (_FAMILY[fam][1], "inet_proto", "inet_service"),
-                elements=[
-                    (_address(e.address), _PROTO[e.protocol], e.port)
-                    for e in group.entries if _address(e.address).version == fam
-                ],
-                comment=f"named ports on peers: {group.selector}",
-            ))
+        for content in _peer_port_sets(group, families):
+            inet.add(content.new_set())
+
+
+def _derive_peer_sets(group: PeerGroup, families: tuple[int, ...]) -> tuple[_SetContent, ...]:
+    members = [_network(c) for c in group.cidrs]
+    sets = []
+    for fam in families:
+        nets = tuple(n for n in members if n.version == fam)
+        # Pod IPs alone make a plain hash set: libnftables 1.0.6 reads back every interval
+        # set's elements to add one element to any of them. Which kind a group needs changes
+        # only with its policy (an ipBlock), never with pod churn.
+        ranges = any(n.prefixlen != n.max_prefixlen for n in nets)
+        sets.append(_SetContent(set_name(group.name, fam), (_FAMILY[fam][1],), nets,
+                                flags=("interval",) if ranges else (), comment=f"peers: {group.selector}"))
+    return tuple(sets)
+
+
+def _derive_peer_port_sets(group: PeerPortGroup, families: tuple[int, ...]) -> tuple[_SetContent, ...]:
+    entries = [(_address(e.address), _PROTO[e.protocol], e.port) for e in group.entries]
+    return tuple(
+        _SetContent(set_name(group.name, fam), (_FAMILY[fam][1], "inet_proto", "inet_service"),
+                    tuple(t for t in entries if t[0].version == fam),
+                    comment=f"named ports on peers: {group.selector}")
+        for fam in families
+    )
+
+
+_peer_sets = _PerObject(_derive_peer_sets)
+_peer_port_sets = _PerObject(_derive_peer_port_sets)
 
 
 def _forward_chain(families: tuple[int, ...]) -> Chain:
@@ -272,62 +371,64 @@ def _ingress_dispatch_chain(families: tuple[int, ...]) -> Chain:
     return chain
 
 
-def _port_match(ports: list[PortRange], inet: Table) -> Match:
+@dataclass(frozen=True)
+class _AllowRuleNft:
+    """The nft rules of one AllowRule in one direction, and the port set they match against."""
+
+    rules: tuple[Rule, ...]
+    port_set: _SetContent | None
+
+
+def _derive_allow_rules(rule: AllowRule, direction: str, families: tuple[int, ...]) -> _AllowRuleNft:
+    allow = _ACCEPT if direction == "ingress" else _GOTO_INGRESS
+    comment = "; ".join(rule.origin)
+    if rule.peerPorts is not None:
+        return _AllowRuleNft(
+            tuple(Rule((_group_match(rule.peerPorts, f, "peer_ports"), allow), comment) for f in families), None)
+    ports, port_set = ((), None) if rule.ports is None else _port_match(tuple((p.protocol, p.port, p.endPort)
+                                                                              for p in rule.ports))
+    if rule.peers is None:
+        return _AllowRuleNft((Rule((*ports, allow), comment),), port_set)
+    peer_field = "saddr" if direction == "ingress" else "daddr"
+    return _AllowRuleNft(
+        tuple(Rule((_group_match(rule.peers, f, peer_field), *ports, allow), comment) for f in families), port_set)
+
+
+_allow_rules = _PerObject(_derive_allow_rules)
+
+
+@lru_cache(maxsize=1 << 12)
+def _port_match(ports: tuple[tuple[str, int, int | None], ...]) -> tuple[tuple[Match], _SetContent | None]:
     """`tcp dport 80` for one port (range); else a named port set shared by equal port lists.
 
     Not an anonymous set: libnftables 1.0.6 takes quadratic time over a batch of rules with
     anonymous sets (measured: 20,000 rules load in minutes, with named sets in 2 s).
     """
     elements = tuple(
-        (_PROTO[p.protocol], p.port if p.endPort is None or p.endPort == p.port else Range(p.port, p.endPort))
-        for p in ports
+        (_PROTO[protocol], port if end is None or end == port else Range(port, end)) for protocol, port, end in ports
     )
     if len(elements) == 1:
         protocol, port = elements[0]
-        return Match(_DPORT[protocol], port)
+        return (Match(_DPORT[protocol], port),), None
     name = "ports_" + hashlib.sha256(repr(elements).encode()).hexdigest()[:12]
-    if name not in inet.sets:
-        inet.add(Set(name, ("inet_proto", "inet_service"), list(elements), flags=("interval",),
-                     comment="ports " + ", ".join(f"{p.port}{'-' + str(p.endPort) if p.endPort else ''}/{p.protocol}"
-                                                  for p in ports)))
-    return Match(_PROTO_PORT, SetRef(name))
+    comment = "ports " + ", ".join(f"{port}{'-' + str(end) if end else ''}/{protocol}" for protocol, port, end in ports)
+    return (Match(_PROTO_PORT, SetRef(name)),), _SetContent(name, ("inet_proto", "inet_service"), elements,
+                                                            flags=("interval",), comment=comment)
 
 
-def _pod_chain(pod: PolicedPod, direction: str, counter: str, families, options: RenderOptions, inet: Table) -> Chain:
-    peer_field = "saddr" if direction == "ingress" else "daddr"
-    allow = _ACCEPT if direction == "ingress" else _GOTO_INGRESS
-    policies = pod.ingressPolicies if direction == "ingress" else pod.egressPolicies
-    chain = Chain(f"pod_{pod_id(pod.namespace, pod.name)}_{direction}",
-                  comment=f"{pod.key} {direction}, isolated by {', '.join(policies)}")
-    for rule in getattr(pod, direction):
-        chain.rules += _allow_rules(rule, peer_field, allow, families, inet)
-    if options.log_drops:
-        chain.rules.append(_log_sample(options, counter, f"{pod.key} {direction}: log a sample of drops"))
-    chain.rules.append(Rule((CounterRef(counter), _DROP),
-                            f"{pod.key} {direction}: no policy rule allows this"))
-    return chain
+@lru_cache(maxsize=1 << 14)
+def _group_match(group: str, family: int, field: Literal["saddr", "daddr", "peer_ports"]) -> Match:
+    """An allow rule's peer test: `ip saddr @<group>_v4`, or `ip daddr . meta l4proto . th dport @<group>_v4`
+    for a group of named ports resolved on the peers. Immutable and the same in many rules: built once."""
+    proto = _FAMILY[family][0]
+    left = _ADDR_PROTO_PORT[proto] if field == "peer_ports" else _ADDR[(proto, field)]
+    return Match(left, SetRef(set_name(group, family)))
 
 
 def _log_sample(options: RenderOptions, counter: str, comment: str) -> Rule:
     """NFLOG a rate-limited sample of what the next rule drops, tagged with its counter."""
     limit = Limit(options.log_rate_per_second, "second", burst=options.log_rate_per_second)
     return Rule((limit, Log(options.nflog_group, log_prefix(counter))), comment)
-
-
-def _allow_rules(rule: AllowRule, peer_field: str, allow: Verdict, families, inet: Table) -> list[Rule]:
-    comment = "; ".join(rule.origin)
-    if rule.peerPorts is not None:
-        return [
-            Rule((Match(_ADDR_PROTO_PORT[_FAMILY[f][0]], SetRef(set_name(rule.peerPorts, f))), allow), comment)
-            for f in families
-        ]
-    ports = [] if rule.ports is None else [_port_match(rule.ports, inet)]
-    if rule.peers is None:
-        return [Rule((*ports, allow), comment)]
-    return [
-        Rule((Match(_ADDR[(_FAMILY[f][0], peer_field)], SetRef(set_name(rule.peers, f))), *ports, allow), comment)
-        for f in families
-    ]
 
 
 # --------------------------------------------------------------------------- bridge
@@ -360,31 +461,41 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
              "ARP from its own MAC and address, or 0.0.0.0 for duplicate address detection"),
     )
     for pod in spec.pods:
-        port = next((ports[ip] for ip in pod.ips if ip in ports), None)
+        port = _veth_of(pod, ports)
         if port is None:
             continue  # veth not found yet: IP-keyed policy still applies
-        counter = counter_name(pod.namespace, pod.name, "spoof")
-        result.counters[counter] = CounterLabels(pod.namespace, pod.name, "spoof")
-        bridge.add(Counter(counter, comment=f"{pod.key} spoofed frames"))
-        chain = bridge.add(Chain(f"pod_{pod_id(pod.namespace, pod.name)}_spoof",
-                                 comment=f"{pod.key} on {port.ifname}"))
+        key = pod.key
+        # The counter and the chain share a name, in separate namespaces of the table.
+        name = counter_name(pod.namespace, pod.name, "spoof")
+        result.counters[name] = CounterLabels(pod.namespace, pod.name, "spoof")
+        _register(bridge.counters, Counter(name, comment=f"{key} spoofed frames"))
+        chain = _register(bridge.chains, Chain(name, comment=f"{key} on {port.ifname}"))
         addresses = [_address(ip) for ip in pod.ips]
         if port.mac:
-            mac, name = port.mac.lower(), port.ifname
-            own["v4"].elements += [(name, mac, a) for a in addresses if a.version == 4]
-            own["v6"].elements += [(name, mac, _network(f"{a}/128")) for a in addresses if a.version == 6]
-            own["v6"].elements += [(name, mac, _LINK_LOCAL6), (name, mac, _UNSPECIFIED6_NET)]
-            if any(a.version == 4 for a in addresses):
-                own["arp"].elements += [(name, mac, a) for a in addresses if a.version == 4]
-                own["arp"].elements.append((name, mac, _UNSPECIFIED4))
+            mac, ifname = port.mac.lower(), port.ifname
+            v4 = [(ifname, mac, a) for a in addresses if a.version == 4]
+            own["v4"].elements += v4
+            if len(v4) < len(addresses):
+                own["v6"].elements += [(ifname, mac, _network(f"{a}/128")) for a in addresses if a.version == 6]
+            own["v6"].elements += [(ifname, mac, _LINK_LOCAL6), (ifname, mac, _UNSPECIFIED6_NET)]
+            if v4:
+                own["arp"].elements += v4
+                own["arp"].elements.append((ifname, mac, _UNSPECIFIED4))
             chain.rules += shared
         else:
             # MAC unknown (seen only in the CNI cache): check the source address alone.
-            for a in addresses:
-                chain.rules.append(Rule((Match(_ADDR[("ip" if a.version == 4 else "ip6", "saddr")], a), _RETURN),
-                                        f"{pod.key}: its own address (MAC unknown)"))
+            comment = f"{key}: its own address (MAC unknown)"
+            chain.rules += [Rule((Match(_ADDR[(_FAMILY[a.version][0], "saddr")], a), _RETURN), comment)
+                            for a in addresses]
         if options.log_drops:
-            chain.rules.append(_log_sample(options, counter, f"{pod.key}: log a sample of spoofed frames"))
-        chain.rules.append(Rule((CounterRef(counter), _DROP),
-                                f"{pod.key}: source address or MAC is not the pod's"))
-        dispatch.elements.append((port.ifname, Verdict("jump", chain.name)))
+            chain.rules.append(_log_sample(options, name, f"{key}: log a sample of spoofed frames"))
+        chain.rules.append(Rule((CounterRef(name), _DROP), f"{key}: source address or MAC is not the pod's"))
+        dispatch.elements.append((port.ifname, Verdict("jump", name)))
+
+
+def _veth_of(pod: PolicedPod, ports: Mapping[str, PodPort]) -> PodPort | None:
+    for ip in pod.ips:
+        port = ports.get(ip)
+        if port is not None:
+            return port
+    return None
