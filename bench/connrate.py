@@ -6,6 +6,8 @@
                                           piles up) for S seconds; prints connections/second
                                           and how many attempts failed
 Each connection is a full handshake, so every one is a new flow through the policy chains.
+bench/datapath.py runs `connect_while` in worker processes of its own and reads their running
+tallies while it changes the rules under them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import socket
 import struct
 import sys
 import time
+from typing import Callable, MutableSequence
 
 
 def serve(port: int) -> None:
@@ -28,22 +31,28 @@ def serve(port: int) -> None:
         conn.close()
 
 
-def _client(host: str, port: int, seconds: float, out) -> None:
+def connect_while(host: str, port: int, keep_going: Callable[[], bool], tally: MutableSequence[int], index: int) -> None:
+    """Connect and close while keep_going(); tally[2*index] counts connections made and
+    tally[2*index+1] attempts that failed, updated after every attempt (one writer per slot)."""
     linger = struct.pack("ii", 1, 0)
-    done = failed = 0
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while keep_going():
         c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         c.settimeout(2)
         try:
             c.connect((host, port))
-            done += 1
+            tally[2 * index] += 1
         except OSError:
-            failed += 1
+            tally[2 * index + 1] += 1
         finally:
             c.close()
-    out.put((done, failed))
+
+
+def _client(host: str, port: int, seconds: float, out) -> None:
+    tally = [0, 0]
+    deadline = time.monotonic() + seconds
+    connect_while(host, port, lambda: time.monotonic() < deadline, tally, 0)
+    out.put((tally[0], tally[1]))
 
 
 def connect(host: str, port: int, seconds: float, procs: int) -> tuple[float, int]:

@@ -1,58 +1,90 @@
 #!/usr/bin/env python3
 """Datapath benchmark: what netfence's rules cost traffic between two pods on one node.
 
-A node netns with bridge cni0 (br_netfilter on, as flannel needs it) and two pods on veths:
-a client and a server. Measured in one run, for each configuration:
-  - iperf3 TCP throughput, client -> server (one stream)
-  - TCP connections per second (bench/connrate.py: full handshake, then RST), every one a new
-    flow through the policy chains
-Configurations: no netfence tables and no connection tracking ("bare"); no netfence tables but
-connection tracking on (the baseline: every Kubernetes node has it on, for kube-proxy and
-flannel's NAT, and any stateful policy needs it); then netfence with 10, 1,000 and 10,000
-policies.
+A node netns with bridge cni0 (br_netfilter on, as flannel needs it) and two pods on veths, a
+client and a server. Two kinds of traffic, client -> server:
+  - one iperf3 TCP stream: throughput (bytes the bridge hands to the server's veth);
+  - TCP connections per second (bench/connrate.py, 2 processes: full handshake, then RST),
+    every one a new flow through the policy chains.
+The baseline is connection tracking on and nothing of netfence on the packet path (every
+Kubernetes node has conntrack on, for kube-proxy and flannel's NAT; stateful policy needs it).
+
+Paired, interleaved A/B measurement. Separate short runs on this kind of machine differ by tens
+of percent (where the scheduler puts client and server, other jobs on the two CPUs), more than
+the effect sought; consecutive seconds of one stream differ far less. So for each policy count
+the rule set is rendered and loaded once, the agent's own way (Kernel().apply(plan(...)) in the
+node netns; the load time is reported), then one long stream runs while the rules are switched
+on and off under it: --pairs pairs of --seconds slots, one with netfence's rules on the packet
+path and one without, in ABBA order (pair i starts with netfence when i is even) so that every
+state is first as often as second and drift within a pair cancels. "Without" deletes the
+tables' two base chains (inet forward, bridge prerouting): nftables reaches every other chain,
+set and map only from a rule of a base chain, so the rest of the tables costs packets nothing,
+and switching takes milliseconds at any policy count instead of a full load. A short gap after
+each switch is not measured. Each pair gives the ratio netfence / baseline; reported per policy
+count: the median ratio with a 95 % bootstrap confidence interval (pairs resampled), the
+medians of the raw values, and the same for kernel CPU time (system + irq + softirq of the
+machine, /proc/stat) per GB and per 1,000 connections. Two more rows, for information: "A/A"
+switches something off the packet path (a chain no hook reaches), so it shows what the method
+reads when there is no effect; "bare" switches connection tracking off and on (what conntrack
+itself costs).
+
 Policies select IP-keyed synthetic pods of the node plus the two real ones; every pod, the
 client and the server included, is selected by its share of them (policies / pods), so the
 server's ingress chain and the client's egress chain grow with the policy count, and the rule
-allowing client -> server is the last one in each. Results are ratios to the conntrack
-baseline measured just before and after each configuration (bare shows what conntrack costs).
+allowing client -> server is the last one in each.
 
 Root only; creates netns nf-bench-dp-<hex>-{node,client,server} and deletes them by name.
 Needs iperf3 (Debian package iperf3).
 
-    .venv/bin/python bench/datapath.py [--policies 10,1000,10000] [--seconds 5] [--repeat 3]
-Target: >= 97% of baseline, flat in the number of policies.
+    .venv/bin/python bench/datapath.py [--policies 10,1000,10000] [--pairs 60] [--seconds 1]
+Target: >= 97% of baseline throughput, flat in the number of policies.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import multiprocessing
 import os
+import random
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / d) for d in ("operator", "agent", "tests")]
 
 from bench_machine import machine  # noqa: E402
+from connrate import connect_while  # noqa: E402
 from netfence_api import AllowRule, Isolation, NodeRuleSetSpec, PeerGroup, PolicedPod, PortRange  # noqa: E402
-from netfence_agent.netns import executor_in  # noqa: E402
+from netfence_agent.netns import entered, executor_in  # noqa: E402
 from netfence_agent.nft.kernel import Kernel  # noqa: E402
+from netfence_agent.nft.model import Ruleset  # noqa: E402
 from netfence_agent.nft.transaction import plan  # noqa: E402
 from netfence_agent.render import PodPort, render  # noqa: E402
 
 CLIENT_IP, SERVER_IP = "10.244.0.2", "10.244.0.3"
 IPERF_PORT, CONN_PORT = 5201, 5001
+CONN_PROCS = 2
 SYNTHETIC_PODS = 1000
 CONNTRACK_TABLE = ("inet", "nf_bench_conntrack")
+WARMUP = 1.0           # seconds of traffic before the first slot
+GAP = 0.1              # seconds after each switch (or between two slots of one state) not measured
+TARGET = 0.97          # netfence / baseline throughput
+FLAT_TOLERANCE = 0.03  # "flat": the largest and smallest policy counts within 3 points of each other
+RESAMPLES = 2000
+MIN_PAIRS_FOR_VERDICT = 8
 
 
-def sh(*cmd: str, check: bool = True, capture: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), check=check, capture_output=capture, text=True, timeout=600)
+def sh(*cmd: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True, timeout=timeout)
 
 
 def spec_with(policies: int) -> NodeRuleSetSpec:
@@ -84,14 +116,67 @@ def spec_with(policies: int) -> NodeRuleSetSpec:
     return NodeRuleSetSpec(nodeName="bench", pods=pods, peerGroups=groups)
 
 
+def kernel_jiffies() -> int:
+    """System + irq + softirq time of all CPUs so far, in USER_HZ ticks (/proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()  # cpu user nice system idle iowait irq softirq ...
+    return int(fields[3]) + int(fields[6]) + int(fields[7])
+
+
+@dataclass
+class Slot:
+    units: float     # bytes (throughput) or connections moved in the slot
+    seconds: float
+    jiffies: int     # kernel CPU time of the machine in the slot
+
+    @property
+    def rate(self) -> float:
+        return self.units / self.seconds
+
+    @property
+    def cpu_per_unit(self) -> float:
+        return self.jiffies / self.units if self.units else math.inf
+
+
+@dataclass
+class Pair:
+    first: str  # "test" or "base": which slot ran first
+    test: Slot
+    base: Slot
+
+    @property
+    def ratio(self) -> float:
+        return self.test.rate / self.base.rate
+
+    @property
+    def cpu_ratio(self) -> float:
+        return self.test.cpu_per_unit / self.base.cpu_per_unit
+
+
+@dataclass
+class Config:
+    label: str
+    detail: str
+    policies: int | None = None  # None: the bare row
+    server_rules: str = "-"      # rules in the server's ingress chain
+    load_seconds: float | None = None
+    switch_seconds: list[float] = field(default_factory=list)
+    throughput: list[Pair] = field(default_factory=list)
+    connections: list[Pair] = field(default_factory=list)
+    failed: int = 0
+
+
 class Bench:
-    def __init__(self, seconds: float):
+    def __init__(self, slot: float, traffic: tuple[str, ...] = ("throughput", "connections")):
         tag = os.urandom(3).hex()
         self.node, self.client, self.server = (f"nf-bench-dp-{tag}-{r}" for r in ("node", "client", "server"))
-        self.seconds = seconds
+        self.slot = slot
+        self.traffic = traffic
         self.processes: list[subprocess.Popen] = []
-        self.failed = 0  # connection attempts that failed, over the whole run
         self.executor = None
+        self.conntrack = False
+        self.hooks_on = False
+        self.hook_chains: list[dict] = []  # the netfence base chains as listed, with their rules
 
     def up(self) -> None:
         for ns in (self.node, self.client, self.server):
@@ -117,47 +202,123 @@ class Bench:
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self.executor = executor_in(self.node)
         self.kernel: Kernel = self.executor.submit(Kernel).result()
+        self.set_conntrack(True)
         time.sleep(0.5)
 
-    def load(self, policies: int | str) -> str:
-        """netfence rules with this many policies, or "bare" / "conntrack" (no netfence tables)."""
-        k = lambda fn, *a: self.executor.submit(fn, *a).result()  # noqa: E731
-        k(self.kernel.delete_tables)
-        k(self.kernel.delete_tables, [CONNTRACK_TABLE])
-        if policies == "bare":
-            return "no tables, no connection tracking"
-        if policies == "conntrack":
+    def _k(self, fn, *args):
+        return self.executor.submit(fn, *args).result()
+
+    # ------------------------------------------------------------------ states
+    def set_conntrack(self, on: bool) -> None:
+        """Connection tracking on or off, through a table of its own that no hook reaches."""
+        if on == self.conntrack:
+            return
+        if on:
             # A rule using ct, in a chain nothing jumps to: conntrack on, no rule on the path.
-            k(self.kernel.run, [
+            self._k(self.kernel.run, [
                 {"add": {"table": {"family": "inet", "name": CONNTRACK_TABLE[1]}}},
                 {"add": {"chain": {"family": "inet", "table": CONNTRACK_TABLE[1], "name": "unused"}}},
                 {"add": {"rule": {"family": "inet", "table": CONNTRACK_TABLE[1], "chain": "unused", "expr": [
                     {"match": {"op": "in", "left": {"ct": {"key": "state"}}, "right": ["new"]}}, {"accept": None}]}}},
             ])
-            return "no netfence tables, connection tracking on"
-        spec = spec_with(policies)
-        ports = {CLIENT_IP: PodPort("vethclient", self.macs[CLIENT_IP]), SERVER_IP: PodPort("vethserver", self.macs[SERVER_IP])}
-        result = render(spec, ports)
+        else:
+            self._k(self.kernel.delete_tables, [CONNTRACK_TABLE])
+        self.conntrack = on
+
+    def load_netfence(self, ruleset: Ruleset) -> float:
+        """Loads the rule set as the agent does after a restart (full sync); returns seconds taken.
+        Then keeps a copy of its base chains, to take them off the packet path and back."""
         started = time.perf_counter()
-        k(self.kernel.apply, plan(result.ruleset, None, lambda: k(self.kernel.inventory)))
-        chain = result.ruleset.table("inet", "netfence").chains
-        server_rules = next(len(c.rules) for n, c in chain.items() if n.endswith("_ingress") and "server" in c.comment)
-        return (f"{policies} policies over {len(spec.pods)} pods, server ingress chain {server_rules} rules "
-                f"(loaded in {time.perf_counter() - started:.1f} s)")
+        self._k(self.kernel.apply, plan(ruleset, None, lambda: self._k(self.kernel.inventory)))
+        seconds = time.perf_counter() - started
+        self.hook_chains = []
+        for table in ruleset.tables:
+            for name, chain in table.chains.items():
+                if chain.is_base:
+                    listed = self._k(self.kernel.run, [{"list": {"chain": {"family": table.family, "table": table.name,
+                                                                           "name": name}}}])
+                    self.hook_chains.append({"chain": next(i["chain"] for i in listed if "chain" in i),
+                                             "rules": [i["rule"] for i in listed if "rule" in i]})
+        if not self.hook_chains:
+            raise RuntimeError("the rendered rule set has no base chain: nothing to switch")
+        self.hooks_on = True
+        return seconds
 
-    def throughput(self) -> float:
-        out = sh("ip", "netns", "exec", self.client, "iperf3", "-c", SERVER_IP, "-p", str(IPERF_PORT),
-                 "-t", str(self.seconds), "-J")
-        return json.loads(out.stdout)["end"]["sum_received"]["bits_per_second"]
+    def set_hooks(self, on: bool) -> float:
+        """netfence's base chains on or off the packet path; returns seconds taken (0 if no change)."""
+        if on == self.hooks_on:
+            return 0.0
+        commands: list[dict] = []
+        for listed in self.hook_chains:
+            chain = {k: v for k, v in listed["chain"].items() if k != "handle"}
+            key = {k: chain[k] for k in ("family", "table", "name")}
+            if on:
+                commands.append({"add": {"chain": chain}})
+                commands += [{"add": {"rule": {k: v for k, v in rule.items() if k != "handle"}}}
+                             for rule in listed["rules"]]
+            else:
+                commands += [{"flush": {"chain": key}}, {"delete": {"chain": key}}]
+        started = time.perf_counter()
+        self._k(self.kernel.run, commands)
+        self.hooks_on = on
+        return time.perf_counter() - started
 
-    def conn_rate(self) -> float:
-        out = sh("ip", "netns", "exec", self.client, sys.executable, str(ROOT / "bench" / "connrate.py"), "connect",
-                 SERVER_IP, str(CONN_PORT), "--seconds", str(self.seconds), "--procs", "2")
-        rate, failed = out.stdout.split()
-        if float(rate) == 0:
-            raise RuntimeError(f"no connection succeeded ({failed} failed): the rules block client -> server")
-        self.failed += int(failed)
-        return float(rate)
+    def unload_netfence(self) -> None:
+        self._k(self.kernel.delete_tables)
+        self.hooks_on = False
+        self.hook_chains = []
+
+    # ------------------------------------------------------------------ traffic
+    def bytes_to_server(self) -> int:
+        """Bytes the bridge has handed to the server's veth (node netns, read from its thread)."""
+        def read() -> int:
+            with open("/proc/thread-self/net/dev") as f:
+                for line in f:
+                    name, _, counters = line.partition(":")
+                    if name.strip() == "vethserver":
+                        return int(counters.split()[8])  # transmit bytes
+            raise RuntimeError("vethserver not found in the node netns")
+        return self._k(read)
+
+    @contextmanager
+    def iperf_stream(self, seconds: float) -> Iterator[Callable[[], float]]:
+        """One iperf3 stream client -> server, running at least `seconds`; yields a byte counter."""
+        client = subprocess.Popen(["ip", "netns", "exec", self.client, "iperf3", "-c", SERVER_IP, "-p", str(IPERF_PORT),
+                                   "-t", str(math.ceil(seconds) + 5)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+        def counter() -> float:
+            if client.poll() is not None:
+                raise RuntimeError(f"iperf3 ended early: {client.stderr.read().strip()}")
+            return float(self.bytes_to_server())
+        try:
+            yield counter
+        finally:
+            if client.poll() is None:
+                client.terminate()
+            client.wait(timeout=30)
+            time.sleep(0.5)  # the server notices the end before the next test connects
+
+    @contextmanager
+    def connection_stream(self) -> Iterator[tuple[Callable[[], float], Callable[[], int]]]:
+        """CONN_PROCS processes in the client netns connecting to the server until the block
+        ends; yields counters of connections made and attempts failed."""
+        ctx = multiprocessing.get_context("fork")
+        tally = ctx.Array("q", 2 * CONN_PROCS, lock=False)
+        stop = ctx.Value("b", 0, lock=False)
+        workers = [ctx.Process(target=_connect_in, args=(self.client, tally, stop, i), daemon=True)
+                   for i in range(CONN_PROCS)]
+        for w in workers:
+            w.start()
+        try:
+            yield (lambda: float(sum(tally[0::2]))), (lambda: sum(tally[1::2]))
+        finally:
+            stop.value = 1
+            for w in workers:
+                w.join(timeout=10)
+                if w.is_alive():
+                    w.kill()
+                    w.join(timeout=10)
 
     def down(self) -> None:
         if self.executor is not None:
@@ -169,51 +330,235 @@ class Bench:
             sh("ip", "netns", "del", ns, check=False)
 
 
+def _connect_in(netns: str, tally, stop, index: int) -> None:
+    with entered(netns):
+        connect_while(SERVER_IP, CONN_PORT, lambda: not stop.value, tally, index)
+
+
+# ---------------------------------------------------------------------- the schedule
+def alternate(pairs: int, slot: float, switch: Callable[[bool], float], counter: Callable[[], float],
+              config: Config, what: str) -> list[Pair]:
+    """`pairs` pairs of slots with the test state on (switch(True)) and off, in ABBA order,
+    while traffic runs; `counter` reads the units moved so far."""
+    result: list[Pair] = []
+    time.sleep(WARMUP)
+    for i in range(pairs):
+        order = ("test", "base") if i % 2 == 0 else ("base", "test")
+        slots: dict[str, Slot] = {}
+        for state in order:
+            took = switch(state == "test")
+            if took:
+                config.switch_seconds.append(took)
+            time.sleep(GAP)
+            units, jiffies, started = counter(), kernel_jiffies(), time.monotonic()
+            time.sleep(slot)
+            units, jiffies, seconds = counter() - units, kernel_jiffies() - jiffies, time.monotonic() - started
+            slots[state] = Slot(units, seconds, jiffies)
+        if slots["test"].units == 0 or slots["base"].units == 0:
+            raise RuntimeError(f"{config.label} {what}: no traffic in a slot (test {slots['test'].units:.0f}, "
+                               f"base {slots['base'].units:.0f}): the rules block client -> server")
+        pair = Pair(order[0], slots["test"], slots["base"])
+        result.append(pair)
+        if i % 10 == 9 or i + 1 == pairs:
+            recent = result[-10:]
+            print(f"  {config.label} {what} pairs {len(result) - len(recent) + 1}-{len(result)}/{pairs}: ratios "
+                  f"{' '.join(f'{p.ratio:.0%}' for p in recent)}; load {os.getloadavg()[0]:.1f}",
+                  file=sys.stderr, flush=True)
+    return result
+
+
+def measure(bench: Bench, config: Config, pairs: int, switch: Callable[[bool], float]) -> None:
+    if "throughput" in bench.traffic:
+        seconds = WARMUP + pairs * 2 * (bench.slot + GAP + 0.05) + 2
+        with bench.iperf_stream(seconds) as counter:
+            config.throughput = alternate(pairs, bench.slot, switch, counter, config, "throughput")
+        switch(True)
+    if "connections" in bench.traffic:
+        with bench.connection_stream() as (made, failed):
+            config.connections = alternate(pairs, bench.slot, switch, made, config, "conn/s")
+            config.failed = failed()
+        switch(True)
+
+
+def measure_netfence(bench: Bench, policies: int, pairs: int) -> Config:
+    spec = spec_with(policies)
+    ports = {CLIENT_IP: PodPort("vethclient", bench.macs[CLIENT_IP]),
+             SERVER_IP: PodPort("vethserver", bench.macs[SERVER_IP])}
+    ruleset = render(spec, ports).ruleset
+    chains = ruleset.table("inet", "netfence").chains
+    server_rules = next((str(len(c.rules)) for n, c in chains.items()
+                         if n.endswith("_ingress") and "server" in (c.comment or "")), "?")
+    config = Config(f"netfence {policies}", f"{policies} policies over {len(spec.pods)} pods, "
+                                            f"server ingress chain {server_rules} rules", policies, server_rules)
+    config.load_seconds = bench.load_netfence(ruleset)
+    try:
+        measure(bench, config, pairs, bench.set_hooks)
+    finally:
+        bench.unload_netfence()
+    return config
+
+
+def measure_null(bench: Bench, pairs: int) -> Config:
+    """A/A calibration: the switch changes nothing on the packet path (a chain no hook reaches is
+    added and deleted), so the ratios show what the method reads when there is no effect."""
+    config = Config("A/A (null)", "an unreachable chain added (test) / deleted (baseline), no netfence tables")
+    chain = {"family": "inet", "table": CONNTRACK_TABLE[1], "name": "aa"}
+    state = {"on": False}
+
+    def switch(on: bool) -> float:
+        if on == state["on"]:
+            return 0.0
+        started = time.perf_counter()
+        bench._k(bench.kernel.run, [{"add" if on else "delete": {"chain": chain}}])
+        state["on"] = on
+        return time.perf_counter() - started
+    measure(bench, config, pairs, switch)
+    switch(False)
+    return config
+
+
+def measure_bare(bench: Bench, pairs: int) -> Config:
+    config = Config("bare", "conntrack off (test) vs on (baseline), no netfence tables")
+    measure(bench, config, pairs, lambda bare: bench.set_conntrack(not bare) or 0.0)
+    bench.set_conntrack(True)
+    return config
+
+
+# ---------------------------------------------------------------------- statistics
+def median_ci(values: list[float], rng: random.Random) -> tuple[float, float]:
+    """95 % percentile-bootstrap confidence interval of the median (values resampled)."""
+    n = len(values)
+    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(RESAMPLES))
+    return medians[int(RESAMPLES * 0.025)], medians[int(RESAMPLES * 0.975) - 1]
+
+
+def difference_ci(a: list[float], b: list[float], rng: random.Random) -> tuple[float, float]:
+    """95 % bootstrap confidence interval of median(b) - median(a), each resampled on its own."""
+    diffs = sorted(statistics.median(rng.choices(b, k=len(b))) - statistics.median(rng.choices(a, k=len(a)))
+                   for _ in range(RESAMPLES))
+    return diffs[int(RESAMPLES * 0.025)], diffs[int(RESAMPLES * 0.975) - 1]
+
+
+def ratio_cell(values: list[float], rng: random.Random) -> str:
+    if not values:
+        return "-"
+    low, high = median_ci(values, rng)
+    return f"{statistics.median(values):.1%} [{low:.1%}, {high:.1%}]"
+
+
+def verdict(values: list[float], rng: random.Random) -> str:
+    if not values:
+        return "not measured"
+    if len(values) < MIN_PAIRS_FOR_VERDICT:
+        return f"not judged ({len(values)} pairs; a bootstrap CI needs at least {MIN_PAIRS_FOR_VERDICT})"
+    low, high = median_ci(values, rng)
+    if low >= TARGET:
+        return "confirmed"
+    if high < TARGET:
+        return "refuted"
+    return f"undecided (CI spans {TARGET:.0%})"
+
+
+def flatness(a: list[float], b: list[float], rng: random.Random) -> str:
+    a_ci, b_ci = median_ci(a, rng), median_ci(b, rng)
+    overlap = a_ci[0] <= b_ci[1] and b_ci[0] <= a_ci[1]
+    low, high = difference_ci(a, b, rng)
+    band = f"+-{FLAT_TOLERANCE * 100:.0f} points"
+    if min(len(a), len(b)) < MIN_PAIRS_FOR_VERDICT:
+        judged = "not judged (too few pairs)"
+    elif -FLAT_TOLERANCE <= low and high <= FLAT_TOLERANCE:
+        judged = f"confirmed (CI of the difference within {band})"
+    elif low > FLAT_TOLERANCE or high < -FLAT_TOLERANCE:
+        judged = f"refuted (CI of the difference beyond {band})"
+    else:
+        judged = f"undecided (CI of the difference reaches beyond {band})"
+    return (f"{judged}; difference of median ratios {(statistics.median(b) - statistics.median(a)) * 100:+.1f} points, "
+            f"95 % CI [{low * 100:+.1f}, {high * 100:+.1f}]; CIs {'overlap' if overlap else 'do not overlap'}")
+
+
+def report(configs: list[Config], args: argparse.Namespace, started_load: tuple[float, float, float],
+           started: float) -> None:
+    rng = random.Random(4)  # fixed: the same data print the same intervals
+    print(f"{args.pairs} pairs of {args.seconds:g} s slots per configuration and traffic ({args.traffic}), ABBA, "
+          f"within one stream; "
+          f"ratio test / baseline per pair; median [95 % bootstrap CI of the median, {RESAMPLES} resamples]")
+    print(f"{'configuration':<15} {'Gbit/s ratio':>24} {'conn/s ratio':>24} {'CPU/GB ratio':>24} "
+          f"{'CPU/conn ratio':>24} {'Gbit/s t/b':>11} {'conn/s t/b':>13} {'load s':>6} {'switch ms':>9} {'rules':>5}")
+    for c in configs:
+        raw_g = (f"{statistics.median(p.test.rate for p in c.throughput) * 8e-9:.2f}/"
+                 f"{statistics.median(p.base.rate for p in c.throughput) * 8e-9:.2f}") if c.throughput else "-"
+        raw_c = (f"{statistics.median(p.test.rate for p in c.connections):.0f}/"
+                 f"{statistics.median(p.base.rate for p in c.connections):.0f}") if c.connections else "-"
+        load = f"{c.load_seconds:.2f}" if c.load_seconds is not None else "-"
+        switch = f"{statistics.median(c.switch_seconds) * 1000:.0f}" if c.switch_seconds else "-"
+        print(f"{c.label:<15} {ratio_cell([p.ratio for p in c.throughput], rng):>24} "
+              f"{ratio_cell([p.ratio for p in c.connections], rng):>24} "
+              f"{ratio_cell([p.cpu_ratio for p in c.throughput], rng):>24} "
+              f"{ratio_cell([p.cpu_ratio for p in c.connections], rng):>24} "
+              f"{raw_g:>11} {raw_c:>13} {load:>6} {switch:>9} {c.server_rules:>5}")
+    for c in configs:
+        print(f"  {c.label}: {c.detail}")
+    netfence = [c for c in configs if c.policies is not None]
+    print("verdicts:")
+    for c in netfence:
+        print(f"  {c.label}: >= {TARGET:.0%} of baseline throughput: {verdict([p.ratio for p in c.throughput], rng)}; "
+              f"conn/s (information): {verdict([p.ratio for p in c.connections], rng)}")
+    if len(netfence) >= 2:
+        first, last = netfence[0], netfence[-1]
+        for what, a, b in (("throughput", first.throughput, last.throughput),
+                           ("conn/s", first.connections, last.connections)):
+            if a and b:
+                print(f"  flat in the number of policies, {what} ({first.label} vs {last.label}): "
+                      f"{flatness([p.ratio for p in a], [p.ratio for p in b], rng)}")
+    print(f"failed connection attempts over the whole run: {sum(c.failed for c in configs)}")
+    end_load = os.getloadavg()
+    print(f"load average (1, 5, 15 min): at start {started_load[0]:.2f} {started_load[1]:.2f} {started_load[2]:.2f}, "
+          f"at end {end_load[0]:.2f} {end_load[1]:.2f} {end_load[2]:.2f}")
+    print(f"duration: {time.monotonic() - started:.0f} s")
+    print(f"machine: {machine()}")
+
+
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--policies", default="10,1000,10000")
-    p.add_argument("--seconds", type=float, default=5)
-    p.add_argument("--repeat", type=int, default=3, help="measurements per configuration")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                epilog="Paired ABBA slots within one stream, ratios with bootstrap CIs; see the "
+                                       "module docstring and docs/benchmarks.md. Root and iperf3 needed.")
+    p.add_argument("--policies", default="10,1000,10000", help="policy counts, comma-separated")
+    p.add_argument("--pairs", type=int, default=60, help="netfence/baseline pairs of slots per policy count and traffic")
+    p.add_argument("--seconds", type=float, default=1.0, help="length of one slot")
+    p.add_argument("--bare-pairs", type=int, default=None,
+                   help="pairs for the informational no-conntrack row (default: --pairs; 0: skip)")
+    p.add_argument("--null-pairs", type=int, default=None,
+                   help="pairs for the A/A calibration row, a switch that changes nothing (default: --pairs; 0: skip)")
+    p.add_argument("--traffic", choices=("both", "throughput", "connections"), default="both",
+                   help="measure iperf3 throughput, connections per second, or both")
+    p.add_argument("--raw", type=Path, help="write every slot as JSON to this file")
     args = p.parse_args()
     if os.geteuid() != 0 or not shutil.which("iperf3"):
         print("bench/datapath.py needs root and iperf3", file=sys.stderr)
         return 2
+    if args.pairs < 2 or args.seconds <= 0:
+        p.error("--pairs must be at least 2 and --seconds positive")
     policy_counts = [int(x) for x in args.policies.split(",")]
-    # Each configuration is loaded once (10,000 policies take minutes to load, see
-    # docs/benchmarks.md) and measured --repeat times; a conntrack baseline runs before the first
-    # and after every netfence configuration, and each is compared with the baselines on either
-    # side of it, so that drift from other load on the machine cancels out as far as it can.
-    sequence: list[int | str] = ["bare", "conntrack"]
-    for count in policy_counts:
-        sequence += [count, "conntrack"]
-    bench = Bench(args.seconds)
-    measured: list[tuple[int | str, str, float, float, list[float], list[float]]] = []
+    bare_pairs = args.pairs if args.bare_pairs is None else args.bare_pairs
+    null_pairs = args.pairs if args.null_pairs is None else args.null_pairs
+    started, started_load = time.monotonic(), os.getloadavg()
+    print(f"load average at start (1, 5, 15 min): {started_load[0]:.2f} {started_load[1]:.2f} {started_load[2]:.2f}",
+          file=sys.stderr, flush=True)
+    bench = Bench(args.seconds, ("throughput", "connections") if args.traffic == "both" else (args.traffic,))
+    configs: list[Config] = []
     try:
         bench.up()
-        for config in sequence:
-            what = bench.load(config)
-            gbps = [bench.throughput() / 1e9 for _ in range(args.repeat)]
-            rates = [bench.conn_rate() for _ in range(args.repeat)]
-            measured.append((config, what, statistics.median(gbps), statistics.median(rates), gbps, rates))
-            print(f"  {config}: {what}: Gbit/s {[round(g, 2) for g in gbps]}, conn/s {[round(r) for r in rates]}",
-                  file=sys.stderr)
+        if null_pairs:
+            configs.append(measure_null(bench, null_pairs))
+        if bare_pairs:
+            configs.append(measure_bare(bench, bare_pairs))
+        for count in policy_counts:
+            configs.append(measure_netfence(bench, count, args.pairs))
     finally:
         bench.down()
-
-    print(f"machine: {machine()}")
-    print(f"{args.repeat} measurements of {args.seconds:.0f} s per configuration, medians [min-max]; "
-          f"ratios to the mean of the conntrack baselines just before and after")
-    print(f"{'configuration':<16} {'Gbit/s':>20} {'ratio':>7} {'conn/s':>20} {'ratio':>7}  detail")
-    for i, (config, what, gbps, rate, all_gbps, all_rates) in enumerate(measured):
-        near = [m for m in (measured[i - 1] if i else None, measured[i + 1] if i + 1 < len(measured) else None)
-                if m is not None and m[0] == "conntrack"] or [m for m in measured if m[0] == "conntrack"]
-        base_g = statistics.mean(m[2] for m in near)
-        base_r = statistics.mean(m[3] for m in near)
-        label = f"netfence {config}" if isinstance(config, int) else config
-        spread_g = f"{gbps:6.2f} [{min(all_gbps):.1f}-{max(all_gbps):.1f}]"
-        spread_r = f"{rate:6.0f} [{min(all_rates):.0f}-{max(all_rates):.0f}]"
-        print(f"{label:<16} {spread_g:>20} {gbps / base_g:7.1%} {spread_r:>20} {rate / base_r:7.1%}  {what}")
-    print(f"failed connection attempts over the whole run: {bench.failed}")
+    if args.raw:
+        args.raw.write_text(json.dumps([asdict(c) for c in configs], indent=1))
+    report(configs, args, started_load, started)
     return 0
 
 
