@@ -23,11 +23,10 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import socket
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Callable, Generic, Literal, TypeVar
+from typing import Any, Callable, Literal, NamedTuple, TypeVar
 
 from netfence_api import AllowRule, NodeRuleSetSpec, PeerGroup, PeerPortGroup, PolicedPod
 from netfence_agent.nft.model import (
@@ -124,37 +123,35 @@ _network = lru_cache(maxsize=1 << 17)(ipaddress.ip_network)
 _Derived = TypeVar("_Derived")
 
 
-class _PerObject(Generic[_Derived]):
-    """What render derives from one spec object (an AllowRule, a peer group), kept for as long
-    as that object lives.
+class RenderMemo:
+    """What render derives from spec objects (AllowRules, peer groups), by object, for the
+    renders that share it.
 
-    The compiler gives pods selected alike the very same AllowRule objects, on every node and
-    across recompiles, and one PeerGroup object to every node naming the group. Rendering every
-    node from one compiler (the operator's offline views, the compile benchmark) meets each of
-    them on many nodes, and reading the object again costs more than what it renders to. Entries
-    are keyed by id and dropped by a weakref callback when the object is collected, so a later
-    object never inherits an entry through a reused id. A spec parsed from JSON shares no
-    objects: its entries serve pods within the render and go with the spec. Spec objects are
-    frozen, and so is what is derived from them, so every table may share it.
+    The compiler gives pods selected alike the very same AllowRule objects, on every node, and
+    one PeerGroup object to every node naming the group. Each render call derives what it needs
+    from each object once; a caller rendering many nodes from one compiler (the offline views,
+    the compile benchmark) can pass one memo to all those calls, and then a rule met on many
+    nodes is read and rendered once. Entries hold their object, so its id stays its own for as
+    long as the memo lives: keep a memo for one batch of renders, not for good. An agent
+    rendering specs parsed from JSON, which share no objects across renders, passes none.
     """
 
-    def __init__(self, derive: Callable[..., _Derived]) -> None:
-        self._derive = derive
-        self._by_id: dict[int, tuple[weakref.ref, dict[tuple, _Derived]]] = {}
+    def __init__(self) -> None:
+        self._derived: dict[tuple, dict[int, tuple[Any, Any]]] = {}
 
-    def __call__(self, obj: object, *variant: object) -> _Derived:
-        key = id(obj)
-        entry = self._by_id.get(key)
-        if entry is None or entry[0]() is not obj:
-            entry = self._by_id[key] = (weakref.ref(obj, lambda _, key=key: self._by_id.pop(key, None)), {})
-        derived = entry[1].get(variant)
-        if derived is None:
-            derived = entry[1][variant] = self._derive(obj, *variant)
-        return derived
+    def derived(self, derive: Callable[..., _Derived], *variant: Any) -> Callable[[Any], _Derived]:
+        """derive(obj, *variant), remembered per object."""
+        entries = self._derived.setdefault((derive, *variant), {})
+
+        def of(obj: Any) -> _Derived:
+            entry = entries.get(id(obj))
+            if entry is None:
+                entry = entries[id(obj)] = (obj, derive(obj, *variant))
+            return entry[1]
+        return of
 
 
-@dataclass(frozen=True)
-class _SetContent:
+class _SetContent(NamedTuple):
     """A named set as derived from the spec. Immutable, so shared across renders; each table
     gets its own (mutable) Set."""
 
@@ -187,14 +184,17 @@ def log_prefix(counter: str) -> str:
     return f"netfence:{counter}"
 
 
-def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderOptions = RenderOptions()) -> RenderResult:
+def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderOptions = RenderOptions(),
+           memo: RenderMemo | None = None) -> RenderResult:
+    """The node's nftables model. Pass one `memo` to the renders of many nodes of one compile."""
+    memo = RenderMemo() if memo is None else memo
     families = _families(spec)
     result = RenderResult(Ruleset())
     inet = Table("inet", TABLE_NAME, comment=f"netfence: NetworkPolicy of node {spec.nodeName}")
     bridge = Table("bridge", TABLE_NAME, comment=f"netfence: anti-spoofing on pod veths of node {spec.nodeName}")
     result.ruleset.tables += [inet, bridge]
 
-    _render_groups(inet, spec, families)
+    _render_groups(inet, spec, families, memo)
     dispatch = {
         (direction, fam): inet.add(
             Map(f"{direction}_{_FAMILY[fam][2]}", (_FAMILY[fam][1],), comment=f"local pods isolated for {direction}")
@@ -204,6 +204,7 @@ def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderO
     }
     inet.add(_forward_chain(families))
     inet.add(_ingress_dispatch_chain(families))
+    allow_rules = {direction: memo.derived(_derive_allow_rules, direction, families) for direction in ("egress", "ingress")}
     for pod in spec.pods:
         isolation = pod.isolation
         if not (isolation.ingress or isolation.egress):
@@ -220,12 +221,13 @@ def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderO
             result.counters[name] = CounterLabels(pod.namespace, pod.name, direction)
             _register(inet.counters, Counter(name, comment=f"{key} {direction} drops"))
             chain = _register(inet.chains, Chain(name, comment=f"{key} {direction}, isolated by {', '.join(policies)}"))
+            nft_of = allow_rules[direction]
             for rule in rules:
-                nft = _allow_rules(rule, direction, families)
+                nft_rules, port_set = nft_of(rule)
                 # A port set joins the table with the first rule that matches against it.
-                if nft.port_set is not None and nft.port_set.name not in inet.sets:
-                    inet.add(nft.port_set.new_set())
-                chain.rules += nft.rules
+                if port_set is not None and port_set.name not in inet.sets:
+                    inet.add(port_set.new_set())
+                chain.rules += nft_rules
             if options.log_drops:
                 chain.rules.append(_log_sample(options, name, f"{key} {direction}: log a sample of drops"))
             chain.rules.append(Rule((CounterRef(name), _DROP), f"{key} {direction}: no policy rule allows this"))
@@ -284,7 +286,7 @@ def render_group_members(previous: RenderResult, old: NodeRuleSetSpec, new: Node
         peerPortGroups=[g for g, before in zip(new.peerPortGroups, old.peerPortGroups) if g.entries != before.entries],
     )
     fresh = Table(inet.family, inet.name)
-    _render_groups(fresh, changed, families)
+    _render_groups(fresh, changed, families, RenderMemo())
     inet.sets.update(fresh.sets)
     tables = [inet if t is old_inet else t for t in previous.ruleset.tables]
     return RenderResult(Ruleset(tables), previous.counters)
@@ -301,20 +303,23 @@ def _families(spec: NodeRuleSetSpec) -> tuple[int, ...]:
     return (4, 6) if has_v6 else (4,)
 
 
-def _render_groups(inet: Table, spec: NodeRuleSetSpec, families: tuple[int, ...]) -> None:
+def _render_groups(inet: Table, spec: NodeRuleSetSpec, families: tuple[int, ...], memo: RenderMemo) -> None:
+    peer_sets = memo.derived(_derive_peer_sets, families)
+    peer_port_sets = memo.derived(_derive_peer_port_sets, families)
     for group in spec.peerGroups:
-        for content in _peer_sets(group, families):
+        for content in peer_sets(group):
             inet.add(content.new_set())
     for group in spec.peerPortGroups:
-        for content in _peer_port_sets(group, families):
+        for content in peer_port_sets(group):
             inet.add(content.new_set())
 
 
 def _derive_peer_sets(group: PeerGroup, families: tuple[int, ...]) -> tuple[_SetContent, ...]:
-    members = [_network(c) for c in group.cidrs]
+    members = tuple(map(_network, group.cidrs))
     sets = []
     for fam in families:
-        nets = tuple(n for n in members if n.version == fam)
+        # Without IPv6 in the spec every member is IPv4 (_families).
+        nets = members if len(families) == 1 else tuple(n for n in members if n.version == fam)
         # Pod IPs alone make a plain hash set: libnftables 1.0.6 reads back every interval
         # set's elements to add one element to any of them. Which kind a group needs changes
         # only with its policy (an ipBlock), never with pod churn.
@@ -325,17 +330,13 @@ def _derive_peer_sets(group: PeerGroup, families: tuple[int, ...]) -> tuple[_Set
 
 
 def _derive_peer_port_sets(group: PeerPortGroup, families: tuple[int, ...]) -> tuple[_SetContent, ...]:
-    entries = [(_address(e.address), _PROTO[e.protocol], e.port) for e in group.entries]
+    entries = tuple((_address(e.address), _PROTO[e.protocol], e.port) for e in group.entries)
     return tuple(
         _SetContent(set_name(group.name, fam), (_FAMILY[fam][1], "inet_proto", "inet_service"),
-                    tuple(t for t in entries if t[0].version == fam),
+                    entries if len(families) == 1 else tuple(t for t in entries if t[0].version == fam),
                     comment=f"named ports on peers: {group.selector}")
         for fam in families
     )
-
-
-_peer_sets = _PerObject(_derive_peer_sets)
-_peer_port_sets = _PerObject(_derive_peer_port_sets)
 
 
 def _forward_chain(families: tuple[int, ...]) -> Chain:
@@ -371,30 +372,19 @@ def _ingress_dispatch_chain(families: tuple[int, ...]) -> Chain:
     return chain
 
 
-@dataclass(frozen=True)
-class _AllowRuleNft:
+def _derive_allow_rules(rule: AllowRule, direction: str,
+                        families: tuple[int, ...]) -> tuple[tuple[Rule, ...], _SetContent | None]:
     """The nft rules of one AllowRule in one direction, and the port set they match against."""
-
-    rules: tuple[Rule, ...]
-    port_set: _SetContent | None
-
-
-def _derive_allow_rules(rule: AllowRule, direction: str, families: tuple[int, ...]) -> _AllowRuleNft:
     allow = _ACCEPT if direction == "ingress" else _GOTO_INGRESS
     comment = "; ".join(rule.origin)
     if rule.peerPorts is not None:
-        return _AllowRuleNft(
-            tuple(Rule((_group_match(rule.peerPorts, f, "peer_ports"), allow), comment) for f in families), None)
-    ports, port_set = ((), None) if rule.ports is None else _port_match(tuple((p.protocol, p.port, p.endPort)
-                                                                              for p in rule.ports))
+        return tuple([Rule((_group_match(rule.peerPorts, f, "peer_ports"), allow), comment) for f in families]), None
+    ports, port_set = ((), None) if rule.ports is None else _port_match(
+        tuple([(p.protocol, p.port, p.endPort) for p in rule.ports]))
     if rule.peers is None:
-        return _AllowRuleNft((Rule((*ports, allow), comment),), port_set)
+        return (Rule((*ports, allow), comment),), port_set
     peer_field = "saddr" if direction == "ingress" else "daddr"
-    return _AllowRuleNft(
-        tuple(Rule((_group_match(rule.peers, f, peer_field), *ports, allow), comment) for f in families), port_set)
-
-
-_allow_rules = _PerObject(_derive_allow_rules)
+    return tuple([Rule((_group_match(rule.peers, f, peer_field), *ports, allow), comment) for f in families]), port_set
 
 
 @lru_cache(maxsize=1 << 12)

@@ -2,8 +2,9 @@
 
 The compiler gives pods selected alike the very same AllowRule objects, on every node, and one
 PeerGroup object to every node naming it. Render derives nft rules and set contents from each
-such object once, for as long as it lives, and hands the same immutable Rules to every chain
-holding it. A spec parsed from JSON shares no objects and must render the same text.
+such object once per call, or once per RenderMemo shared by many calls, and hands the same
+immutable Rules to every chain holding it. A spec parsed from JSON shares no objects and must
+render the same text.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from netfence_agent.nft.model import Match, SetRef
 from netfence_agent.nft.serialize import ruleset_text
-from netfence_agent.render import PodPort, RenderOptions, _address, _allow_rules, render
+from netfence_agent.render import PodPort, RenderMemo, RenderOptions, _address, render
 from netfence_api import AllowRule, Isolation, NodeRuleSetSpec, PeerGroup, PolicedPod, PortRange
 from netfence_operator.compile import ClusterObjects, Compiler, parse_object
 
@@ -88,6 +89,15 @@ def test_a_spec_parsed_from_json_renders_the_same_text(options, with_mac):
         assert list(from_json.counters.items()) == list(compiled.counters.items())
 
 
+def test_one_memo_for_every_node_renders_each_node_as_without_it():
+    specs = small_cluster()
+    memo = RenderMemo()
+    for _ in range(2):
+        for spec in specs.values():
+            ports = veths(spec, True)
+            assert ruleset_text(render(spec, ports, memo=memo).ruleset) == ruleset_text(render(spec, ports).ruleset)
+
+
 def test_pods_holding_the_same_allow_rules_share_their_nft_rules():
     spec = small_cluster()["node-0"]
     inet = render(spec, veths(spec, True)).ruleset.table("inet", "netfence")
@@ -103,19 +113,25 @@ def test_pods_holding_the_same_allow_rules_share_their_nft_rules():
     assert chains[0].rules[-1] != chains[1].rules[-1]
 
 
-def test_nodes_share_the_nft_rules_of_the_allow_rules_they_have_in_common():
+def test_nodes_rendered_with_one_memo_share_the_nft_rules_of_their_common_allow_rules():
     shared = AllowRule(origin=["a/p ingress[0]"], peers="pg-a", ports=[PortRange(port=80), PortRange(port=443)])
     own = AllowRule(origin=["a/p ingress[1]"], ports=[PortRange(port=22)])
     specs = [one_pod_spec(shared, node=f"node-{n}", pod=f"p{n}", extra=[own] if n else []) for n in range(2)]
-    chains = [next(c for c in render(spec, {}).ruleset.table("inet", "netfence").chains.values()
-                   if c.name.endswith("_ingress")) for spec in specs]
-    assert chains[0].rules[0] is chains[1].rules[0]
+    memo = RenderMemo()
+    with_memo = [ingress_chain(render(spec, {}, memo=memo)) for spec in specs]
+    alone = [ingress_chain(render(spec, {})) for spec in specs]
+    assert with_memo[0].rules[0] is with_memo[1].rules[0]
+    assert alone[0].rules[0] is not alone[1].rules[0]
+    assert [c.rules for c in with_memo] == [c.rules for c in alone]
     # A dual-stack node renders the rule for both families: its own rules, not the IPv4-only ones.
-    dual = one_pod_spec(shared, node="node-2", pod="p2", ips=["10.1.0.9", "fd00::9"])
-    dual_chain = next(c for c in render(dual, {}).ruleset.table("inet", "netfence").chains.values()
-                      if c.name.endswith("_ingress"))
-    assert [r.comment for r in dual_chain.rules[:2]] == ["a/p ingress[0]"] * 2
-    assert dual_chain.rules[0] == chains[0].rules[0] and dual_chain.rules[0] is not chains[0].rules[0]
+    dual = ingress_chain(render(one_pod_spec(shared, node="node-2", pod="p2", ips=("10.1.0.9", "fd00::9")), {},
+                                memo=memo))
+    assert [r.comment for r in dual.rules[:2]] == ["a/p ingress[0]"] * 2
+    assert dual.rules[0] == with_memo[0].rules[0] and dual.rules[0] is not with_memo[0].rules[0]
+
+
+def ingress_chain(result):
+    return next(c for c in result.ruleset.table("inet", "netfence").chains.values() if c.name.endswith("_ingress"))
 
 
 def one_pod_spec(rule: AllowRule, node: str = "n", pod: str = "p", ips: tuple[str, ...] = ("10.1.0.2",),
@@ -126,23 +142,25 @@ def one_pod_spec(rule: AllowRule, node: str = "n", pod: str = "p", ips: tuple[st
     return NodeRuleSetSpec(nodeName=node, pods=[policed], peerGroups=[group])
 
 
-def test_what_render_keeps_of_a_rule_goes_with_the_rule_and_never_passes_to_a_later_one():
-    """Entries are keyed by id; CPython hands a freed object's id to the next object of its size."""
-    entries, ids = len(_allow_rules._by_id), set()
-    for port in range(1000, 1100):
+def test_a_memo_kept_across_renders_of_new_objects_renders_each_as_its_own():
+    memo = RenderMemo()
+    for port in range(1000, 1050):
         rule = AllowRule(origin=[f"a/p ingress[{port}]"], peers="pg-a",
                          ports=[PortRange(port=port), PortRange(port=port + 1)])
-        ids.add(id(rule))
         spec = one_pod_spec(rule)
-        text = ruleset_text(render(spec, {}).ruleset)
+        text = ruleset_text(render(spec, {}, memo=memo).ruleset)
         assert f"a/p ingress[{port}]" in text and f"{port}/TCP, {port + 1}/TCP" in text
         assert text == ruleset_text(render(NodeRuleSetSpec.model_validate_json(spec.model_dump_json()), {}).ruleset)
-        alive = weakref.ref(rule)
-        del rule, spec
-        gc.collect()
-        assert alive() is None  # render keeps no spec object alive
-    assert len(_allow_rules._by_id) <= entries + 1
-    assert len(ids) < 100  # ids were reused: the case this test is about
+
+
+def test_render_without_a_memo_keeps_no_spec_object_alive():
+    rule = AllowRule(origin=["a/p ingress[0]"], peers="pg-a", ports=[PortRange(port=80), PortRange(port=81)])
+    spec = one_pod_spec(rule)
+    alive = [weakref.ref(rule), weakref.ref(spec.peerGroups[0])]
+    render(spec, {})
+    del rule, spec
+    gc.collect()
+    assert [ref() for ref in alive] == [None, None]
 
 
 def test_equal_port_lists_of_different_rules_share_one_port_set():
