@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / d) for d in ("operator", "agent")]
 
-from netfence_agent.render import PodPort, render  # noqa: E402
+from netfence_agent.render import PodPort, RenderMemo, render  # noqa: E402
 from netfence_api.runtime import tune_gc  # noqa: E402
 from netfence_operator.compile import ClusterObjects, Compiler, parse_object  # noqa: E402
 
@@ -87,9 +87,10 @@ def synthetic_cluster(pods: int, policies: int, namespaces: int, nodes: int, see
     return objects
 
 
-def render_node(spec):
-    ports = {ip: PodPort(f"veth{j:08x}", None) for j, pod in enumerate(spec.pods) for ip in pod.ips}
-    return render(spec, ports)
+def render_node(spec, memo: RenderMemo | None = None):
+    ports = {ip: PodPort(f"veth{j:08x}", f"02:42:0a:{j >> 16 & 255:02x}:{j >> 8 & 255:02x}:{j & 255:02x}")
+             for j, pod in enumerate(spec.pods) for ip in pod.ips}
+    return render(spec, ports, memo=memo)
 
 
 def rss_mb() -> float:
@@ -119,7 +120,9 @@ def main() -> None:
     specs = compiler.all_specs()
     t_compile = time.perf_counter() - t0
     t0 = time.perf_counter()
-    rendered = {node: render_node(spec) for node, spec in specs.items()}
+    memo = RenderMemo()  # as `netfence matrix` renders every node of one compile
+    rendered = {node: render_node(spec, memo) for node, spec in specs.items()}
+    del memo
     t_render = time.perf_counter() - t0
     rss_full = rss_mb()
     rules = sum(len(c.rules) for r in rendered.values() for t in r.ruleset.tables for c in t.chains.values())

@@ -219,8 +219,8 @@ def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderO
             # The counter and the chain share a name, in separate namespaces of the table.
             name = counter_name(pod.namespace, pod.name, direction)
             result.counters[name] = CounterLabels(pod.namespace, pod.name, direction)
-            _register(inet.counters, Counter(name, comment=f"{key} {direction} drops"))
-            chain = _register(inet.chains, Chain(name, comment=f"{key} {direction}, isolated by {', '.join(policies)}"))
+            inet.add(Counter(name, comment=f"{key} {direction} drops"))
+            chain = inet.add(Chain(name, comment=f"{key} {direction}, isolated by {', '.join(policies)}"))
             nft_of = allow_rules[direction]
             for rule in rules:
                 nft_rules, port_set = nft_of(rule)
@@ -238,18 +238,6 @@ def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderO
 
     _render_anti_spoofing(bridge, spec, ports, result, options)
     return result
-
-
-_PerPod = TypeVar("_PerPod", Chain, Counter)
-
-
-def _register(registry: dict[str, _PerPod], obj: _PerPod) -> _PerPod:
-    """Table.add, given the table's registry for the object's kind: Table.add first finds it
-    from the object's type, which for the few objects of each pod costs as much as building them."""
-    if obj.name in registry:
-        raise ValueError(f"duplicate {type(obj).__name__.lower()} {obj.name}")
-    registry[obj.name] = obj
-    return obj
 
 
 def only_group_members_changed(old: NodeRuleSetSpec, new: NodeRuleSetSpec) -> bool:
@@ -295,9 +283,10 @@ def render_group_members(previous: RenderResult, old: NodeRuleSetSpec, new: Node
 # --------------------------------------------------------------------------- inet
 def _families(spec: NodeRuleSetSpec) -> tuple[int, ...]:
     # An IPv6 address or CIDR is the only kind of text here holding a colon.
+    # Joined per list, the search runs in C: this runs on every sync, over every group member.
     has_v6 = (
-        any(":" in ip for p in spec.pods for ip in p.ips)
-        or any(":" in c for g in spec.peerGroups for c in g.cidrs)
+        any(":" in "".join(p.ips) for p in spec.pods)
+        or any(":" in "".join(g.cidrs) for g in spec.peerGroups)
         or any(":" in e.address for g in spec.peerPortGroups for e in g.entries)
     )
     return (4, 6) if has_v6 else (4,)
@@ -458,8 +447,8 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
         # The counter and the chain share a name, in separate namespaces of the table.
         name = counter_name(pod.namespace, pod.name, "spoof")
         result.counters[name] = CounterLabels(pod.namespace, pod.name, "spoof")
-        _register(bridge.counters, Counter(name, comment=f"{key} spoofed frames"))
-        chain = _register(bridge.chains, Chain(name, comment=f"{key} on {port.ifname}"))
+        bridge.add(Counter(name, comment=f"{key} spoofed frames"))
+        chain = bridge.add(Chain(name, comment=f"{key} on {port.ifname}"))
         addresses = [_address(ip) for ip in pod.ips]
         if port.mac:
             mac, ifname = port.mac.lower(), port.ifname

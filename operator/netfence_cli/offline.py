@@ -15,7 +15,7 @@ from typing import Any, TextIO
 import yaml
 
 from netfence_api import NodeRuleSetSpec
-from netfence_agent.render import BRIDGE_TABLE, INET_TABLE, PodPort, RenderOptions, RenderResult, render
+from netfence_agent.render import BRIDGE_TABLE, INET_TABLE, PodPort, RenderMemo, RenderOptions, RenderResult, render
 from netfence_agent.trace import Packet, TraceResult, trace
 from netfence_operator.compile import ClusterObjects, Compiler, InputError, Pod, parse_documents
 
@@ -79,12 +79,13 @@ class OfflineCluster:
         compiler = Compiler(objects)
         specs = compiler.all_specs()
         cluster = cls(objects, specs)
+        memo = RenderMemo()  # nodes share the compiler's rule and group objects: render each once
         for node, spec in specs.items():
             ports = {}
             for pod in spec.pods:
                 port = synthetic_port(pod.namespace, pod.name)
                 ports.update({ip: port for ip in pod.ips})
-            cluster.rendered[node] = render(spec, ports, options)
+            cluster.rendered[node] = render(spec, ports, options, memo)
         cluster.problems = compiler.problems()
         return cluster
 

@@ -192,7 +192,7 @@ class Table:
     counters: dict[str, Counter] = field(default_factory=dict)
 
     def add(self, obj: Chain | Set | Map | Counter) -> Chain | Set | Map | Counter:
-        registry = {Chain: self.chains, Set: self.sets, Map: self.maps, Counter: self.counters}[type(obj)]
+        registry = getattr(self, _REGISTRY[type(obj)])
         if obj.name in registry:
             raise ValueError(f"table {self.family} {self.name}: duplicate {type(obj).__name__.lower()} {obj.name}")
         registry[obj.name] = obj
@@ -200,6 +200,9 @@ class Table:
 
     def base_chains(self) -> list[Chain]:
         return [c for c in self.chains.values() if c.is_base]
+
+
+_REGISTRY = {Chain: "chains", Set: "sets", Map: "maps", Counter: "counters"}
 
 
 @dataclass
