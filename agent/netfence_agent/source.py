@@ -87,6 +87,8 @@ def _reused(items, old_items, old_models: list, model):
     """Models of `items`, reusing the model of an equal item of the previous update (by name)."""
     if not isinstance(items, list) or not isinstance(old_items, list) or len(old_items) != len(old_models):
         return TypeAdapter(list[model]).validate_python(items)
+    if len(items) == len(old_items):  # the common case: members changed, no group came or went
+        return [m if item == old else model.model_validate(item) for item, old, m in zip(items, old_items, old_models)]
     previous = {item.get("name"): (item, m) for item, m in zip(old_items, old_models) if isinstance(item, dict)}
     out = []
     for item in items:
