@@ -291,18 +291,18 @@ def chain_json(table: Table, chain: Chain) -> dict:
     return {"chain": body}
 
 
-def set_json(table: Table, s: Set, with_elements: bool = True) -> dict:
+def set_json(table: Table, s: Set) -> dict:
     body: dict[str, Any] = {"family": table.family, "table": table.name, "name": s.name, "type": _type_json(s.type)}
     if s.flags:
         body["flags"] = list(s.flags)
     if s.comment:
         body["comment"] = clean_comment(s.comment)
-    if with_elements and s.elements:
+    if s.elements:
         body["elem"] = [_elem_json(e) for e in s.elements]
     return {"set": body}
 
 
-def map_json(table: Table, m: Map, with_elements: bool = True) -> dict:
+def map_json(table: Table, m: Map) -> dict:
     body: dict[str, Any] = {
         "family": table.family, "table": table.name, "name": m.name,
         "type": _type_json(m.type), "map": "verdict",
@@ -311,7 +311,7 @@ def map_json(table: Table, m: Map, with_elements: bool = True) -> dict:
         body["flags"] = list(m.flags)
     if m.comment:
         body["comment"] = clean_comment(m.comment)
-    if with_elements and m.elements:
+    if m.elements:
         body["elem"] = [map_element_json(k, v) for k, v in m.elements]
     return {"map": body}
 
