@@ -592,7 +592,7 @@ class Compiler:
                 ]
             members |= self._select_in_namespaces(namespaces, s.pod_selector)
         if d.port_names and d.blocks:
-            members |= {k for k, p in self.pods.items() if self._live(p) and any(b.contains(ip) for b in d.blocks for ip in p.ips)}
+            members |= {k for k in self._live_keys if any(b.contains(ip) for b in d.blocks for ip in self.pods[k].ips)}
         return frozenset(members)
 
     def _peer_group(self, d: GroupDef) -> PeerGroup:
@@ -630,7 +630,7 @@ class Compiler:
             return self._policed[key]
         pod = self.pods[key]
         result = None
-        if self._live(pod):
+        if key in self._live_keys:
             result = self._compile_pod(pod)
         self._policed[key] = result
         return result
