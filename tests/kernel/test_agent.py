@@ -249,6 +249,26 @@ def test_spoofed_source_ip_and_mac_are_dropped_and_counted(node: Node):
     assert metric(node.http("/metrics")[1], "netfence_spoofed_packets_total", namespace="x", pod="b") == 0
 
 
+def test_a_pod_sending_as_another_local_pod_from_its_own_veth_is_dropped(node: Node):
+    """Another pod's IP and MAC are in the node's address sets; only the veth they came in on
+    tells the impostor apart, so the fast path must key on it too."""
+    a, b, c = three_pods(node)
+    started(node, rule_set(node, [policed(a), policed(b), policed(c)], [], 1))
+    run_ip("link", "set", "eth0", "address", b.mac, netns=a.netns)
+    run_ip("addr", "add", f"{b.ip}/32", "dev", "eth0", netns=a.netns)
+    # Without ARP (which would be dropped first), so the datagrams themselves reach the bridge.
+    run_ip("neigh", "replace", c.ip, "lladdr", c.mac, "dev", "eth0", "nud", "permanent", netns=a.netns)
+    sent = 5
+    for _ in range(sent):
+        out = in_netns(a.netns, PYTHON, str(HELPERS / "netprobe.py"), "connect", c.ip, "80", "--udp", "--source", b.ip,
+                       "--timeout", "0.2", check=False)
+        assert out.returncode == 1, "no answer: the datagram must not get past a's veth"
+    text = node.http("/metrics")[1]
+    assert (metric(text, "netfence_spoofed_packets_total", namespace="x", pod="a") or 0) >= sent
+    assert metric(text, "netfence_spoofed_packets_total", namespace="x", pod="b") == 0
+    assert probe(b, c, 80), "the real b is not affected"
+
+
 # --------------------------------------------------------------------------- a bad rule set
 def test_a_rejected_rule_set_keeps_the_last_good_rules_and_says_so(node: Node):
     a, b, c = three_pods(node)
