@@ -31,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     agent.add_argument("--log-drops", action="store_true",
                        help="log dropped packets (a rate-limited sample) as JSON lines on stdout")
     agent.add_argument("--nflog-group", type=int, default=100, help="NFLOG group for --log-drops (default 100)")
+    agent.add_argument("--full-sync-period", type=float, default=3600.0, metavar="SECONDS",
+                       help="reload the whole rule set this often, repairing edits others made to netfence's "
+                            "tables (default 3600; 0: never)")
     agent.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     agent.set_defaults(func=run_agent)
 
@@ -67,6 +70,7 @@ def run_agent(args: argparse.Namespace) -> int:
         cni_dir=args.cni_dir,
         log_drops=args.log_drops,
         nflog_group=args.nflog_group,
+        full_sync_period=args.full_sync_period,
     )
     agent = Agent(config, source)
     for signum in (signal.SIGTERM, signal.SIGINT):

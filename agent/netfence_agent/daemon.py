@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import netfence_api
@@ -51,6 +51,10 @@ class AgentConfig:
     nflog_group: int = 100
     log_rate_per_second: int = 10
     proc_sys: str = "/proc/sys"
+    # Partial syncs trust that the kernel still holds what this process loaded. A full sync
+    # every so often repairs edits to our tables by others (an `nft` typed by hand, a tool
+    # flushing chains), as kube-proxy's nftables mode does hourly. 0: never.
+    full_sync_period: float = 3600.0
 
     @property
     def render_options(self) -> RenderOptions:
@@ -84,6 +88,8 @@ class Agent:
         self._stopping = False
         self._retry_at: float | None = None
         self._failures_in_row = 0
+        self._full_sync_due = False
+        self._next_full_sync: float | None = None  # armed by the first full sync
         # What the kernel holds as far as this process knows (None: not loaded by us yet).
         self.applied: RenderResult | None = None
         self.applied_object: netfence_api.NodeRuleSet | None = None
@@ -144,6 +150,7 @@ class Agent:
             rule_set, ports = self._desired, dict(self._ports)
             self._dirty = False
             self._retry_at = None  # a failure below schedules the next attempt again
+            periodic, self._full_sync_due = self._full_sync_due, False
         self.check_br_netfilter()
         if rule_set is None:
             return SyncOutcome("skipped")  # nothing to load yet; whatever the kernel has stays
@@ -162,7 +169,11 @@ class Agent:
         if self.applied is not None and not set(OWNED_TABLES) <= self.kernel.tables():
             log.warning("netfence tables were removed from the kernel by someone else; loading them again")
             self.applied = None
-        transaction = plan(result.ruleset, self.applied.ruleset if self.applied else None, self.kernel.inventory)
+        if periodic and self.applied is not None:
+            transaction = replace(plan(result.ruleset, None, self.kernel.inventory),
+                                  why=f"periodic, every {self.config.full_sync_period:g} s")
+        else:
+            transaction = plan(result.ruleset, self.applied.ruleset if self.applied else None, self.kernel.inventory)
         try:
             self._apply(transaction)
         except NftError as first:
@@ -181,6 +192,8 @@ class Agent:
         self.last_error = None
         self._failures_in_row = 0
         self.metrics.set_labels(result.counters)
+        if transaction.kind == "full" and self.config.full_sync_period > 0:
+            self._next_full_sync = time.monotonic() + self.config.full_sync_period
         if transaction.kind != "noop":
             if transaction.kind == "full":
                 self.metrics.book_counters()  # forget counters the sync deleted
@@ -302,8 +315,14 @@ class Agent:
         while True:
             with self._cond:
                 def due() -> bool:
-                    return self._dirty or (self._retry_at is not None and time.monotonic() >= self._retry_at)
-                deadline = min(next_check, self._retry_at or next_check)
+                    now = time.monotonic()
+                    if self._next_full_sync is not None and now >= self._next_full_sync:
+                        # Again after a period even if this one fails; a success pushes it on.
+                        self._next_full_sync = now + self.config.full_sync_period
+                        self._full_sync_due = True
+                    return (self._dirty or self._full_sync_due
+                            or (self._retry_at is not None and now >= self._retry_at))
+                deadline = min(t for t in (next_check, self._retry_at, self._next_full_sync) if t is not None)
                 self._cond.wait_for(lambda: self._stopping or due(), timeout=max(0.0, deadline - time.monotonic()))
                 if self._stopping:
                     return

@@ -211,6 +211,26 @@ def test_rules_stay_when_the_agent_stops_and_a_restart_has_no_gap(node: Node):
     assert owned_tables(node.nft_tables()) == ["table inet netfence", "table bridge netfence"]
 
 
+def test_a_periodic_full_sync_repairs_what_others_changed_in_our_tables(node: Node):
+    a, b, c = three_pods(node)
+    rs = rule_set(node, [policed(b, ingress=[allow("from-a", TCP80)]), policed(a), policed(c)], [group("from-a", a)], 1)
+    started(node, rs, "--full-sync-period", "2")
+    assert not probe(c, b, 80, timeout=0.5)
+    # Someone opens everything by hand and leaves a chain of their own in our table.
+    in_netns(node.netns, "nft", "insert", "rule", "inet", "netfence", "forward_hook", "accept")
+    in_netns(node.netns, "nft", "add", "chain", "inet", "netfence", "by_hand")
+    assert probe(c, b, 80), "the edit took effect"
+    def listing() -> str:
+        return in_netns(node.netns, "nft", "list", "table", "inet", "netfence").stdout
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and "by_hand" in listing():
+        time.sleep(0.2)
+    assert "by_hand" not in listing()
+    assert not probe(c, b, 80, timeout=0.5), "denied again"
+    assert probe(a, b, 80)
+    assert "full sync: periodic, every 2 s" in node.agent_log()
+
+
 def test_cleanup_removes_the_netfence_tables_and_nothing_else(node: Node):
     a, b, c = three_pods(node)
     agent = started(node, rule_set(node, [policed(b, ingress=[])], [], 1))
