@@ -79,7 +79,7 @@ def main() -> int:
         return 2
 
     spec = synthetic_spec(pods=args.pods, policies=args.policies)
-    ports = {pod_ip(i): PodPort(f"veth{i:08x}", f"02:42:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}:01")
+    ports = {pod_ip(i): PodPort(f"veth{i:08x}", f"02:42:{i >> 16 & 255:02x}:{i >> 8 & 255:02x}:{i & 255:02x}:01", 10 + i)
              for i in range(args.pods)}
     post = host_sets if args.host_sets else (lambda r: r)
     elements = sum(len(g.cidrs) for g in spec.peerGroups)
@@ -150,7 +150,7 @@ def main() -> int:
         for i, pod in enumerate(extra_pods.pods):
             grown = grown.model_copy(update={"pods": [*grown.pods, pod.model_copy(update={"name": f"new-{i}"})]})
             applied = timed(lambda: render(grown, more_ports), applied)[1]  # the pod first (IP-keyed rules)
-            more_ports[pod.ips[0]] = PodPort(f"vethnew{i:04x}", "02:42:00:00:ff:01")
+            more_ports[pod.ips[0]] = PodPort(f"vethnew{i:04x}", "02:42:00:00:ff:01", 100_000 + i)
             run, applied = timed(lambda: render(grown, more_ports), applied)
             veths.append(run)
         rows.append(("partial: a new veth (anti-spoofing chain)", veths))

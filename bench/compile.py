@@ -88,7 +88,7 @@ def synthetic_cluster(pods: int, policies: int, namespaces: int, nodes: int, see
 
 
 def render_node(spec, memo: RenderMemo | None = None):
-    ports = {ip: PodPort(f"veth{j:08x}", f"02:42:0a:{j >> 16 & 255:02x}:{j >> 8 & 255:02x}:{j & 255:02x}")
+    ports = {ip: PodPort(f"veth{j:08x}", f"02:42:0a:{j >> 16 & 255:02x}:{j >> 8 & 255:02x}:{j & 255:02x}", 10 + j)
              for j, pod in enumerate(spec.pods) for ip in pod.ips}
     return render(spec, ports, memo=memo)
 

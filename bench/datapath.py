@@ -54,6 +54,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -192,7 +193,7 @@ class Bench:
         sh("ip", "-n", self.node, "link", "set", "cni0", "up")
         sh("ip", "netns", "exec", self.node, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1",
            "net.bridge.bridge-nf-call-ip6tables=1")
-        self.macs = {}
+        self.macs, self.ifindexes = {}, {}
         for ns, ip, veth in ((self.client, CLIENT_IP, "vethclient"), (self.server, SERVER_IP, "vethserver")):
             sh("ip", "netns", "exec", ns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
             sh("ip", "-n", ns, "link", "add", "eth0", "type", "veth", "peer", "name", veth, "netns", self.node)
@@ -200,6 +201,7 @@ class Bench:
             sh("ip", "-n", ns, "link", "set", "eth0", "up")
             sh("ip", "-n", self.node, "link", "set", veth, "master", "cni0", "up")
             self.macs[ip] = json.loads(sh("ip", "-n", ns, "-j", "link", "show", "eth0").stdout)[0]["address"]
+            self.ifindexes[ip] = json.loads(sh("ip", "-n", self.node, "-j", "link", "show", veth).stdout)[0]["ifindex"]
         self.processes.append(subprocess.Popen(["ip", "netns", "exec", self.server, "iperf3", "-s", "-p", str(IPERF_PORT)],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self.processes.append(subprocess.Popen(["ip", "netns", "exec", self.server, sys.executable,
@@ -387,8 +389,8 @@ def measure(bench: Bench, config: Config, pairs: int, switch: Callable[[bool], f
 
 def measure_netfence(bench: Bench, policies: int, pairs: int) -> Config:
     spec = spec_with(policies)
-    ports = {CLIENT_IP: PodPort("vethclient", bench.macs[CLIENT_IP]),
-             SERVER_IP: PodPort("vethserver", bench.macs[SERVER_IP])}
+    ports = {ip: PodPort(veth, bench.macs[ip], bench.ifindexes[ip])
+             for ip, veth in ((CLIENT_IP, "vethclient"), (SERVER_IP, "vethserver"))}
     ruleset = render(spec, ports).ruleset
     chains = ruleset.table("inet", "netfence").chains
     server_rules = next((str(len(c.rules)) for n, c in chains.items()
@@ -588,6 +590,8 @@ def main() -> int:
           file=sys.stderr, flush=True)
     bench = Bench(args.seconds, ("throughput", "connections") if args.traffic == "both" else (args.traffic,))
     configs: list[Config] = []
+    # Stopped with SIGTERM (kill, a timeout): leave through `finally`, which deletes the netns.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         bench.up()
         if null_pairs:

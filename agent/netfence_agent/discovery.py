@@ -112,6 +112,7 @@ class CniRecord:
 class DiscoveredPod:
     ip: str
     ifname: str
+    ifindex: int
     mac: str | None
     source: Literal["netns", "cni-cache"]
     namespace: str | None = None
@@ -127,7 +128,7 @@ class Snapshot:
 
     @property
     def ports(self) -> dict[str, PodPort]:
-        return {ip: PodPort(p.ifname, p.mac) for ip, p in self.pods.items()}
+        return {ip: PodPort(p.ifname, p.mac, p.ifindex) for ip, p in self.pods.items()}
 
 
 # --------------------------------------------------------------------------- netlink
@@ -369,10 +370,10 @@ class Discovery:
             for ip in record.ips:
                 known = snapshot.pods.get(ip)
                 if known is None:
-                    snapshot.pods[ip] = DiscoveredPod(ip, veths[0], record.mac, "cni-cache",
+                    snapshot.pods[ip] = DiscoveredPod(ip, veths[0], by_name[veths[0]].index, record.mac, "cni-cache",
                                                       record.namespace, record.name)
                 elif known.ifname in veths:
-                    snapshot.pods[ip] = DiscoveredPod(ip, known.ifname, known.mac, "netns",
+                    snapshot.pods[ip] = DiscoveredPod(ip, known.ifname, known.ifindex, known.mac, "netns",
                                                       record.namespace, record.name)
                 else:
                     log.debug("CNI cache %s says %s is on %s, its namespace says %s; the namespace wins",
@@ -431,7 +432,7 @@ class Discovery:
             if not side.ips:
                 snapshot.incomplete.append(f"netns {name} (no IP yet)")
             for ip in side.ips:
-                snapshot.pods[ip] = DiscoveredPod(ip, host.ifname, side.mac, "netns")
+                snapshot.pods[ip] = DiscoveredPod(ip, host.ifname, host.index, side.mac, "netns")
         for key in set(self._pod_sides) - live:
             del self._pod_sides[key]
         for key in set(self._address_watch) - (live - set(self._pod_sides)):

@@ -65,7 +65,7 @@ _FAMILY = {4: ("ip", "ipv4_addr", "v4"), 6: ("ip6", "ipv6_addr", "v6")}
 _ACCEPT, _DROP, _RETURN = Verdict("accept"), Verdict("drop"), Verdict("return")
 _GOTO_INGRESS = Verdict("goto", INGRESS_DISPATCH)
 _ETHER_SADDR = Payload("ether", "saddr")
-_IIFNAME = Meta("iifname")
+_IIF = Meta("iif")
 _ARP_SADDR_IP = Payload("arp", "saddr ip")
 _ADDR = {(proto, f): Payload(proto, f) for proto in ("ip", "ip6") for f in ("saddr", "daddr")}
 _DPORT = {proto: Payload(proto, "dport") for proto in ("tcp", "udp", "sctp")}
@@ -84,6 +84,7 @@ class PodPort:
 
     ifname: str
     mac: str | None = None
+    ifindex: int | None = None
 
 
 @dataclass(frozen=True)
@@ -416,21 +417,24 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
     dispatch = bridge.add(Map("pod_ports", ("ifname",), comment="host-side veths of local pods"))
     hook = bridge.add(Chain(SPOOF_CHAIN, hook="prerouting", priority=-200, policy="accept",
                             comment="frames leaving a pod must carry its own addresses"))
+    # Keyed on the veth's ifindex, not its name: a shorter key is measurably cheaper on this
+    # path, and an ifindex is never reused while the kernel runs (names are: a veth made for a
+    # new pod can take a deleted one's name before the next sync).
     own = {
-        "v4": bridge.add(Set("pod_addresses_v4", ("ifname", "ether_addr", "ipv4_addr"),
+        "v4": bridge.add(Set("pod_addresses_v4", ("iface_index", "ether_addr", "ipv4_addr"),
                              comment="each local pod's veth, MAC and IPv4 addresses")),
-        "v6": bridge.add(Set("pod_addresses_v6", ("ifname", "ether_addr", "ipv6_addr"), flags=("interval",),
+        "v6": bridge.add(Set("pod_addresses_v6", ("iface_index", "ether_addr", "ipv6_addr"), flags=("interval",),
                              comment="each local pod's veth, MAC, IPv6 addresses, link-local and ::")),
-        "arp": bridge.add(Set("pod_arp_senders", ("ifname", "ether_addr", "ipv4_addr"),
+        "arp": bridge.add(Set("pod_arp_senders", ("iface_index", "ether_addr", "ipv4_addr"),
                               comment="each local pod's veth, MAC and ARP sender addresses (its own, 0.0.0.0)")),
     }
     # Every frame a pod sends passes this chain, so the common case costs one rule and one
     # lookup: the frame's (veth, MAC, source) found among the pods' own. Only what that misses
     # (ARP, link-local IPv6, a pod whose MAC is unknown, spoofing) goes on to the pod's own chain,
-    # which holds its drop counter. Measured with bench/datapath.py: a dispatch to the pod chain
-    # first, then the lookup there, cost twice as much CPU per packet.
+    # which holds its drop counter. Measured with perf on bench/datapath.py's stream: a dispatch
+    # to the pod chain and the lookup there cost twice the CPU of this (docs/benchmarks.md).
     hook.rules += [
-        Rule((Match(Concat((_IIFNAME, _ETHER_SADDR, _ADDR[(_FAMILY[fam][0], "saddr")])),
+        Rule((Match(Concat((_IIF, _ETHER_SADDR, _ADDR[(_FAMILY[fam][0], "saddr")])),
                     SetRef(own[_FAMILY[fam][2]].name)), _ACCEPT),
              f"a local pod's own MAC and IP{_FAMILY[fam][2]} address on its own veth")
         for fam in families
@@ -443,9 +447,9 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
         # Link-local IPv6 (router solicitation, MLD, DAD) leaves every pod with IPv6 up, even an
         # IPv4-only one; it is never routed, so allowing it from the pod's MAC opens nothing and
         # keeps the spoofing counter for real spoofing.
-        Rule((Match(Concat((_IIFNAME, _ETHER_SADDR, _ADDR[("ip6", "saddr")])), SetRef(own["v6"].name)), _RETURN),
+        Rule((Match(Concat((_IIF, _ETHER_SADDR, _ADDR[("ip6", "saddr")])), SetRef(own["v6"].name)), _RETURN),
              "its own MAC and IPv6 address, link-local or unspecified"),
-        Rule((Match(Concat((_IIFNAME, _ETHER_SADDR, _ARP_SADDR_IP)), SetRef(own["arp"].name)), _RETURN),
+        Rule((Match(Concat((_IIF, _ETHER_SADDR, _ARP_SADDR_IP)), SetRef(own["arp"].name)), _RETURN),
              "ARP from its own MAC and address, or 0.0.0.0 for duplicate address detection"),
     )
     for pod in spec.pods:
@@ -459,16 +463,16 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
         bridge.add(Counter(name, comment=f"{key} spoofed frames"))
         chain = bridge.add(Chain(name, comment=f"{key} on {port.ifname}"))
         addresses = [_address(ip) for ip in pod.ips]
-        if port.mac:
-            mac, ifname = port.mac.lower(), port.ifname
-            v4 = [(ifname, mac, a) for a in addresses if a.version == 4]
+        if port.mac and port.ifindex is not None:
+            mac, veth = port.mac.lower(), port.ifindex
+            v4 = [(veth, mac, a) for a in addresses if a.version == 4]
             own["v4"].elements += v4
             if len(v4) < len(addresses):
-                own["v6"].elements += [(ifname, mac, _network(f"{a}/128")) for a in addresses if a.version == 6]
-            own["v6"].elements += [(ifname, mac, _LINK_LOCAL6), (ifname, mac, _UNSPECIFIED6_NET)]
+                own["v6"].elements += [(veth, mac, _network(f"{a}/128")) for a in addresses if a.version == 6]
+            own["v6"].elements += [(veth, mac, _LINK_LOCAL6), (veth, mac, _UNSPECIFIED6_NET)]
             if v4:
                 own["arp"].elements += v4
-                own["arp"].elements.append((ifname, mac, _UNSPECIFIED4))
+                own["arp"].elements.append((veth, mac, _UNSPECIFIED4))
             chain.rules += shared
         else:
             # MAC unknown (seen only in the CNI cache): check the source address alone.

@@ -45,6 +45,7 @@ class Packet:
     sport: int = 40000
     iifname: str = ""
     oifname: str = ""
+    iif: int | None = None  # ifindex of iifname
     src_mac: str | None = None
     ct_state: str = "new"
     local_addresses: frozenset[str] = frozenset()  # addresses of the node the hook runs on
@@ -104,6 +105,7 @@ def _field(expr, pkt: Packet):
             "nfproto": "ipv4" if pkt.version == 4 else "ipv6",
             "iifname": pkt.iifname,
             "oifname": pkt.oifname,
+            "iif": pkt.iif,
         }.get(expr.key)
     if isinstance(expr, Ct):
         return pkt.ct_state if expr.key == "state" else None

@@ -58,10 +58,10 @@ def load_cluster(sourced_docs: list[tuple[str, Any]], notes: list[str] | None = 
 
 # --------------------------------------------------------------------------- the cluster as the agents see it
 def synthetic_port(namespace: str, name: str) -> PodPort:
-    """A veth name and MAC of the shape CNI gives them, stable per pod."""
+    """A veth name, MAC and ifindex of the shape CNI and the kernel give them, stable per pod."""
     digest = hashlib.sha256(f"{namespace}/{name}".encode()).hexdigest()
     mac = "02:" + ":".join(digest[8 + 2 * i: 10 + 2 * i] for i in range(5))
-    return PodPort(ifname=f"veth{digest[:8]}", mac=mac)
+    return PodPort(ifname=f"veth{digest[:8]}", mac=mac, ifindex=1000 + int(digest[18:24], 16))
 
 
 @dataclass
@@ -132,6 +132,7 @@ class Endpoint:
     host_network: bool = False
     mac: str | None = None
     veth: str | None = None
+    veth_index: int | None = None
 
 
 @dataclass
@@ -159,7 +160,7 @@ def resolve_endpoint(cluster: OfflineCluster, text: str, family: int | None = No
         if family is not None:
             ips = [ip for ip in ips if ipaddress.ip_address(ip).version == family] or ips
         port = synthetic_port(pod.metadata.namespace, pod.metadata.name)
-        return Endpoint(text, ips[0], pod.spec.nodeName, pod, pod.spec.hostNetwork, port.mac, port.ifname)
+        return Endpoint(text, ips[0], pod.spec.nodeName, pod, pod.spec.hostNetwork, port.mac, port.ifname, port.ifindex)
     if not _is_ip(text):
         raise InputError([f"{text!r} is neither NAMESPACE/POD nor an IP address"])
     ip = str(ipaddress.ip_address(text))
@@ -227,8 +228,8 @@ def _node_legs(cluster, node, saddr, daddr, port, protocol, iif, oif, from_pod: 
     local = cluster.node_addresses(node)
     if from_pod is not None:
         # The frame enters the bridge from the pod's veth: anti-spoofing sees it first.
-        bridge_pkt = Packet(saddr, daddr, protocol, port, iifname=from_pod.veth or "", src_mac=from_pod.mac,
-                            local_addresses=local)
+        bridge_pkt = Packet(saddr, daddr, protocol, port, iifname=from_pod.veth or "", iif=from_pod.veth_index,
+                            src_mac=from_pod.mac, local_addresses=local)
         table = rendered.ruleset.table(*BRIDGE_TABLE)
         legs.append(Leg(node, "prerouting", "bridge", bridge_pkt, trace(table, "prerouting", bridge_pkt)))
         if not legs[-1].result.accepted:

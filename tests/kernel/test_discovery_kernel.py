@@ -66,7 +66,8 @@ def test_equal_ifindexes_on_two_nodes_do_not_confuse_it(node_factory, discovery_
     snapshot = discovery_in(one, str(shared)).scan()
     assert set(snapshot.pods) == {mine.ip}
     found = snapshot.pods[mine.ip]
-    assert (found.ifname, found.mac, found.source) == (mine.veth, mine.mac, "netns")
+    assert (found.ifname, found.ifindex, found.mac, found.source) == (
+        mine.veth, ifindex(one.netns, mine.veth), mine.mac, "netns")
 
 
 def test_the_namespace_wins_over_a_stale_cache_record(node, discovery_in):

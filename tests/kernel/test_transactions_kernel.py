@@ -69,7 +69,7 @@ def rule_sets(draw):
             egress=egress_rules,
         ))
     spec = NodeRuleSetSpec(nodeName="n1", pods=pods, peerGroups=groups, peerPortGroups=[port_group])
-    veths = {ips[0]: PodPort(f"veth{name}", draw(st.sampled_from([None, f"02:00:00:00:00:0{i}"])))
+    veths = {ips[0]: PodPort(f"veth{name}", draw(st.sampled_from([None, f"02:00:00:00:00:0{i}"])), 100 + i)
              for i, (_ns, name, ips) in enumerate(PODS) if draw(st.booleans())}
     return spec, veths, RenderOptions(log_drops=draw(st.booleans()))
 
@@ -132,7 +132,7 @@ def test_restart_full_sync_replaces_in_place_without_duplicates(kernel_in):
     k = kernel_in()
     spec = NodeRuleSetSpec(nodeName="n1", pods=[PolicedPod(namespace="x", name="a", ips=["10.244.0.2"],
                                                            isolation=Isolation(ingress=True))])
-    first = render(spec, {"10.244.0.2": PodPort("vetha", "02:00:00:00:00:01")}).ruleset
+    first = render(spec, {"10.244.0.2": PodPort("vetha", "02:00:00:00:00:01", 100)}).ruleset
     k.apply(plan(first, None, k.inventory))
     before = normalized(k.ruleset_json())
     # A new process: applied unknown; the same rules again, then different ones.

@@ -16,7 +16,7 @@ from kernel.synthetic import synthetic_spec
 
 
 def ports_for(spec):
-    return {ip: PodPort(f"veth{i:08x}", "02:00:00:00:00:01") for i, p in enumerate(spec.pods) for ip in p.ips}
+    return {ip: PodPort(f"veth{i:08x}", "02:00:00:00:00:01", 10 + i) for i, p in enumerate(spec.pods) for ip in p.ips}
 
 
 @settings(max_examples=30, deadline=None)

@@ -71,7 +71,7 @@ def small_cluster() -> dict[str, NodeRuleSetSpec]:
 
 
 def veths(spec: NodeRuleSetSpec, with_mac: bool) -> dict[str, PodPort]:
-    return {ip: PodPort(f"veth{i:08x}", f"02:00:00:00:00:{i:02x}" if with_mac and i % 3 else None)
+    return {ip: PodPort(f"veth{i:08x}", f"02:00:00:00:00:{i:02x}" if with_mac and i % 3 else None, 10 + i)
             for i, pod in enumerate(spec.pods) for ip in pod.ips}
 
 

@@ -41,7 +41,7 @@ class Payload:
 
 @dataclass(frozen=True)
 class Meta:
-    """Packet metadata: "l4proto", "nfproto", "iifname", "oifname", "mark"."""
+    """Packet metadata: "l4proto", "nfproto", "iifname", "oifname", "iif" (ifindex), "mark"."""
 
     key: str
 

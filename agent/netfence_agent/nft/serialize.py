@@ -44,10 +44,11 @@ _TYPE_KIND = {
     "inet_proto": "word",
     "inet_service": "int",
     "ifname": "string",
+    "iface_index": "int",
     "ether_addr": "word",
     "mark": "int",
 }
-_META_KIND = {"iifname": "string", "oifname": "string", "l4proto": "word", "nfproto": "word", "mark": "int"}
+_META_KIND = {"iifname": "string", "oifname": "string", "iif": "int", "l4proto": "word", "nfproto": "word", "mark": "int"}
 
 
 def clean_comment(text: str) -> str:
@@ -98,7 +99,7 @@ def expr_text(expr: Expr) -> str:
             return f"arp {expr.field}"
         return f"{expr.protocol} {expr.field}"
     if isinstance(expr, Meta):
-        return expr.key if expr.key in ("iifname", "oifname") else f"meta {expr.key}"
+        return expr.key if expr.key in ("iifname", "oifname", "iif") else f"meta {expr.key}"
     if isinstance(expr, Ct):
         return f"ct {expr.key}"
     if isinstance(expr, Fib):
