@@ -57,6 +57,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import tempfile
 import sys
 import time
 from contextlib import contextmanager
@@ -170,11 +171,16 @@ class Config:
     throughput: list[Pair] = field(default_factory=list)
     connections: list[Pair] = field(default_factory=list)
     failed: int = 0
+    # perf: share of the sampled CPU's busy time inside netfence's chains while the stream runs
+    perf: dict[str, float] | None = None
 
 
 class Bench:
-    def __init__(self, slot: float, traffic: tuple[str, ...] = ("throughput", "connections")):
+    def __init__(self, slot: float, traffic: tuple[str, ...] = ("throughput", "connections"),
+                 pin: int | None = None, perf_seconds: float = 0.0):
         tag = os.urandom(3).hex()
+        self.pin = pin
+        self.perf_seconds = perf_seconds
         self.node, self.client, self.server = (f"nf-bench-dp-{tag}-{r}" for r in ("node", "client", "server"))
         self.slot = slot
         self.traffic = traffic
@@ -202,15 +208,20 @@ class Bench:
             sh("ip", "-n", self.node, "link", "set", veth, "master", "cni0", "up")
             self.macs[ip] = json.loads(sh("ip", "-n", ns, "-j", "link", "show", "eth0").stdout)[0]["address"]
             self.ifindexes[ip] = json.loads(sh("ip", "-n", self.node, "-j", "link", "show", veth).stdout)[0]["ifindex"]
-        self.processes.append(subprocess.Popen(["ip", "netns", "exec", self.server, "iperf3", "-s", "-p", str(IPERF_PORT)],
+        self.processes.append(subprocess.Popen(["ip", "netns", "exec", self.server, *self.pinned(),
+                                                "iperf3", "-s", "-p", str(IPERF_PORT)],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        self.processes.append(subprocess.Popen(["ip", "netns", "exec", self.server, sys.executable,
+        self.processes.append(subprocess.Popen(["ip", "netns", "exec", self.server, *self.pinned(), sys.executable,
                                                 str(ROOT / "bench" / "connrate.py"), "serve", "--port", str(CONN_PORT)],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         self.executor = executor_in(self.node)
         self.kernel: Kernel = self.executor.submit(Kernel).result()
         self.set_conntrack(True)
         time.sleep(0.5)
+
+    def pinned(self) -> list[str]:
+        """Command prefix putting traffic on the --pin CPU, if any."""
+        return [] if self.pin is None else ["taskset", "-c", str(self.pin)]
 
     def _k(self, fn, *args):
         return self.executor.submit(fn, *args).result()
@@ -290,7 +301,8 @@ class Bench:
     @contextmanager
     def iperf_stream(self, seconds: float) -> Iterator[Callable[[], float]]:
         """One iperf3 stream client -> server, running at least `seconds`; yields a byte counter."""
-        client = subprocess.Popen(["ip", "netns", "exec", self.client, "iperf3", "-c", SERVER_IP, "-p", str(IPERF_PORT),
+        client = subprocess.Popen(["ip", "netns", "exec", self.client, *self.pinned(),
+                                   "iperf3", "-c", SERVER_IP, "-p", str(IPERF_PORT),
                                    "-t", str(math.ceil(seconds) + 5)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
@@ -313,7 +325,7 @@ class Bench:
         ctx = multiprocessing.get_context("fork")
         tally = ctx.Array("q", 2 * CONN_PROCS, lock=False)
         stop = ctx.Value("b", 0, lock=False)
-        workers = [ctx.Process(target=_connect_in, args=(self.client, tally, stop, i), daemon=True)
+        workers = [ctx.Process(target=_connect_in, args=(self.client, tally, stop, i, self.pin), daemon=True)
                    for i in range(CONN_PROCS)]
         for w in workers:
             w.start()
@@ -337,7 +349,9 @@ class Bench:
             sh("ip", "netns", "del", ns, check=False)
 
 
-def _connect_in(netns: str, tally, stop, index: int) -> None:
+def _connect_in(netns: str, tally, stop, index: int, pin: int | None) -> None:
+    if pin is not None:
+        os.sched_setaffinity(0, {pin})
     with entered(netns):
         connect_while(SERVER_IP, CONN_PORT, lambda: not stop.value, tally, index)
 
@@ -376,9 +390,12 @@ def alternate(pairs: int, slot: float, switch: Callable[[bool], float], counter:
 
 def measure(bench: Bench, config: Config, pairs: int, switch: Callable[[bool], float]) -> None:
     if "throughput" in bench.traffic:
-        seconds = WARMUP + pairs * 2 * (bench.slot + GAP + 0.05) + 2
+        seconds = WARMUP + pairs * 2 * (bench.slot + GAP + 0.05) + 2 + (bench.perf_seconds + 5 if bench.perf_seconds else 0)
         with bench.iperf_stream(seconds) as counter:
             config.throughput = alternate(pairs, bench.slot, switch, counter, config, "throughput")
+            switch(True)
+            if bench.perf_seconds and config.policies is not None:
+                config.perf = perf_shares(bench.pin, bench.perf_seconds)
         switch(True)
     if "connections" in bench.traffic:
         with bench.connection_stream() as (made, failed):
@@ -429,6 +446,31 @@ def measure_bare(bench: Bench, pairs: int) -> Config:
     measure(bench, config, pairs, lambda bare: bench.set_conntrack(not bare) or 0.0)
     bench.set_conntrack(True)
     return config
+
+
+def perf_shares(cpu: int | None, seconds: float) -> dict[str, float]:
+    """Where the CPU goes while netfence is on the path: perf samples (cpu-clock, call graphs) of
+    the --pin CPU (else all), as shares of the busy samples inside netfence's two hook chains.
+
+    On a CPU that the stream saturates, a share s of its time in the chains means the same
+    bytes would take 1 - s of the time without them: throughput ratio about 1 - s, read from
+    one recording instead of from the difference of two noisy ones. A lower bound of the cost:
+    calling the hooks (nf_hook_slow) and what the rules do to caches are not counted."""
+    with tempfile.TemporaryDirectory(prefix="nf-bench-perf-") as tmp:
+        data = os.path.join(tmp, "perf.data")
+        where = ["-a"] if cpu is None else ["-C", str(cpu)]
+        sh("perf", "record", "-q", *where, "-e", "cpu-clock", "-F", "2000", "-g", "-o", data,
+           "sleep", str(seconds), timeout=seconds + 120)
+        report = sh("perf", "report", "-i", data, "--children", "--sort", "sym", "-g", "none", "-q",
+                    "--percent-limit", "0", timeout=600).stdout
+    inclusive: dict[str, float] = {}
+    for line in report.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0].endswith("%") and parts[2] == "[k]":
+            inclusive.setdefault(parts[3], float(parts[0].rstrip("%")))
+    busy = 100.0 - inclusive.get("do_idle", 0.0)
+    bridge, inet = inclusive.get("nft_do_chain_bridge", 0.0), inclusive.get("nft_do_chain_inet", 0.0)
+    return {"bridge": bridge / busy, "inet": inet / busy, "total": (bridge + inet) / busy, "busy": busy / 100}
 
 
 # ---------------------------------------------------------------------- statistics
@@ -511,6 +553,11 @@ def summary(configs: list[Config]) -> None:
               f"{raw_g:>11} {raw_c:>13} {load:>6} {switch:>9} {c.server_rules:>5}")
     for c in configs:
         print(f"  {c.label}: {c.detail}")
+    for c in configs:
+        if c.perf:
+            print(f"  {c.label}, perf: netfence's chains take {c.perf['total']:.2%} of the sampled CPU's busy time "
+                  f"(bridge prerouting {c.perf['bridge']:.2%}, inet forward {c.perf['inet']:.2%}; CPU "
+                  f"{c.perf['busy']:.0%} busy): throughput ratio about {1 - c.perf['total']:.1%} if the CPU is the limit")
     netfence = [c for c in configs if c.policies is not None]
     print("verdicts:")
     for c in netfence:
@@ -570,6 +617,12 @@ def main() -> int:
                    help="pairs for the A/A calibration row, a switch that changes nothing (default: --pairs; 0: skip)")
     p.add_argument("--traffic", choices=("both", "throughput", "connections"), default="both",
                    help="measure iperf3 throughput, connections per second, or both")
+    p.add_argument("--pin", type=int, metavar="CPU",
+                   help="run client and server on this one CPU: the stream is then limited by that CPU alone, "
+                        "and slots vary far less (other jobs keep to the other CPUs)")
+    p.add_argument("--perf", type=float, default=0.0, metavar="SECONDS",
+                   help="after each policy count's throughput pairs, record perf this long with netfence on and "
+                        "report the share of CPU time in its chains (needs perf, Debian package linux-perf)")
     p.add_argument("--raw", type=Path, help="write every slot as JSON to this file")
     p.add_argument("--from-raw", type=Path, nargs="+",
                    help="measure nothing: print the table and verdicts of --raw files (rows of one label pooled)")
@@ -588,7 +641,10 @@ def main() -> int:
     started, started_load = time.monotonic(), os.getloadavg()
     print(f"load average at start (1, 5, 15 min): {started_load[0]:.2f} {started_load[1]:.2f} {started_load[2]:.2f}",
           file=sys.stderr, flush=True)
-    bench = Bench(args.seconds, ("throughput", "connections") if args.traffic == "both" else (args.traffic,))
+    if args.perf and not shutil.which("perf"):
+        p.error("--perf needs perf (Debian package linux-perf)")
+    bench = Bench(args.seconds, ("throughput", "connections") if args.traffic == "both" else (args.traffic,),
+                  pin=args.pin, perf_seconds=args.perf)
     configs: list[Config] = []
     # Stopped with SIGTERM (kill, a timeout): leave through `finally`, which deletes the netns.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
