@@ -177,8 +177,9 @@ class Config:
 
 class Bench:
     def __init__(self, slot: float, traffic: tuple[str, ...] = ("throughput", "connections"),
-                 pin: int | None = None, perf_seconds: float = 0.0):
+                 pin: int | None = None, perf_seconds: float = 0.0, gap: float = GAP):
         tag = os.urandom(3).hex()
+        self.gap = gap
         self.pin = pin
         self.perf_seconds = perf_seconds
         self.node, self.client, self.server = (f"nf-bench-dp-{tag}-{r}" for r in ("node", "client", "server"))
@@ -358,7 +359,7 @@ def _connect_in(netns: str, tally, stop, index: int, pin: int | None) -> None:
 
 # ---------------------------------------------------------------------- the schedule
 def alternate(pairs: int, slot: float, switch: Callable[[bool], float], counter: Callable[[], float],
-              config: Config, what: str) -> list[Pair]:
+              config: Config, what: str, gap: float = GAP) -> list[Pair]:
     """`pairs` pairs of slots with the test state on (switch(True)) and off, in ABBA order,
     while traffic runs; `counter` reads the units moved so far."""
     result: list[Pair] = []
@@ -370,7 +371,7 @@ def alternate(pairs: int, slot: float, switch: Callable[[bool], float], counter:
             took = switch(state == "test")
             if took:
                 config.switch_seconds.append(took)
-            time.sleep(GAP)
+            time.sleep(gap)
             units, jiffies, started = counter(), kernel_jiffies(), time.monotonic()
             time.sleep(slot)
             units, jiffies, seconds = counter() - units, kernel_jiffies() - jiffies, time.monotonic() - started
@@ -390,16 +391,16 @@ def alternate(pairs: int, slot: float, switch: Callable[[bool], float], counter:
 
 def measure(bench: Bench, config: Config, pairs: int, switch: Callable[[bool], float]) -> None:
     if "throughput" in bench.traffic:
-        seconds = WARMUP + pairs * 2 * (bench.slot + GAP + 0.05) + 2 + (bench.perf_seconds + 5 if bench.perf_seconds else 0)
+        seconds = WARMUP + pairs * 2 * (bench.slot + bench.gap + 0.05) + 2 + (bench.perf_seconds + 5 if bench.perf_seconds else 0)
         with bench.iperf_stream(seconds) as counter:
-            config.throughput = alternate(pairs, bench.slot, switch, counter, config, "throughput")
+            config.throughput = alternate(pairs, bench.slot, switch, counter, config, "throughput", bench.gap)
             switch(True)
             if bench.perf_seconds and config.policies is not None:
                 config.perf = perf_shares(bench.pin, bench.perf_seconds)
         switch(True)
     if "connections" in bench.traffic:
         with bench.connection_stream() as (made, failed):
-            config.connections = alternate(pairs, bench.slot, switch, made, config, "conn/s")
+            config.connections = alternate(pairs, bench.slot, switch, made, config, "conn/s", bench.gap)
             config.failed = failed()
         switch(True)
 
@@ -617,6 +618,8 @@ def main() -> int:
                    help="pairs for the A/A calibration row, a switch that changes nothing (default: --pairs; 0: skip)")
     p.add_argument("--traffic", choices=("both", "throughput", "connections"), default="both",
                    help="measure iperf3 throughput, connections per second, or both")
+    p.add_argument("--gap", type=float, default=GAP, metavar="SECONDS",
+                   help=f"left out after each switch, before a slot is measured (default {GAP})")
     p.add_argument("--pin", type=int, metavar="CPU",
                    help="run client and server on this one CPU: the stream is then limited by that CPU alone, "
                         "and slots vary far less (other jobs keep to the other CPUs)")
@@ -644,7 +647,7 @@ def main() -> int:
     if args.perf and not shutil.which("perf"):
         p.error("--perf needs perf (Debian package linux-perf)")
     bench = Bench(args.seconds, ("throughput", "connections") if args.traffic == "both" else (args.traffic,),
-                  pin=args.pin, perf_seconds=args.perf)
+                  pin=args.pin, perf_seconds=args.perf, gap=args.gap)
     configs: list[Config] = []
     # Stopped with SIGTERM (kill, a timeout): leave through `finally`, which deletes the netns.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
