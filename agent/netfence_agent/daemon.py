@@ -178,7 +178,10 @@ class Agent:
             self._apply(transaction)
         except NftError as first:
             if transaction.kind == "full":
-                return self._failed(rule_set, started, str(first))
+                outcome = self._failed(rule_set, started, str(first))
+                if periodic:  # the retry repairs too
+                    self._next_full_sync = self._retry_at
+                return outcome
             # Either the new rules are bad or the kernel no longer holds what we loaded last
             # (someone changed it). A full sync tells which, and repairs the second case.
             log.warning("%s sync rejected (%s); trying a full sync", transaction.kind, first)
