@@ -483,7 +483,7 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
                 own["arp"].elements.append((veth, mac, _UNSPECIFIED4))
             chain.rules += shared
         else:
-            # MAC unknown (seen only in the CNI cache): check the source address alone.
+            # MAC or ifindex unknown (a port given without them): check the source address alone.
             comment = f"{key}: its own address (MAC unknown)"
             chain.rules += [Rule((Match(_ADDR[(_FAMILY[a.version][0], "saddr")], a), _RETURN), comment)
                             for a in addresses]
