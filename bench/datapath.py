@@ -82,6 +82,7 @@ IPERF_PORT, CONN_PORT = 5201, 5001
 CONN_PROCS = 2
 SYNTHETIC_PODS = 1000
 CONNTRACK_TABLE = ("inet", "nf_bench_conntrack")
+FLANNEL_TABLE = ("ip", "nf_bench_flannel")
 WARMUP = 1.0           # seconds of traffic before the first slot
 GAP = 0.1              # seconds after each switch (or between two slots of one state) not measured
 TARGET = 0.97          # netfence / baseline throughput
@@ -177,8 +178,10 @@ class Config:
 
 class Bench:
     def __init__(self, slot: float, traffic: tuple[str, ...] = ("throughput", "connections"),
-                 pin: int | None = None, perf_seconds: float = 0.0, gap: float = GAP):
+                 pin: int | None = None, perf_seconds: float = 0.0, gap: float = GAP,
+                 flannel_forward: bool = False):
         tag = os.urandom(3).hex()
+        self.flannel_forward = flannel_forward
         self.gap = gap
         self.pin = pin
         self.perf_seconds = perf_seconds
@@ -218,6 +221,20 @@ class Bench:
         self.executor = executor_in(self.node)
         self.kernel: Kernel = self.executor.submit(Kernel).result()
         self.set_conntrack(True)
+        if self.flannel_forward:
+            # What flannel's nftables mode keeps in the forward hook of every node (its iptables
+            # mode has the same two accepts in FORWARD): then the hook is never empty, with or
+            # without netfence.
+            table = {"family": FLANNEL_TABLE[0], "table": FLANNEL_TABLE[1]}
+            self._k(self.kernel.run, [
+                {"add": {"table": {"family": FLANNEL_TABLE[0], "name": FLANNEL_TABLE[1]}}},
+                {"add": {"chain": {**table, "name": "forward", "type": "filter", "hook": "forward", "prio": 0,
+                                   "policy": "accept"}}},
+                *({"add": {"rule": {**table, "chain": "forward", "expr": [
+                    {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": field}},
+                               "right": {"prefix": {"addr": "10.244.0.0", "len": 16}}}}, {"accept": None}]}}}
+                  for field in ("saddr", "daddr")),
+            ])
         time.sleep(0.5)
 
     def pinned(self) -> list[str]:
@@ -620,6 +637,9 @@ def main() -> int:
                    help="measure iperf3 throughput, connections per second, or both")
     p.add_argument("--gap", type=float, default=GAP, metavar="SECONDS",
                    help=f"left out after each switch, before a slot is measured (default {GAP})")
+    p.add_argument("--flannel-forward", action="store_true",
+                   help="baseline as on a flannel node: flannel's forward chain (two accepts for the cluster "
+                        "CIDR) stays loaded in every state")
     p.add_argument("--pin", type=int, metavar="CPU",
                    help="run client and server on this one CPU: the stream is then limited by that CPU alone, "
                         "and slots vary far less (other jobs keep to the other CPUs)")
@@ -647,7 +667,7 @@ def main() -> int:
     if args.perf and not shutil.which("perf"):
         p.error("--perf needs perf (Debian package linux-perf)")
     bench = Bench(args.seconds, ("throughput", "connections") if args.traffic == "both" else (args.traffic,),
-                  pin=args.pin, perf_seconds=args.perf, gap=args.gap)
+                  pin=args.pin, perf_seconds=args.perf, gap=args.gap, flannel_forward=args.flannel_forward)
     configs: list[Config] = []
     # Stopped with SIGTERM (kill, a timeout): leave through `finally`, which deletes the netns.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -663,6 +683,8 @@ def main() -> int:
         bench.down()
     if args.raw:
         args.raw.write_text(json.dumps([asdict(c) for c in configs], indent=1))
+    if args.flannel_forward:
+        print("every state, the baseline included, had flannel's forward chain loaded (--flannel-forward)")
     report(configs, started_load, started)
     return 0
 
