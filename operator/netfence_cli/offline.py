@@ -130,9 +130,7 @@ class Endpoint:
     node: str | None  # node whose pod network holds it; None when outside the pod network
     pod: Pod | None = None
     host_network: bool = False
-    mac: str | None = None
-    veth: str | None = None
-    veth_index: int | None = None
+    veth: PodPort | None = None  # a pod's host-side veth
 
 
 @dataclass
@@ -159,8 +157,8 @@ def resolve_endpoint(cluster: OfflineCluster, text: str, family: int | None = No
         ips = pod.ips
         if family is not None:
             ips = [ip for ip in ips if ipaddress.ip_address(ip).version == family] or ips
-        port = synthetic_port(pod.metadata.namespace, pod.metadata.name)
-        return Endpoint(text, ips[0], pod.spec.nodeName, pod, pod.spec.hostNetwork, port.mac, port.ifname, port.ifindex)
+        veth = synthetic_port(pod.metadata.namespace, pod.metadata.name)
+        return Endpoint(text, ips[0], pod.spec.nodeName, pod, pod.spec.hostNetwork, veth)
     if not _is_ip(text):
         raise InputError([f"{text!r} is neither NAMESPACE/POD nor an IP address"])
     ip = str(ipaddress.ip_address(text))
@@ -228,8 +226,9 @@ def _node_legs(cluster, node, saddr, daddr, port, protocol, iif, oif, from_pod: 
     local = cluster.node_addresses(node)
     if from_pod is not None:
         # The frame enters the bridge from the pod's veth: anti-spoofing sees it first.
-        bridge_pkt = Packet(saddr, daddr, protocol, port, iifname=from_pod.veth or "", iif=from_pod.veth_index,
-                            src_mac=from_pod.mac, local_addresses=local)
+        veth = from_pod.veth or PodPort("")
+        bridge_pkt = Packet(saddr, daddr, protocol, port, iifname=veth.ifname, iif=veth.ifindex, src_mac=veth.mac,
+                            local_addresses=local)
         table = rendered.ruleset.table(*BRIDGE_TABLE)
         legs.append(Leg(node, "prerouting", "bridge", bridge_pkt, trace(table, "prerouting", bridge_pkt)))
         if not legs[-1].result.accepted:
