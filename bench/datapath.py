@@ -57,8 +57,8 @@ import shutil
 import signal
 import statistics
 import subprocess
-import tempfile
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -414,7 +414,6 @@ def measure(bench: Bench, config: Config, pairs: int, switch: Callable[[bool], f
             switch(True)
             if bench.perf_seconds and config.policies is not None:
                 config.perf = perf_shares(bench.pin, bench.perf_seconds)
-        switch(True)
     if "connections" in bench.traffic:
         with bench.connection_stream() as (made, failed):
             config.connections = alternate(pairs, bench.slot, switch, made, config, "conn/s", bench.gap)
@@ -488,7 +487,8 @@ def perf_shares(cpu: int | None, seconds: float) -> dict[str, float]:
             inclusive.setdefault(parts[3], float(parts[0].rstrip("%")))
     busy = 100.0 - inclusive.get("do_idle", 0.0)
     bridge, inet = inclusive.get("nft_do_chain_bridge", 0.0), inclusive.get("nft_do_chain_inet", 0.0)
-    return {"bridge": bridge / busy, "inet": inet / busy, "total": (bridge + inet) / busy, "busy": busy / 100}
+    return {"bridge": bridge / busy, "inet": inet / busy, "total": (bridge + inet) / busy, "busy": busy / 100,
+            "recordings": 1}
 
 
 # ---------------------------------------------------------------------- statistics
@@ -573,9 +573,12 @@ def summary(configs: list[Config]) -> None:
         print(f"  {c.label}: {c.detail}")
     for c in configs:
         if c.perf:
+            n = c.perf.get("recordings", 1)
+            recordings = f"; mean of {n} recordings" if n > 1 else ""
             print(f"  {c.label}, perf: netfence's chains take {c.perf['total']:.2%} of the sampled CPU's busy time "
                   f"(bridge prerouting {c.perf['bridge']:.2%}, inet forward {c.perf['inet']:.2%}; CPU "
-                  f"{c.perf['busy']:.0%} busy): throughput ratio about {1 - c.perf['total']:.1%} if the CPU is the limit")
+                  f"{c.perf['busy']:.0%} busy{recordings}): throughput ratio about {1 - c.perf['total']:.1%} "
+                  f"if the CPU is the limit")
     netfence = [c for c in configs if c.policies is not None]
     print("verdicts:")
     for c in netfence:
@@ -608,6 +611,12 @@ def load_raw(paths: list[Path]) -> list[Config]:
                 into.connections += config.connections
                 into.switch_seconds += config.switch_seconds
                 into.failed += config.failed
+                if into.perf and config.perf:  # the mean share of all recordings
+                    n, m = into.perf.get("recordings", 1), config.perf.get("recordings", 1)
+                    into.perf = {k: (into.perf[k] * n + config.perf[k] * m) / (n + m) for k in ("bridge", "inet", "total", "busy")}
+                    into.perf["recordings"] = n + m
+                else:
+                    into.perf = into.perf or config.perf
             else:
                 pooled[config.label] = config
     return list(pooled.values())
