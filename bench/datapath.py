@@ -26,7 +26,9 @@ medians of the raw values, and the same for kernel CPU time (system + irq + soft
 machine, /proc/stat) per GB and per 1,000 connections. Two more rows, for information: "A/A"
 switches something off the packet path (a chain no hook reaches), so it shows what the method
 reads when there is no effect; "bare" switches connection tracking off and on (what conntrack
-itself costs).
+itself costs). With --floor-pairs, "empty hooks" switches an empty base chain at each of
+netfence's two hooks: the cost of the hooks alone, which no rule set of this shape can avoid,
+so that each netfence row can be read as the floor plus what its rules add.
 
 Policies select IP-keyed synthetic pods of the node plus the two real ones; every pod, the
 client and the server included, is selected by its share of them (policies / pods), so the
@@ -83,6 +85,10 @@ CONN_PROCS = 2
 SYNTHETIC_PODS = 1000
 CONNTRACK_TABLE = ("inet", "nf_bench_conntrack")
 FLANNEL_TABLE = ("ip", "nf_bench_flannel")
+FLOOR_TABLE = "nf_bench_floor"  # in the inet and the bridge family
+FLOOR_LABEL = "empty hooks"
+# The hooks netfence's base chains sit at (render.py): the floor row puts empty chains there.
+NETFENCE_HOOKS = (("bridge", "prerouting", -200), ("inet", "forward", 0))
 WARMUP = 1.0           # seconds of traffic before the first slot
 GAP = 0.1              # seconds after each switch (or between two slots of one state) not measured
 TARGET = 0.97          # netfence / baseline throughput
@@ -406,13 +412,15 @@ def alternate(pairs: int, slot: float, switch: Callable[[bool], float], counter:
     return result
 
 
-def measure(bench: Bench, config: Config, pairs: int, switch: Callable[[bool], float]) -> None:
+def measure(bench: Bench, config: Config, pairs: int, switch: Callable[[bool], float], profile: bool = False) -> None:
+    """The config's pairs for each kind of traffic; with `profile` (and --perf), a perf recording
+    with the test state on after the throughput pairs."""
     if "throughput" in bench.traffic:
         seconds = WARMUP + pairs * 2 * (bench.slot + bench.gap + 0.05) + 2 + (bench.perf_seconds + 5 if bench.perf_seconds else 0)
         with bench.iperf_stream(seconds) as counter:
             config.throughput = alternate(pairs, bench.slot, switch, counter, config, "throughput", bench.gap)
             switch(True)
-            if bench.perf_seconds and config.policies is not None:
+            if bench.perf_seconds and profile:
                 config.perf = perf_shares(bench.pin, bench.perf_seconds)
     if "connections" in bench.traffic:
         with bench.connection_stream() as (made, failed):
@@ -433,7 +441,7 @@ def measure_netfence(bench: Bench, policies: int, pairs: int) -> Config:
                                             f"server ingress chain {server_rules} rules", policies, server_rules)
     config.load_seconds = bench.load_netfence(ruleset)
     try:
-        measure(bench, config, pairs, bench.set_hooks)
+        measure(bench, config, pairs, bench.set_hooks, profile=True)
     finally:
         bench.unload_netfence()
     return config
@@ -455,6 +463,35 @@ def measure_null(bench: Bench, pairs: int) -> Config:
         return time.perf_counter() - started
     measure(bench, config, pairs, switch)
     switch(False)
+    return config
+
+
+def measure_floor(bench: Bench, pairs: int) -> Config:
+    """What any enforcer of this shape pays before its first rule: an empty base chain at each of
+    netfence's two hooks (a veth-keyed check needs the bridge family, a stateful one the inet
+    family; DESIGN.md §4). netfence's rows minus this one is what its rules cost."""
+    config = Config(FLOOR_LABEL, "an empty base chain at bridge prerouting and at inet forward "
+                                   "added (test) / deleted (baseline)")
+    state = {"on": False}
+
+    def switch(on: bool) -> float:
+        if on == state["on"]:
+            return 0.0
+        commands: list[dict] = []
+        for family, hook, priority in NETFENCE_HOOKS:
+            chain = {"family": family, "table": FLOOR_TABLE, "name": hook}
+            commands += ([{"add": {"table": {"family": family, "name": FLOOR_TABLE}}},
+                          {"add": {"chain": {**chain, "type": "filter", "hook": hook, "prio": priority,
+                                             "policy": "accept"}}}]
+                         if on else [{"delete": {"table": {"family": family, "name": FLOOR_TABLE}}}])
+        started = time.perf_counter()
+        bench._k(bench.kernel.run, commands)
+        state["on"] = on
+        return time.perf_counter() - started
+    try:
+        measure(bench, config, pairs, switch, profile=True)
+    finally:
+        switch(False)
     return config
 
 
@@ -575,7 +612,8 @@ def summary(configs: list[Config]) -> None:
         if c.perf:
             n = c.perf.get("recordings", 1)
             recordings = f"; mean of {n} recordings" if n > 1 else ""
-            print(f"  {c.label}, perf: netfence's chains take {c.perf['total']:.2%} of the sampled CPU's busy time "
+            whose = "the empty chains" if c.label == FLOOR_LABEL else "netfence's chains"
+            print(f"  {c.label}, perf: {whose} take {c.perf['total']:.2%} of the sampled CPU's busy time "
                   f"(bridge prerouting {c.perf['bridge']:.2%}, inet forward {c.perf['inet']:.2%}; CPU "
                   f"{c.perf['busy']:.0%} busy{recordings}): throughput ratio about {1 - c.perf['total']:.1%} "
                   f"if the CPU is the limit")
@@ -594,6 +632,13 @@ def summary(configs: list[Config]) -> None:
             if a and b:
                 print(f"  flat in the number of policies, {what} ({first.label} vs {last.label}): "
                       f"{flatness([getattr(p, key) for p in a], [getattr(p, key) for p in b], rng)}")
+    floor = next((c for c in configs if c.label == FLOOR_LABEL and c.throughput), None)
+    for c in netfence if floor else ():
+        if c.throughput:
+            low, high = difference_ci([p.ratio for p in floor.throughput], [p.ratio for p in c.throughput], rng)
+            below = statistics.median(p.ratio for p in floor.throughput) - statistics.median(p.ratio for p in c.throughput)
+            print(f"  {c.label}: throughput ratio below the {FLOOR_LABEL} row (what the rules add to two empty hook "
+                  f"chains): {below * 100:.1f} points, 95 % CI [{-high * 100:.1f}, {-low * 100:.1f}]")
     print(f"failed connection attempts over the whole run: {sum(c.failed for c in configs)}")
 
 
@@ -642,6 +687,9 @@ def main() -> int:
                    help="pairs for the informational no-conntrack row (default: --pairs; 0: skip)")
     p.add_argument("--null-pairs", type=int, default=None,
                    help="pairs for the A/A calibration row, a switch that changes nothing (default: --pairs; 0: skip)")
+    p.add_argument("--floor-pairs", type=int, default=0,
+                   help="pairs for the 'empty hooks' row: empty base chains at netfence's two hooks, what any "
+                        "enforcer of this shape pays before its first rule (default 0: skip)")
     p.add_argument("--traffic", choices=("both", "throughput", "connections"), default="both",
                    help="measure iperf3 throughput, connections per second, or both")
     p.add_argument("--gap", type=float, default=GAP, metavar="SECONDS",
@@ -686,6 +734,8 @@ def main() -> int:
             configs.append(measure_null(bench, null_pairs))
         if bare_pairs:
             configs.append(measure_bare(bench, bare_pairs))
+        if args.floor_pairs:
+            configs.append(measure_floor(bench, args.floor_pairs))
         for count in policy_counts:
             configs.append(measure_netfence(bench, count, args.pairs))
     finally:
