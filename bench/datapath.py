@@ -664,7 +664,8 @@ def load_raw(paths: list[Path]) -> list[Config]:
                     into.perf = into.perf or config.perf
             else:
                 pooled[config.label] = config
-    return list(pooled.values())
+    # Controls first as they came, then netfence by policy count (files may hold different counts).
+    return sorted(pooled.values(), key=lambda c: (c.policies is not None, c.policies or 0))
 
 
 def report(configs: list[Config], started_load: tuple[float, float, float], started: float) -> None:
