@@ -10,18 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from availability import shared_path, unavailable
+
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
 def need_root() -> None:
     """Kernel tests need root. In CI that is a hard failure; on a laptop they skip."""
-    if os.geteuid() == 0:
-        return
-    if IN_CI:
-        pytest.fail("this test needs root (CI runs as root)")
-    pytest.skip("needs root")
+    if os.geteuid() != 0:
+        unavailable("this test needs root")
 
 
 @pytest.fixture
@@ -63,8 +60,4 @@ def netns(netns_factory) -> str:
 
 @pytest.fixture
 def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        if IN_CI:
-            pytest.fail(f"{SHARED} is missing: CI checks out shared/ beside the repo")
-        pytest.skip("shared/ not beside the repo")
-    return SHARED
+    return shared_path(".")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from availability import shared_path
 from netfence_lab.cli import parse_port
 from netfence_lab.lab import format_table, load_manifests
 from netfence_lab.model import ManifestError, PortSpec, cni_result, cni_result_filename, plan_lab
@@ -51,8 +52,8 @@ def node(name, cidr=None, ip=None):
     return d
 
 
-@pytest.mark.skipif(not CONFORMANCE_CLUSTER.exists(), reason="shared conformance sample not beside the repo")
 def test_conformance_cluster_keeps_manifest_addresses():
+    shared_path("conformance-sample/cluster.yaml")
     p = plan(load_manifests([str(CONFORMANCE_CLUSTER)]))
     assert [(n.name, n.pod_cidr, n.underlay_ip, n.cni0_ip, n.vtep_ip) for n in p.nodes] == [
         ("node-1", "10.244.1.0/24", "172.18.0.2", "10.244.1.1", "10.244.1.0"),

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from availability import unavailable
 from lab.labkit import require_root
 from netfence_lab import system
 from netfence_lab.lab import Lab
@@ -30,10 +30,7 @@ Matrix = dict[str, dict[str, bool]]
 def require_real_agent() -> None:
     r = subprocess.run([sys.executable, "-m", "netfence_cli", "agent", "--help"], capture_output=True, text=True)
     if r.returncode != 0:
-        msg = f"`netfence agent` is not available: {r.stderr.strip()[-200:]}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        unavailable(f"`netfence agent` is not available: {r.stderr.strip()[-200:]}")
 
 
 @contextlib.contextmanager
