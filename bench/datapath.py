@@ -447,20 +447,27 @@ def measure_netfence(bench: Bench, policies: int, pairs: int) -> Config:
     return config
 
 
-def measure_null(bench: Bench, pairs: int) -> Config:
-    """A/A calibration: the switch changes nothing on the packet path (a chain no hook reaches is
-    added and deleted), so the ratios show what the method reads when there is no effect."""
-    config = Config("A/A (null)", "an unreachable chain added (test) / deleted (baseline), no netfence tables")
-    chain = {"family": "inet", "table": CONNTRACK_TABLE[1], "name": "aa"}
+def nft_switch(bench: Bench, commands: Callable[[bool], list[dict]]) -> Callable[[bool], float]:
+    """A test state switched by one nft transaction each way (`commands(on)`); the switch returns
+    the seconds it took, 0 when the state is already as asked."""
     state = {"on": False}
 
     def switch(on: bool) -> float:
         if on == state["on"]:
             return 0.0
         started = time.perf_counter()
-        bench._k(bench.kernel.run, [{"add" if on else "delete": {"chain": chain}}])
+        bench._k(bench.kernel.run, commands(on))
         state["on"] = on
         return time.perf_counter() - started
+    return switch
+
+
+def measure_null(bench: Bench, pairs: int) -> Config:
+    """A/A calibration: the switch changes nothing on the packet path (a chain no hook reaches is
+    added and deleted), so the ratios show what the method reads when there is no effect."""
+    config = Config("A/A (null)", "an unreachable chain added (test) / deleted (baseline), no netfence tables")
+    chain = {"family": "inet", "table": CONNTRACK_TABLE[1], "name": "aa"}
+    switch = nft_switch(bench, lambda on: [{"add" if on else "delete": {"chain": chain}}])
     measure(bench, config, pairs, switch)
     switch(False)
     return config
@@ -472,22 +479,14 @@ def measure_floor(bench: Bench, pairs: int) -> Config:
     family; DESIGN.md §4). netfence's rows minus this one is what its rules cost."""
     config = Config(FLOOR_LABEL, "an empty base chain at bridge prerouting and at inet forward "
                                    "added (test) / deleted (baseline)")
-    state = {"on": False}
-
-    def switch(on: bool) -> float:
-        if on == state["on"]:
-            return 0.0
-        commands: list[dict] = []
-        for family, hook, priority in NETFENCE_HOOKS:
-            chain = {"family": family, "table": FLOOR_TABLE, "name": hook}
-            commands += ([{"add": {"table": {"family": family, "name": FLOOR_TABLE}}},
-                          {"add": {"chain": {**chain, "type": "filter", "hook": hook, "prio": priority,
-                                             "policy": "accept"}}}]
-                         if on else [{"delete": {"table": {"family": family, "name": FLOOR_TABLE}}}])
-        started = time.perf_counter()
-        bench._k(bench.kernel.run, commands)
-        state["on"] = on
-        return time.perf_counter() - started
+    def commands(on: bool) -> list[dict]:
+        if not on:
+            return [{"delete": {"table": {"family": family, "name": FLOOR_TABLE}}} for family, _, _ in NETFENCE_HOOKS]
+        return [command for family, hook, priority in NETFENCE_HOOKS for command in (
+            {"add": {"table": {"family": family, "name": FLOOR_TABLE}}},
+            {"add": {"chain": {"family": family, "table": FLOOR_TABLE, "name": hook, "type": "filter",
+                               "hook": hook, "prio": priority, "policy": "accept"}}})]
+    switch = nft_switch(bench, commands)
     try:
         measure(bench, config, pairs, switch, profile=True)
     finally:

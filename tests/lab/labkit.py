@@ -27,6 +27,12 @@ def require_root() -> None:
         unavailable(f"lab test {problem}")
 
 
+def require_real_agent() -> None:
+    r = subprocess.run([sys.executable, "-m", "netfence_cli", "agent", "--help"], capture_output=True, text=True)
+    if r.returncode != 0:
+        unavailable(f"`netfence agent` is not available: {r.stderr.strip()[-200:]}")
+
+
 def lab_netns() -> set[str]:
     return {n for n in system.netns_list() if n.startswith("nflab-")}
 

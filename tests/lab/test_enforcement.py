@@ -5,25 +5,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from availability import unavailable, shared_path
-from lab.labkit import DEMO_CLUSTER, HERE
+from availability import shared_path
+from lab.labkit import DEMO_CLUSTER, HERE, require_real_agent
 from netfence_lab.lab import metric_lines
 
 pytestmark = pytest.mark.lab
 
 REPO = HERE.parents[1]
-CONFORMANCE = REPO.parent / "shared" / "conformance-sample"
 
 
 @pytest.fixture(autouse=True)
 def real_agent():
-    r = subprocess.run([sys.executable, "-m", "netfence_cli", "agent", "--help"], capture_output=True, text=True)
-    if r.returncode != 0:
-        unavailable(f"`netfence agent` is not available: {r.stderr.strip()[-200:]}")
+    require_real_agent()
 
 
 def policy(ns, name, spec):
@@ -69,10 +65,10 @@ def test_egress_only_dns(make_lab):
 
 @pytest.mark.slow
 def test_conformance_sample_in_lab_mode(lab_dir):
-    shared_path("conformance-sample/check.py")
+    checker = shared_path("conformance-sample/check.py")
     env = {**os.environ, "NETFENCE": f"{sys.executable} -m netfence_cli",
            "PYTHONPATH": os.pathsep.join([str(REPO / "operator"), str(REPO / "agent")])}
-    r = subprocess.run([sys.executable, str(CONFORMANCE / "check.py"), "--mode", "lab"], capture_output=True,
+    r = subprocess.run([sys.executable, str(checker), "--mode", "lab"], capture_output=True,
                        text=True, env=env, timeout=900, cwd=lab_dir.parent)
     assert r.stdout.strip().splitlines()[-1].endswith(" 0 failed"), r.stdout + r.stderr
     assert r.returncode == 0

@@ -16,7 +16,6 @@ from netfence_lab.lab import format_table, load_manifests
 from netfence_lab.model import ManifestError, PortSpec, cni_result, cni_result_filename, plan_lab
 
 HERE = Path(__file__).resolve().parent
-CONFORMANCE_CLUSTER = HERE.parents[2] / "shared" / "conformance-sample" / "cluster.yaml"
 K3S_CLUSTER = HERE / "data" / "k3s-style-cluster.yaml"
 DEMO_CLUSTER = HERE.parents[1] / "agent" / "netfence_lab" / "data" / "demo-cluster.yaml"
 
@@ -53,8 +52,7 @@ def node(name, cidr=None, ip=None):
 
 
 def test_conformance_cluster_keeps_manifest_addresses():
-    shared_path("conformance-sample/cluster.yaml")
-    p = plan(load_manifests([str(CONFORMANCE_CLUSTER)]))
+    p = plan(load_manifests([str(shared_path("conformance-sample/cluster.yaml"))]))
     assert [(n.name, n.pod_cidr, n.underlay_ip, n.cni0_ip, n.vtep_ip) for n in p.nodes] == [
         ("node-1", "10.244.1.0/24", "172.18.0.2", "10.244.1.1", "10.244.1.0"),
         ("node-2", "10.244.2.0/24", "172.18.0.3", "10.244.2.1", "10.244.2.0"),

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from availability import shared_path
+from availability import SHARED, shared_path
 from reference.evaluator import reference_matrix
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SAMPLE_DIR = REPO_ROOT.parent / "shared" / "conformance-sample"
+SAMPLE_DIR = SHARED / "conformance-sample"
 
 
 def _sample_or_skip() -> Path:

@@ -8,15 +8,12 @@
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from availability import unavailable
-from lab.labkit import require_root
+from lab.labkit import require_real_agent, require_root
 from netfence_lab import system
 from netfence_lab.lab import Lab
 from netfence_lab.state import StateStore
@@ -25,12 +22,6 @@ HERE = Path(__file__).resolve().parent
 SCENARIO_CLUSTER = HERE / "cluster.yaml"
 
 Matrix = dict[str, dict[str, bool]]
-
-
-def require_real_agent() -> None:
-    r = subprocess.run([sys.executable, "-m", "netfence_cli", "agent", "--help"], capture_output=True, text=True)
-    if r.returncode != 0:
-        unavailable(f"`netfence agent` is not available: {r.stderr.strip()[-200:]}")
 
 
 @contextlib.contextmanager
