@@ -19,6 +19,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Iterator
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent / d) for d in ("operator", "agent")]
 
@@ -30,28 +31,29 @@ APPS = [f"app-{i}" for i in range(10)]
 TEAMS = [f"team-{i}" for i in range(8)]
 
 
-def synthetic_cluster(pods: int, policies: int, namespaces: int, nodes: int, seed: int = 1) -> ClusterObjects:
+def synthetic_documents(pods: int, policies: int, namespaces: int, nodes: int, seed: int = 1) -> Iterator[dict]:
+    """The cluster's objects as manifests, in the shape `kubectl get -o yaml|json` prints them."""
     rnd = random.Random(seed)
-    objects = ClusterObjects()
     for n in range(nodes):
-        objects.add(parse_object({"kind": "Node", "metadata": {"name": f"node-{n}"},
-                                  "spec": {"podCIDR": f"10.{100 + n}.0.0/16"}}))
+        yield {"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"node-{n}"},
+               "spec": {"podCIDR": f"10.{100 + n}.0.0/16"}}
     for i in range(namespaces):
-        objects.add(parse_object({"kind": "Namespace", "metadata": {
-            "name": f"ns-{i}", "labels": {"team": TEAMS[i % len(TEAMS)], "env": "prod" if i % 3 else "dev"}}}))
+        yield {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+            "name": f"ns-{i}", "labels": {"team": TEAMS[i % len(TEAMS)], "env": "prod" if i % 3 else "dev"}}}
     per_node: dict[int, int] = {}
     for p in range(pods):
         ns = p % namespaces
         node = rnd.randrange(nodes)
         slot = per_node[node] = per_node.get(node, 0) + 1
-        objects.add(parse_object({
+        yield {
+            "apiVersion": "v1",
             "kind": "Pod",
             "metadata": {"name": f"pod-{p}", "namespace": f"ns-{ns}", "uid": f"uid-{p}",
                          "labels": {"app": APPS[(p // namespaces) % len(APPS)], "tier": rnd.choice(["web", "api", "db"])}},
             "spec": {"nodeName": f"node-{node}", "containers": [{"name": "c", "ports": [
                 {"name": "http", "containerPort": 8080}, {"name": "metrics", "containerPort": 9090}]}]},
             "status": {"podIP": f"10.{100 + node}.{slot // 250}.{slot % 250 + 2}"},
-        }))
+        }
     per_ns = max(1, policies // namespaces)
     count = 0
     for i in range(namespaces):
@@ -82,8 +84,14 @@ def synthetic_cluster(pods: int, policies: int, namespaces: int, nodes: int, see
                 spec = {"podSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["web", "api"]}]},
                         "ingress": [{"from": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": ["10.0.0.0/8"]}}],
                                      "ports": [{"port": 443}, {"port": 30000, "endPort": 32767}]}]}
-            objects.add(parse_object({"kind": "NetworkPolicy",
-                                      "metadata": {"name": f"pol-{k}", "namespace": f"ns-{i}"}, "spec": spec}))
+            yield {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                   "metadata": {"name": f"pol-{k}", "namespace": f"ns-{i}"}, "spec": spec}
+
+
+def synthetic_cluster(pods: int, policies: int, namespaces: int, nodes: int, seed: int = 1) -> ClusterObjects:
+    objects = ClusterObjects()
+    for doc in synthetic_documents(pods, policies, namespaces, nodes, seed):
+        objects.add(parse_object(doc))
     return objects
 
 

@@ -19,6 +19,7 @@ from pydantic import TypeAdapter, ValidationError
 
 import netfence_api
 from netfence_agent import inotify
+from netfence_api.manifests import SafeLoader
 
 log = logging.getLogger("netfence.source")
 
@@ -107,7 +108,7 @@ def parse_rule_set(text: str, origin: str = "rule set", reader: RuleSetReader | 
         data = json.loads(text)
     except ValueError:
         try:
-            data = yaml.safe_load(text)
+            data = yaml.load(text, Loader=SafeLoader)
         except yaml.YAMLError as exc:
             raise RuleSetFileError(f"{origin}: not JSON or YAML: {exc}") from None
     if not isinstance(data, dict):

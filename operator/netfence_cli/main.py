@@ -12,9 +12,8 @@ import json
 import sys
 from collections.abc import Callable
 
-import yaml
-
 from netfence_api import NodeRuleSet
+from netfence_api.manifests import dump_yaml_all
 from netfence_api.runtime import tune_gc
 from netfence_operator.compile import InputError
 from netfence_cli import offline
@@ -31,10 +30,13 @@ _PLUGINS = {
 
 def _files_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("-f", "--filename", dest="files", action="append", required=True, metavar="FILE",
-                   help="manifest file (multi-document YAML or kind: List); '-' reads standard input; repeatable")
+                   help="manifest file (multi-document YAML, JSON, or kind: List); '-' reads standard input; repeatable")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only the plugin that provides it is imported (the controller
+    and agent pull in kopf and the kubernetes client: a second of start-up the offline commands
+    don't need)."""
     parser = argparse.ArgumentParser(prog="netfence", description="Kubernetes NetworkPolicy enforcement with nftables")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -58,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_matrix)
 
     for module_name, commands in _PLUGINS.items():
+        if command is not None and command not in commands:
+            for name in commands:  # listed in --help, loaded when chosen
+                sub.add_parser(name, help=f"see netfence {name} --help")
+            continue
         try:
             module = importlib.import_module(module_name)
             module.register(sub)
@@ -76,12 +82,12 @@ def _unavailable(command: str, error: Exception) -> Callable[[argparse.Namespace
     return run
 
 
-def _load(args: argparse.Namespace) -> offline.OfflineCluster:
+def _load(args: argparse.Namespace, rendered: bool = True) -> offline.OfflineCluster:
     notes: list[str] = []
     objects = offline.load_cluster(offline.read_manifests(args.files), notes)
     for note in notes:
         print(note, file=sys.stderr)
-    cluster = offline.OfflineCluster.build(objects)
+    cluster = offline.OfflineCluster.build(objects, rendered=rendered)
     for key, problems in cluster.problems.items():
         for problem in problems:
             print(f"warning: NetworkPolicy {key}: {problem}", file=sys.stderr)
@@ -89,7 +95,7 @@ def _load(args: argparse.Namespace) -> offline.OfflineCluster:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    cluster = _load(args)
+    cluster = _load(args, rendered=args.output == "nft")
     nodes = sorted(cluster.specs)
     if args.node:
         if args.node not in cluster.specs:
@@ -106,7 +112,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))
     else:
-        print(yaml.safe_dump_all(objects, sort_keys=False), end="")
+        print(dump_yaml_all(objects), end="")
     return 0
 
 
@@ -126,7 +132,9 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     tune_gc()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     try:
         return args.func(args)
     except InputError as e:

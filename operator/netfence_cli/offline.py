@@ -12,9 +12,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-import yaml
-
 from netfence_api import NodeRuleSetSpec
+from netfence_api.manifests import ManifestSyntaxError, load_documents
 from netfence_agent.render import BRIDGE_TABLE, INET_TABLE, PodPort, RenderMemo, RenderOptions, RenderResult, render
 from netfence_agent.trace import Packet, TraceResult, trace
 from netfence_operator.compile import ClusterObjects, Compiler, InputError, Pod, parse_documents
@@ -27,7 +26,7 @@ UPLINK = "eth0"
 
 # --------------------------------------------------------------------------- input
 def read_manifests(paths: list[str], stdin: TextIO | None = None) -> list[tuple[str, Any]]:
-    """(source, document) for every YAML document in the files; "-" reads standard input."""
+    """(source, document) for every YAML or JSON document in the files; "-" reads standard input."""
     out = []
     for path in paths:
         try:
@@ -39,9 +38,9 @@ def read_manifests(paths: list[str], stdin: TextIO | None = None) -> list[tuple[
         except OSError as e:
             raise InputError([f"{path}: cannot read: {e.strerror}"]) from None
         try:
-            docs = list(yaml.safe_load_all(text))
-        except yaml.YAMLError as e:
-            raise InputError([f"{source}: not valid YAML: {e}"]) from None
+            docs = load_documents(text)
+        except ManifestSyntaxError as e:
+            raise InputError([f"{source}: {e}"]) from None
         out += [(source, d) for d in docs if d is not None]
     return out
 
@@ -75,10 +74,15 @@ class OfflineCluster:
     _node_addresses: dict[str, frozenset[str]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def build(cls, objects: ClusterObjects, options: RenderOptions = RenderOptions()) -> "OfflineCluster":
+    def build(cls, objects: ClusterObjects, options: RenderOptions = RenderOptions(),
+              rendered: bool = True) -> "OfflineCluster":
+        """Compile every node; render them too unless `rendered` is False (the rule-set objects
+        alone are what `netfence compile -o json|yaml` prints)."""
         compiler = Compiler(objects)
         specs = compiler.all_specs()
-        cluster = cls(objects, specs)
+        cluster = cls(objects, specs, problems=compiler.problems())
+        if not rendered:
+            return cluster
         memo = RenderMemo()  # nodes share the compiler's rule and group objects: render each once
         for node, spec in specs.items():
             ports = {}
@@ -86,7 +90,6 @@ class OfflineCluster:
                 port = synthetic_port(pod.namespace, pod.name)
                 ports.update({ip: port for ip in pod.ips})
             cluster.rendered[node] = render(spec, ports, options, memo)
-        cluster.problems = compiler.problems()
         return cluster
 
     def node_addresses(self, node: str) -> frozenset[str]:
