@@ -2,11 +2,12 @@
 
 Only the publisher calls these, from worker threads. Reads: the NodeRuleSets already published
 (on start and on resync) and the uids of a watched kind (after a relist). Writes: NodeRuleSets
-and Events, nothing else.
+(and the controller's condition in their status when the API refuses one) and Events, nothing else.
 """
 
 from __future__ import annotations
 
+import datetime
 import fnmatch
 import json
 import logging
@@ -55,6 +56,25 @@ class KubeApi:
 
     def patch_ruleset(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         return self.custom.patch_cluster_custom_object(API_GROUP, API_VERSION, PLURAL, name, patch)
+
+    def set_ruleset_condition(self, name: str, type_: str, status: str, reason: str, message: str) -> None:
+        """Put one condition into a NodeRuleSet's status, keeping the agent's others."""
+        for attempt in range(3):
+            stored = self.custom.get_cluster_custom_object(API_GROUP, API_VERSION, PLURAL, name)
+            conditions = [c for c in (stored.get("status") or {}).get("conditions") or [] if c.get("type") != type_]
+            now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            conditions.append({"type": type_, "status": status, "reason": reason, "message": message[:1000],
+                               "lastTransitionTime": now})
+            # The list is replaced whole, so the write is conditional on what was read: an agent
+            # reporting in between makes it 409, and it is read again.
+            patch = {"metadata": {"resourceVersion": stored["metadata"]["resourceVersion"]},
+                     "status": {"conditions": conditions}}
+            try:
+                self.custom.patch_cluster_custom_object_status(API_GROUP, API_VERSION, PLURAL, name, patch)
+                return
+            except ApiException as e:
+                if e.status != 409 or attempt == 2:
+                    raise
 
     def delete_ruleset(self, name: str) -> None:
         self.custom.delete_cluster_custom_object(API_GROUP, API_VERSION, PLURAL, name)

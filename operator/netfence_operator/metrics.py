@@ -31,6 +31,10 @@ class ControllerMetrics:
         self.publish_failures = Counter(
             "netfence_controller_publish_failures",
             "NodeRuleSet writes that failed (retried with backoff).", registry=r)
+        self.rulesets_refused = Gauge(
+            "netfence_controller_rulesets_refused",
+            "1 for each node whose NodeRuleSet the API refuses to store (too large, invalid): that "
+            "node keeps its last rules until a spec the API accepts.", ["node"], registry=r)
         self.objects_watched = Gauge(
             "netfence_controller_objects_watched",
             "Objects the controller currently knows, by kind.", ["kind"], registry=r)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
 import logging
 import socket
 import time
@@ -58,18 +59,27 @@ def spec_body(spec: NodeRuleSetSpec) -> dict[str, Any]:
 
 
 def event_body(problem: PolicyProblem, instance: str) -> dict[str, Any]:
+    return warning_event(
+        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+         "namespace": problem.namespace, "name": problem.name, "uid": problem.uid},
+        problem.reason, problem.message, instance)
+
+
+def warning_event(involved: dict[str, str], reason: str, message: str, instance: str) -> dict[str, Any]:
+    """A Warning Event about `involved` (namespaced objects' Events live in their namespace,
+    cluster-scoped objects' in "default", as kubectl looks for them)."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    message = problem.message if len(problem.message) <= _EVENT_MESSAGE_LIMIT else problem.message[: _EVENT_MESSAGE_LIMIT - 3] + "..."
-    # Named after the policy uid and the message: re-reporting the same problem (e.g. after a
+    message = message if len(message) <= _EVENT_MESSAGE_LIMIT else message[: _EVENT_MESSAGE_LIMIT - 3] + "..."
+    namespace = involved.get("namespace") or "default"
+    # Named after the object's uid and the message: re-reporting the same problem (e.g. after a
     # controller restart) hits 409 AlreadyExists instead of piling up duplicates.
-    name = f"{problem.name[:200]}.netfence.{short_hash([problem.uid, problem.reason, problem.message], 16)}"
+    name = f"{involved['name'][:200]}.netfence.{short_hash([involved.get('uid', ''), reason, message], 16)}"
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"name": name, "namespace": problem.namespace, "labels": dict(MANAGED_BY)},
-        "involvedObject": {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                           "namespace": problem.namespace, "name": problem.name, "uid": problem.uid},
-        "reason": problem.reason,
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(MANAGED_BY)},
+        "involvedObject": involved,
+        "reason": reason,
         "message": message,
         "type": "Warning",
         "source": {"component": COMPONENT},
@@ -79,6 +89,29 @@ def event_body(problem: PolicyProblem, instance: str) -> dict[str, Any]:
         "lastTimestamp": now,
         "count": 1,
     }
+
+
+def refusal(e: Exception) -> str | None:
+    """Why the API will never store this object as sent (None: a failure worth retrying as is).
+
+    Too large: 413 from the apiserver's 3 MiB body limit or etcd's 1.5 MiB object limit (older
+    apiservers pass etcd's "request is too large" on as a 500); invalid: 400/422.
+    """
+    if not isinstance(e, ApiException):
+        return None
+    body = e.body.decode(errors="replace") if isinstance(e.body, bytes) else str(e.body or "")
+    if e.status == 413 or (e.status == 500 and "too large" in body):
+        return "TooLarge"
+    if e.status in (400, 422):
+        return "Invalid"
+    return None
+
+
+def _api_message(e: ApiException) -> str:
+    try:
+        return json.loads(e.body).get("message") or _short(e)
+    except (TypeError, ValueError, AttributeError):
+        return _short(e)
 
 
 @dataclass
@@ -97,6 +130,8 @@ class Publisher:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _relisted: dict[str, float] = field(default_factory=dict)  # kind -> monotonic time of its last listing event
     _reported: set[tuple[str, str, str]] = field(default_factory=set)  # (uid, reason, message) posted
+    # node -> (content hash, reason, message) of a spec the API refused; not sent again unchanged
+    refused: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     _failures: int = 0
     instance: str = field(default_factory=socket.gethostname)
 
@@ -193,6 +228,8 @@ class Publisher:
         digest = spec.content_hash()
         if self.published.get(node) == digest:
             return True
+        if self.refused.get(node, ("",))[0] == digest:
+            return True  # the API would refuse it again; the node's Degraded condition says so
         metadata = ruleset_metadata(spec, digest)
         try:
             if node in self.published:
@@ -213,9 +250,16 @@ class Publisher:
                     stored = await asyncio.to_thread(self.api.patch_ruleset, node, {"metadata": metadata, "spec": spec_body(spec)})
                     action = "patch"
         except Exception as e:  # noqa: BLE001
-            log.warning("writing NodeRuleSet %s failed: %s", node, _short(e))
             self.metrics.publish_failures.inc()
-            return False
+            reason = refusal(e)
+            if reason is None:
+                log.warning("writing NodeRuleSet %s failed: %s", node, _short(e))
+                return False
+            await self._refused(node, digest, reason, _api_message(e), len(json.dumps(spec_body(spec))))
+            return True
+        if self.refused.pop(node, None) is not None:
+            self.metrics.rulesets_refused.remove(node)
+            log.info("NodeRuleSet %s is accepted by the API again", node)
         self.published[node] = published_hash(stored)
         if self.published[node] != digest:
             log.error("NodeRuleSet %s was stored differently from what was sent (CRD schema out of date?)", node)
@@ -224,6 +268,32 @@ class Publisher:
                  metadata["annotations"][PODS_ANNOTATION], metadata["annotations"][RULES_ANNOTATION],
                  (stored.get("metadata") or {}).get("generation"))
         return True
+
+    async def _refused(self, node: str, digest: str, reason: str, api_message: str, size: int) -> None:
+        """Never silent: the node keeps its last rules, and the metric, an Event on the Node and
+        a Degraded condition on its NodeRuleSet say that they are out of date and why."""
+        message = (f"the API refused NodeRuleSet {node} ({size} bytes of spec): {api_message}; "
+                   f"node {node} keeps enforcing the rules it was last given")
+        already = self.refused.get(node)
+        self.refused[node] = (digest, reason, message)
+        self.metrics.rulesets_refused.labels(node).set(1)
+        if already is not None and already[1:] == (reason, message):
+            return
+        log.error("%s", message)
+        uid = next((u for u, key in self.state.known_uids("Node").items() if key == node), "")
+        involved = {"apiVersion": "v1", "kind": "Node", "name": node, "uid": uid}
+        try:
+            await asyncio.to_thread(self.api.create_event, "default",
+                                    warning_event(involved, "RuleSetRefused", message, self.instance))
+            self.metrics.events_posted.inc()
+        except Exception as e:  # noqa: BLE001 - the metric and the log still say it
+            if conflict_or_missing(e) != 409:
+                log.warning("posting an Event on Node %s failed: %s", node, _short(e))
+        try:
+            await asyncio.to_thread(self.api.set_ruleset_condition, node, "Degraded", "True", f"RuleSet{reason}", message)
+        except Exception as e:  # noqa: BLE001 - no NodeRuleSet to mark (it was never created)
+            if conflict_or_missing(e) != 404:
+                log.warning("marking NodeRuleSet %s Degraded failed: %s", node, _short(e))
 
     @staticmethod
     def _new(node: str, metadata: dict[str, Any], spec: NodeRuleSetSpec) -> dict[str, Any]:

@@ -215,6 +215,10 @@ class FakeApiServer:
     bookmark_interval: float = 1.0
     history_limit: int = 100_000
     seed_namespaces: tuple[str, ...] = ("default", "kube-system")
+    # The apiserver refuses a write body over 3 MiB, and etcd (--max-request-bytes, 1.5 MiB by
+    # default) an object over 1.5 MiB; both reach the client as 413 RequestEntityTooLarge.
+    max_request_bytes: int = 3 * 1024 * 1024
+    max_object_bytes: int = 1536 * 1024
 
     objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)  # (plural-gv, ns, name)
     requests: list[RecordedRequest] = field(default_factory=list)
@@ -421,6 +425,7 @@ class FakeApiServer:
             meta["generation"] = 1
         if rtype.kind == "Namespace":
             meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
+        self._check_stored_size(obj)
         meta["resourceVersion"] = self._next_rv()
         self.objects[key] = obj
         self._commit(rtype, "ADDED", obj, None)
@@ -459,6 +464,7 @@ class FakeApiServer:
             return old  # no-op: no new resourceVersion, no event
         if rtype.generation and _without(obj) != _without(old):
             meta["generation"] = old_meta.get("generation", 1) + 1
+        self._check_stored_size(obj)
         meta["resourceVersion"] = self._next_rv()
         key = self._key(rtype, ns, meta["name"])
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):
@@ -468,6 +474,10 @@ class FakeApiServer:
         self.objects[key] = obj
         self._commit(rtype, "MODIFIED", obj, old)
         return obj
+
+    def _check_stored_size(self, obj: dict[str, Any]) -> None:
+        if len(json.dumps(obj, separators=(",", ":"))) > self.max_object_bytes:
+            raise ApiError(413, "RequestEntityTooLarge", "etcdserver: request is too large")
 
     def _delete(self, rtype: ResourceType, ns: str | None, name: str) -> dict[str, Any]:
         key = self._key(rtype, ns, name)
@@ -520,6 +530,9 @@ class FakeApiServer:
         record = RecordedRequest(request.method, request.path, dict(request.query), request.content_type)
         self.requests.append(record)
         try:
+            if (request.content_length or 0) > self.max_request_bytes:
+                raise ApiError(413, "RequestEntityTooLarge",
+                               f"Request entity too large: limit is {self.max_request_bytes}")
             body = await request.json() if request.can_read_body else None
             record.body = body
             response = await self._dispatch(request, body)

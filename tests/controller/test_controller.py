@@ -320,3 +320,40 @@ def test_namespace_restriction_watches_pods_and_policies_only_there(api_server, 
         assert controller.state.counts()["Pod"] == 1 and controller.state.counts()["NetworkPolicy"] == 0
         api_server.apply(policy("dev", "deny", {"podSelector": {}, "policyTypes": ["Ingress"]}))
         wait_for(lambda: any(p.isolation.ingress for p in published(api_server)["n3"].pods), what="dev's policy")
+
+
+def test_a_rule_set_the_api_refuses_is_a_metric_an_event_and_a_degraded_condition(api_server, kubeconfig):
+    """Issue 14: an object over etcd's size limit must never be a node that quietly stops updating."""
+    seed(api_server)
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        before = published(api_server)
+        # n2's rule set grows past the limit; n1's changes too and must still be published
+        api_server.max_object_bytes = len(json.dumps(api_server.get("noderulesets", "n2"))) + 200
+        for i in range(40):
+            api_server.apply(pod("prod", f"db-{i}", "n2", f"10.244.2.{100 + i}", {"app": "db"}))
+        api_server.apply(pod("prod", "web-3", "n1", "10.244.1.11", {"app": "web"}))
+        wait_for(lambda: 'netfence_controller_rulesets_refused{node="n2"} 1.0' in metrics_text(controller),
+                 what="the refusal metric")
+        wait_for(lambda: events_for(api_server, "n2"), what="an Event on Node n2")
+        (event,) = events_for(api_server, "n2")
+        assert event["involvedObject"]["kind"] == "Node" and event["reason"] == "RuleSetRefused"
+        assert event["metadata"]["namespace"] == "default" and "too large" in event["message"]
+        conditions = wait_for(lambda: [c for c in (api_server.get("noderulesets", "n2").get("status") or {})
+                                       .get("conditions", []) if c["type"] == "Degraded"],
+                              what="a Degraded condition on NodeRuleSet n2")
+        assert conditions[0]["status"] == "True" and conditions[0]["reason"] == "RuleSetTooLarge"
+        assert "keeps enforcing" in conditions[0]["message"]
+        assert published(api_server)["n2"] == before["n2"]  # the last accepted rules stay
+        wait_for(lambda: published(api_server)["n1"] == expected(api_server)["n1"], what="n1 still published")
+        settle(api_server)
+        refused_writes = len(ruleset_writes(api_server))
+        time.sleep(1.5)  # the same refused spec is not sent again and again
+        assert len(ruleset_writes(api_server)) == refused_writes
+        # room again: the next change gets through and the refusal is cleared
+        api_server.max_object_bytes = 1536 * 1024
+        api_server.apply(pod("prod", "db-last", "n2", "10.244.2.200", {"app": "db"}))
+        wait_for(lambda: published(api_server)["n2"] == expected(api_server)["n2"], what="n2 published again")
+        wait_for(lambda: "netfence_controller_rulesets_refused{" not in metrics_text(controller),
+                 what="the refusal metric cleared")

@@ -64,6 +64,24 @@ def test_status_subresource_is_separate(k8s):
     assert after_main["spec"]["x"] == 1 and after_main["status"]["appliedHash"] == "h1"
 
 
+def test_objects_and_bodies_over_the_size_limits_are_refused_with_413(k8s, api_server):
+    """etcd's object limit (1.5 MiB) and the apiserver's 3 MiB body limit, scaled down here."""
+    co = CustomObjectsApi(k8s)
+    co.create_cluster_custom_object(GROUP, VERSION, PLURAL, nrs("a"))
+    api_server.max_object_bytes = 2000
+    big = {"spec": {"x": "y" * 3000}}
+    for write in (lambda: co.create_cluster_custom_object(GROUP, VERSION, PLURAL, {**nrs("b"), **big}),
+                  lambda: co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "a", big)):
+        with pytest.raises(ApiException) as refused:
+            write()
+        assert refused.value.status == 413 and "request is too large" in refused.value.body
+    assert api_server.get(PLURAL, "b") is None and api_server.get(PLURAL, "a")["spec"]["x"] == 0
+    api_server.max_request_bytes = 1000
+    with pytest.raises(ApiException) as refused:
+        co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "a", {"spec": {"x": "y" * 1500}})
+    assert refused.value.status == 413 and "limit is 1000" in refused.value.body
+
+
 def test_noop_patch_changes_nothing_and_sends_no_event(k8s, api_server):
     co = CustomObjectsApi(k8s)
     created = co.create_cluster_custom_object(GROUP, VERSION, PLURAL, nrs("a"))
