@@ -110,10 +110,20 @@ def cmd_compile(args: argparse.Namespace) -> int:
         return 0
     objects = [NodeRuleSet.for_node(cluster.specs[n]).model_dump(mode="json", exclude_none=True) for n in nodes]
     if args.output == "json":
-        print(json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}, indent=2))
+        print(readable_json({"apiVersion": "v1", "kind": "List", "items": objects}))
     else:
         print(dump_yaml_all(objects), end="")
     return 0
+
+
+INDENTED_JSON_LIMIT = 1 << 20
+
+
+def readable_json(data: object) -> str:
+    """Indented JSON, except for output of a megabyte and more: json indents in pure Python,
+    three times the cost of compiling a 10,000-pod cluster, and nobody reads that much by eye."""
+    compact = json.dumps(data, separators=(",", ":"))
+    return compact if len(compact) >= INDENTED_JSON_LIMIT else json.dumps(data, indent=2)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
