@@ -225,6 +225,14 @@ def _drain(rtnl: Rtnl) -> None:
             continue
 
 
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
 def _host_link(msg, known: HostLink | None = None) -> HostLink:
     """The link as an AF_UNSPEC message describes it; where the message is silent, as known.
 
@@ -354,6 +362,7 @@ class Discovery:
         self._address_watch: dict[tuple[str, int], Rtnl] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = threading.Event()
+        self._rescan_requested = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: Snapshot = Snapshot()
         self._watch_dirs()
@@ -550,6 +559,15 @@ class Discovery:
         for fd in (self._wake_r, self._wake_w, self._own_netns_fd):
             os.close(fd)
 
+    def request_rescan(self) -> None:
+        """Read every link and namespace again soon, as the periodic resync does (thread-safe).
+        For when someone finds a pod discovery should know but does not."""
+        self._rescan_requested.set()
+        try:
+            os.write(self._wake_w, b"r")
+        except OSError:  # the pipe is full: a wake-up is pending anyway
+            pass
+
     def _publish(self, snapshot: Snapshot, previous: dict[str, DiscoveredPod]) -> None:
         if snapshot.pods != previous and self.on_change is not None:
             self.on_change(snapshot)
@@ -574,8 +592,11 @@ class Discovery:
                 evented |= self._apply_link_events()
             if self._inotify in readable:
                 evented |= bool(self._inotify.read())
+            if self._wake_r in readable:
+                _drain_pipe(self._wake_r)
             now = time.monotonic()
-            if now >= next_resync:
+            if now >= next_resync or self._rescan_requested.is_set():
+                self._rescan_requested.clear()
                 self._watch_dirs()
                 self._reload_links()
                 next_resync = now + self.RESYNC_SECONDS
