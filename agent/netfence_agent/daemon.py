@@ -198,7 +198,7 @@ class Agent:
         if self.applied is not None and not set(OWNED_TABLES) <= self.kernel.tables():
             log.warning("netfence tables were removed from the kernel by someone else; loading them again")
             self.applied = None
-        if periodic and self.applied is not None:
+        if (periodic or repair) and self.applied is not None:
             transaction = replace(plan(result.ruleset, None, self.kernel.inventory),
                                   why=repair or f"periodic, every {self.config.full_sync_period:g} s")
         else:
@@ -297,7 +297,7 @@ class Agent:
             why = f"anti-spoofing missing from the kernel: {_describe(lost)}"
             log.warning("%s; loading the whole rule set again", why)
             with self._cond:
-                self._repair_why, self._full_sync_due = why, True
+                self._repair_why = why  # the loop's next sync is a full one
         elif lost:
             log.error("anti-spoofing still missing from the kernel after a repair: %s", _describe(lost))
         if self.discovery is not None and any(not g.loaded and g.pod in unprotected for g in gaps):
@@ -417,7 +417,7 @@ class Agent:
                         # Again after a period even if this one fails; a success pushes it on.
                         self._next_full_sync = now + self.config.full_sync_period
                         self._full_sync_due = True
-                    return (self._dirty or self._full_sync_due
+                    return (self._dirty or self._full_sync_due or self._repair_why is not None
                             or (self._retry_at is not None and now >= self._retry_at))
                 deadline = min(t for t in (next_check, self._retry_at, self._next_full_sync, self._next_coverage_check)
                                if t is not None)

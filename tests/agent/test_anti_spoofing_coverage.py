@@ -187,7 +187,7 @@ def test_elements_removed_from_the_kernel_are_reported_and_repaired(tmp_path):
     assert metrics["netfence_unprotected_pods"] == 1 and metrics["netfence_anti_spoofing_repairs_total"] == 1
 
     # The repair: the next sync is a full one, saying why, and the check after it is clean.
-    assert agent._full_sync_due
+    assert agent._repair_why is not None
     outcome = agent.sync_once()
     assert outcome.kind == "full" and kernel.kinds == ["full", "full"]
     assert agent.unprotected == {} and statuses.degraded() == ("False", "AsExpected", "") and agent.readiness()[0]
@@ -203,7 +203,7 @@ def test_a_repair_that_does_not_hold_is_not_retried_before_the_next_period(tmp_p
     agent.check_anti_spoofing()
     agent.sync_once()
     assert kernel.kinds == ["full", "full"] and "x/b" in agent.unprotected
-    assert not agent._full_sync_due, "no repair loop: the next attempt waits for the next period"
+    assert agent._repair_why is None, "no repair loop: the next attempt waits for the next period"
     assert statuses.degraded()[1] == "PodsUnprotected"
 
 
@@ -219,7 +219,7 @@ def test_a_pod_without_a_veth_counts_after_the_grace_and_discovery_looks_again(t
     assert agent.unprotected == {"x/b": "no veth found for 10.244.0.3"}
     assert statuses.degraded()[1] == "PodsUnprotected" and not agent.readiness()[0]
     assert agent.discovery.requested == 1
-    assert not agent._full_sync_due, "nothing to repair in the kernel: the veth is unknown"
+    assert agent._repair_why is None, "nothing to repair in the kernel: the veth is unknown"
     # The veth turns up: the sync that loads it also clears the condition.
     agent.set_ports({A.ips[0]: PORT_A, B.ips[0]: PORT_B})
     kernel.full = elements((A, PORT_A), (B, PORT_B))
@@ -260,3 +260,18 @@ def test_group_member_syncs_do_not_read_the_kernel_back(tmp_path):
     agent.set_rule_set(NodeRuleSet.for_node(NodeRuleSetSpec(nodeName="n1", pods=[A, B]), generation=2))
     assert agent.sync_once().kind == "noop"
     assert len(reads) == 1
+
+
+def test_a_repair_with_periodic_full_syncs_off_is_one_full_sync(tmp_path):
+    kernel = KernelDouble(elements((A, PORT_A), (B, PORT_B)))
+    agent, _ = agent_with(kernel, tmp_path, full_sync_period=0, anti_spoofing_check_period=0.2)
+    thread = threading.Thread(target=agent.loop, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.3)
+        kernel.held = {}
+        time.sleep(0.8)
+    finally:
+        agent.stop()
+        thread.join(timeout=10)
+    assert kernel.kinds == ["full", "full"], "the repair, and no full sync after it"
