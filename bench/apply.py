@@ -11,6 +11,7 @@ libnftables transaction):
   - partial sync: one new veth (a pod's anti-spoofing chain, counter, map entry)
   - partial sync: one pod gains a policy rule (its chain refilled)
   - a /metrics scrape's counter read
+  - the anti-spoofing check (bridge table read back, every local pod checked)
 Root only; creates netns nf-bench-apply-<hex> and deletes it by name at the end.
 
     .venv/bin/python bench/apply.py [--pods 1000 --policies 500 --repeat 10] [--host-sets]
@@ -39,6 +40,7 @@ import netfence_api  # noqa: E402
 from bench_machine import machine  # noqa: E402
 from kernel.synthetic import pod_ip, synthetic_spec, with_member  # noqa: E402
 from netfence_api.runtime import tune_gc  # noqa: E402
+from netfence_agent.coverage import anti_spoofing_gaps, loaded_from  # noqa: E402
 from netfence_agent.netns import executor_in  # noqa: E402
 from netfence_agent.source import RuleSetReader  # noqa: E402
 from netfence_agent.nft.kernel import Kernel  # noqa: E402
@@ -172,6 +174,13 @@ def main() -> int:
             t0 = time.perf_counter()
             counters = k(kernel.counters)
             scrape.append(time.perf_counter() - t0)
+        # The agent's anti-spoofing check (issue 12): the bridge table read back, every pod checked.
+        checks, sets = [], ["pod_ports", "pod_addresses_v4"]
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            gaps = anti_spoofing_gaps(grown.pods, more_ports, loaded_from(k(kernel.set_elements, "bridge", "netfence", sets)))
+            checks.append(time.perf_counter() - t0)
+        assert not gaps, gaps[:3]
         text = netfence_api.NodeRuleSet.for_node(grown, 1).model_dump_json()
         t0 = time.perf_counter()
         netfence_api.NodeRuleSet.model_validate_json(text)
@@ -188,6 +197,9 @@ def main() -> int:
             print(row(label, runs))
         print(f"/metrics counter read ({len(counters)} counters): median {statistics.median(scrape) * ms:.1f} ms, "
               f"worst {max(scrape) * ms:.1f} ms")
+        print(f"anti-spoofing check ({len(grown.pods)} pods: pod_ports + pod_addresses_v4 read back and checked): "
+              f"first {checks[0] * ms:.1f} ms, then median {statistics.median(checks[1:] or checks) * ms:.1f} ms, "
+              f"worst {max(checks[1:] or checks) * ms:.1f} ms")
         print(f"validating a whole NodeRuleSet JSON ({len(text) // 1024} KiB; what an update cost before RuleSetReader): "
               f"{parse * ms:.1f} ms")
         parts = " + ".join(f"{key} {statistics.median(u[key] for u in updates) * ms:.1f}"

@@ -34,6 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     agent.add_argument("--full-sync-period", type=float, default=3600.0, metavar="SECONDS",
                        help="reload the whole rule set this often, repairing edits others made to netfence's "
                             "tables (default 3600; 0: never)")
+    agent.add_argument("--anti-spoofing-check-period", type=float, default=30.0, metavar="SECONDS",
+                       help="read the bridge table's anti-spoofing back this often and check it covers every "
+                            "local pod (also after syncs that change it; default 30; 0: only after syncs)")
+    agent.add_argument("--unprotected-grace", type=float, default=10.0, metavar="SECONDS",
+                       help="how long a local pod of the rule set may have no veth before it counts as "
+                            "unprotected (default 10)")
     agent.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     agent.set_defaults(func=run_agent)
 
@@ -71,6 +77,8 @@ def run_agent(args: argparse.Namespace) -> int:
         log_drops=args.log_drops,
         nflog_group=args.nflog_group,
         full_sync_period=args.full_sync_period,
+        anti_spoofing_check_period=args.anti_spoofing_check_period,
+        unprotected_grace=args.unprotected_grace,
     )
     agent = Agent(config, source)
     for signum in (signal.SIGTERM, signal.SIGINT):

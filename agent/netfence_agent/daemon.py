@@ -22,11 +22,21 @@ from datetime import datetime, timezone
 
 import netfence_api
 from netfence_agent import br_netfilter
+from netfence_agent.coverage import (
+    ADDRESS_SETS,
+    PORTS_MAP,
+    CoverageWatch,
+    Gap,
+    anti_spoofing_gaps,
+    loaded_from,
+    needed_families,
+)
 from netfence_agent.discovery import DEFAULT_CNI_DIR, DEFAULT_NETNS_DIR, Discovery, Snapshot
 from netfence_agent.metrics import AgentMetrics, serve
 from netfence_agent.nft.kernel import OWNED_TABLES, Kernel, NftError
 from netfence_agent.nft.transaction import Transaction, plan
 from netfence_agent.render import (
+    BRIDGE_TABLE,
     PodPort,
     RenderOptions,
     RenderResult,
@@ -55,6 +65,11 @@ class AgentConfig:
     # every so often repairs edits to our tables by others (an `nft` typed by hand, a tool
     # flushing chains), as kube-proxy's nftables mode does hourly. 0: never.
     full_sync_period: float = 3600.0
+    # The kernel's anti-spoofing is read back and checked against the rule set's pods after
+    # syncs that change it and this often (0: only after syncs); a pod may lack a veth for
+    # unprotected_grace seconds before it counts (its veth is being created or deleted).
+    anti_spoofing_check_period: float = 30.0
+    unprotected_grace: float = 10.0
 
     @property
     def render_options(self) -> RenderOptions:
@@ -66,6 +81,10 @@ class SyncOutcome:
     kind: str  # a Transaction kind ("noop", "elements", "partial", "full"), "failed" or "skipped"
     seconds: float = 0.0
     error: str | None = None
+
+
+def _describe(gaps: list[Gap]) -> str:
+    return "; ".join(f"{g.pod} ({g.why})" for g in gaps)[:MESSAGE_MAX]
 
 
 def _now() -> str:
@@ -99,6 +118,13 @@ class Agent:
         self._conditions: dict[str, netfence_api.Condition] = {}
         self._last_status: netfence_api.NodeRuleSetStatus | None = None
         self.discovery: Discovery | None = None
+        # Anti-spoofing coverage (check_anti_spoofing): local pods it misses in the kernel -> why.
+        self.unprotected: dict[str, str] = {}
+        self._coverage = CoverageWatch(config.unprotected_grace)
+        self._coverage_inputs: tuple | None = None  # (pods, ports) of the last check
+        self._next_coverage_check: float | None = None
+        self._last_repair: float | None = None
+        self._repair_why: str | None = None
         self._http = None
         self._nflog = None
 
@@ -134,6 +160,8 @@ class Agent:
         if self.last_error:
             return False, (f"the latest rule set was rejected, rules of generation {self.metrics.generation} "
                            f"stay enforced: {self.last_error}")
+        if self.unprotected:
+            return False, self._unprotected_message()
         return True, f"rules of generation {self.metrics.generation} enforced"
 
     def health(self) -> tuple[bool, str]:
@@ -151,6 +179,7 @@ class Agent:
             self._dirty = False
             self._retry_at = None  # a failure below schedules the next attempt again
             periodic, self._full_sync_due = self._full_sync_due, False
+            repair, self._repair_why = self._repair_why, None
         self.check_br_netfilter()
         if rule_set is None:
             return SyncOutcome("skipped")  # nothing to load yet; whatever the kernel has stays
@@ -169,9 +198,9 @@ class Agent:
         if self.applied is not None and not set(OWNED_TABLES) <= self.kernel.tables():
             log.warning("netfence tables were removed from the kernel by someone else; loading them again")
             self.applied = None
-        if periodic and self.applied is not None:
+        if (periodic or repair) and self.applied is not None:
             transaction = replace(plan(result.ruleset, None, self.kernel.inventory),
-                                  why=f"periodic, every {self.config.full_sync_period:g} s")
+                                  why=repair or f"periodic, every {self.config.full_sync_period:g} s")
         else:
             transaction = plan(result.ruleset, self.applied.ruleset if self.applied else None, self.kernel.inventory)
         try:
@@ -205,6 +234,7 @@ class Agent:
                      rule_set.metadata.generation, transaction.kind,
                      f": {transaction.why}" if transaction.why else "", len(transaction.commands),
                      len(rule_set.spec.pods), len(ports), seconds * 1000)
+        self.check_anti_spoofing(transaction.kind)
         self._report(rule_set, force=transaction.kind != "noop")
         return SyncOutcome(transaction.kind, seconds)
 
@@ -234,6 +264,68 @@ class Agent:
         self._report(rule_set, error=(reason, self.last_error))
         return SyncOutcome("failed", seconds, self.last_error)
 
+    # ------------------------------------------------------------------ anti-spoofing coverage
+    def check_anti_spoofing(self, after: str | None = None) -> bool:
+        """Read the bridge table back: which local pods of the loaded rule set does it not cover?
+        Repairs what the kernel lost, asks discovery to look again for veths it lacks (issue 12).
+        `after`: the kind of the sync just made (skipped when it changed nothing anti-spoofing
+        depends on). Runs on the sync loop. True if the set of unprotected pods changed."""
+        if self.applied is None or self.applied_object is None:
+            return False
+        pods, ports = self.applied_object.spec.pods, self._applied_ports
+        inputs = self._coverage_inputs
+        if (after in ("noop", "elements") and inputs is not None and not self.unprotected and inputs[1] == ports
+                and (inputs[0] is pods or inputs[0] == pods)):
+            return False  # e.g. peer group members changed: nothing of anti-spoofing did
+        self._coverage_inputs = (pods, ports)
+        now = time.monotonic()
+        try:
+            elements = self.kernel.set_elements(
+                *BRIDGE_TABLE, [PORTS_MAP, *(ADDRESS_SETS[f] for f in needed_families(pods))])
+        except OSError as exc:
+            log.warning("cannot read anti-spoofing back from the kernel: %s", exc)
+            return False
+        gaps = anti_spoofing_gaps(pods, ports, loaded_from(elements))
+        unprotected, recheck = self._coverage.judge(gaps, now)
+        period = self.config.anti_spoofing_check_period
+        due = [t for t in (now + period if period > 0 else None, recheck) if t is not None]
+        self._next_coverage_check = min(due) if due else None
+        lost = [g for g in gaps if g.loaded]
+        repair = bool(lost) and (self._last_repair is None or now - self._last_repair >= max(period, 1.0))
+        if repair:
+            self._last_repair = now
+            why = f"anti-spoofing missing from the kernel: {_describe(lost)}"
+            log.warning("%s; loading the whole rule set again", why)
+            with self._cond:
+                self._repair_why = why  # the loop's next sync is a full one
+        elif lost:
+            log.error("anti-spoofing still missing from the kernel after a repair: %s", _describe(lost))
+        if self.discovery is not None and any(not g.loaded and g.pod in unprotected for g in gaps):
+            self.discovery.request_rescan()  # a belt: in case discovery lost a veth it should know
+        self.metrics.anti_spoofing(len(unprotected), repaired=repair)
+        if unprotected == self.unprotected:
+            return False
+        if unprotected:
+            log.warning("%d local pods without anti-spoofing in the kernel: %s", len(unprotected),
+                        _describe([Gap(pod, why, False) for pod, why in unprotected.items()]))
+        else:
+            log.info("anti-spoofing covers every local pod again")
+        self.unprotected = unprotected
+        return True
+
+    def _anti_spoofing_check_due(self) -> bool:
+        """The check on its timer; the status goes out if what it found changed."""
+        if self._next_coverage_check is None or time.monotonic() < self._next_coverage_check:
+            return False
+        # After a rejected rule set the status speaks of that one; the gauge and /readyz still tell.
+        if self.check_anti_spoofing() and self.last_error is None and self.applied_object is not None:
+            self._report(self.applied_object)
+        return True
+
+    def _unprotected_message(self) -> str:
+        return (f"anti-spoofing missing in the kernel for {len(self.unprotected)} local pods: "
+                + _describe([Gap(pod, why, False) for pod, why in sorted(self.unprotected.items())]))
+
     # ------------------------------------------------------------------ status
     def _condition(self, type_: str, status: str, reason: str, message: str) -> netfence_api.Condition:
         previous = self._conditions.get(type_)
@@ -259,6 +351,8 @@ class Agent:
             degraded = self._condition("Degraded", "True", error[0], error[1])
         elif not self.br_state.ok:
             degraded = self._condition("Degraded", "True", "BrNetfilterOff", self.br_state.message)
+        elif self.unprotected:
+            degraded = self._condition("Degraded", "True", "PodsUnprotected", self._unprotected_message())
         else:
             degraded = self._condition("Degraded", "False", "AsExpected", "")
         previous = self._last_status
@@ -323,13 +417,16 @@ class Agent:
                         # Again after a period even if this one fails; a success pushes it on.
                         self._next_full_sync = now + self.config.full_sync_period
                         self._full_sync_due = True
-                    return (self._dirty or self._full_sync_due
+                    return (self._dirty or self._full_sync_due or self._repair_why is not None
                             or (self._retry_at is not None and now >= self._retry_at))
-                deadline = min(t for t in (next_check, self._retry_at, self._next_full_sync) if t is not None)
+                deadline = min(t for t in (next_check, self._retry_at, self._next_full_sync, self._next_coverage_check)
+                               if t is not None)
                 self._cond.wait_for(lambda: self._stopping or due(), timeout=max(0.0, deadline - time.monotonic()))
                 if self._stopping:
                     return
                 work = due()
+            if not work and self._anti_spoofing_check_due():
+                continue
             if not work:  # only the timer: is same-node traffic still reaching the rules?
                 next_check = time.monotonic() + self.BR_NETFILTER_RECHECK
                 was = self.br_state.ok

@@ -21,7 +21,8 @@ record counts only if its veth exists now, and where both speak about one IP the
 visible (e.g. the agent's mount of /var/run/netns missed it).
 
 Changes are event-driven, without polling: RTM_NEWLINK/RTM_DELLINK on an RTMGRP_LINK netlink
-socket keep the host link table current, inotify on both directories reports new and removed
+socket keep the host link table current (apply_link_message: only AF_UNSPEC messages describe a
+link; the bridge's AF_BRIDGE ones describe the port), inotify on both directories reports new and removed
 namespaces and cache records. A new veth is usually announced before its pod's IP is set (the
 CNI plugin configures the address afterwards, inside the pod's namespace), so while a pod
 namespace is peered with one of our veths but has no address yet, an address-event socket
@@ -45,7 +46,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Literal
 
 from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR
@@ -224,11 +225,56 @@ def _drain(rtnl: Rtnl) -> None:
             continue
 
 
-def _host_link(msg) -> HostLink:
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _host_link(msg, known: HostLink | None = None) -> HostLink:
+    """The link as an AF_UNSPEC message describes it; where the message is silent, as known.
+
+    A message that carries IFLA_LINKINFO is a whole description (the kernel's rtnl_fill_ifinfo):
+    there, no IFLA_LINK_NETNSID means the peer is in our namespace. One without it says only
+    what it carries and leaves the rest as we knew it.
+    """
     linkinfo = msg.get_attr("IFLA_LINKINFO")
-    kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
-    return HostLink(msg["index"], msg.get_attr("IFLA_IFNAME"), kind,
-                    msg.get_attr("IFLA_LINK"), msg.get_attr("IFLA_LINK_NETNSID"))
+    if known is None or linkinfo is not None:
+        kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
+        return HostLink(msg["index"], msg.get_attr("IFLA_IFNAME"), kind,
+                        msg.get_attr("IFLA_LINK"), msg.get_attr("IFLA_LINK_NETNSID"))
+    carried = {"ifname": msg.get_attr("IFLA_IFNAME"), "peer_index": msg.get_attr("IFLA_LINK"),
+               "peer_nsid": msg.get_attr("IFLA_LINK_NETNSID")}
+    return replace(known, **{k: v for k, v in carried.items() if v is not None})
+
+
+def link_table(dump: Iterable) -> dict[int, HostLink]:
+    """ifindex -> link, from the decoded messages of an RTM_GETLINK dump (AF_UNSPEC: whole descriptions)."""
+    return {link.index: link for link in map(_host_link, dump)}
+
+
+def apply_link_message(links: dict[int, HostLink], msg_type: int, msg) -> bool:
+    """Update the link table with one RTM_NEWLINK/RTM_DELLINK; True if it changed.
+
+    Only AF_UNSPEC messages describe the link. A Linux bridge also sends AF_BRIDGE ones for its
+    ports (enslaved, STP state, the end of forward_delay - 15 s after a CNI ADD -, cost,
+    hairpin): they carry the port's name, master and state but no IFLA_LINKINFO kind and no
+    IFLA_LINK_NETNSID, and an AF_BRIDGE RTM_DELLINK says the port left the bridge while the
+    link lives on. Taken for the link, they made a pod's veth stop being one (issue 12).
+    """
+    if msg["family"] != socket.AF_UNSPEC:
+        return False
+    index = msg["index"]
+    if msg_type == RTM_DELLINK:
+        return links.pop(index, None) is not None
+    known = links.get(index)
+    link = _host_link(msg, known)
+    if link == known:
+        return False
+    links[index] = link
+    return True
 
 
 def read_pod_side(rtnl: Rtnl, our_netns_fd: int) -> PodSide | None:
@@ -316,6 +362,7 @@ class Discovery:
         self._address_watch: dict[tuple[str, int], Rtnl] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = threading.Event()
+        self._rescan_requested = threading.Event()
         self._thread: threading.Thread | None = None
         self.last: Snapshot = Snapshot()
         self._watch_dirs()
@@ -328,7 +375,7 @@ class Discovery:
                 self._watched.add(path)
 
     def _reload_links(self) -> None:
-        self._links = {link.index: link for link in map(_host_link, self._host.dump(ifinfmsg, RTM_GETLINK))}
+        self._links = link_table(self._host.dump(ifinfmsg, RTM_GETLINK))
 
     def _apply_link_events(self) -> bool:
         """Drain RTMGRP_LINK; True if any link changed."""
@@ -350,11 +397,7 @@ class Discovery:
                     continue
                 msg = ifinfmsg(chunk)
                 msg.decode()
-                if msg_type == RTM_DELLINK:
-                    self._links.pop(msg["index"], None)
-                else:
-                    self._links[msg["index"]] = _host_link(msg)
-                changed = True
+                changed |= apply_link_message(self._links, msg_type, msg)
 
     def scan(self) -> Snapshot:
         """The pod -> veth map now. One thread at a time: the caller before start(), then only
@@ -516,6 +559,15 @@ class Discovery:
         for fd in (self._wake_r, self._wake_w, self._own_netns_fd):
             os.close(fd)
 
+    def request_rescan(self) -> None:
+        """Read every link and namespace again soon, as the periodic resync does (thread-safe).
+        For when someone finds a pod discovery should know but does not."""
+        self._rescan_requested.set()
+        try:
+            os.write(self._wake_w, b"r")
+        except OSError:  # the pipe is full: a wake-up is pending anyway
+            pass
+
     def _publish(self, snapshot: Snapshot, previous: dict[str, DiscoveredPod]) -> None:
         if snapshot.pods != previous and self.on_change is not None:
             self.on_change(snapshot)
@@ -540,8 +592,11 @@ class Discovery:
                 evented |= self._apply_link_events()
             if self._inotify in readable:
                 evented |= bool(self._inotify.read())
+            if self._wake_r in readable:
+                _drain_pipe(self._wake_r)
             now = time.monotonic()
-            if now >= next_resync:
+            if now >= next_resync or self._rescan_requested.is_set():
+                self._rescan_requested.clear()
                 self._watch_dirs()
                 self._reload_links()
                 next_resync = now + self.RESYNC_SECONDS

@@ -94,6 +94,8 @@ class AgentMetrics:
         self.apply_failures = 0
         self.apply_duration = ApplyHistogram()
         self.generation = 0
+        self.unprotected_pods = 0
+        self.anti_spoofing_repairs = 0
         self.lock = threading.RLock()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -126,6 +128,11 @@ class AgentMetrics:
         with self.lock:
             self.apply_failures += 1
             self.apply_duration.observe(seconds)
+
+    def anti_spoofing(self, unprotected_pods: int, repaired: bool = False) -> None:
+        with self.lock:
+            self.unprotected_pods = unprotected_pods
+            self.anti_spoofing_repairs += repaired
 
     # ------------------------------------------------------------------ prometheus collector
     def collect(self):
@@ -161,6 +168,13 @@ class AgentMetrics:
             yield GaugeMetricFamily("netfence_ruleset_generation",
                                     "metadata.generation of the NodeRuleSet whose rules are loaded.",
                                     value=self.generation)
+            yield GaugeMetricFamily("netfence_unprotected_pods",
+                                    "Local pods of the loaded rule set without anti-spoofing in the kernel "
+                                    "(no veth found, or its elements missing from the bridge table).",
+                                    value=self.unprotected_pods)
+            yield CounterMetricFamily("netfence_anti_spoofing_repairs",
+                                      "Full syncs made because the kernel lacked anti-spoofing elements the agent "
+                                      "had loaded.", value=self.anti_spoofing_repairs)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Iterator
 
 NETLINK_NETFILTER = 12
 NLM_F_REQUEST = 0x1
@@ -16,15 +17,18 @@ NLA = struct.Struct("=HH")  # length, type
 
 def attributes(data: bytes, offset: int = 0, end: int | None = None) -> dict[int, bytes]:
     """The netlink attributes in data[offset:end], by type (the last one of a type wins)."""
+    return dict(each_attribute(data, offset, end))
+
+
+def each_attribute(data: bytes, offset: int = 0, end: int | None = None) -> Iterator[tuple[int, bytes]]:
+    """(type, value) of every attribute in data[offset:end], in order (for lists of one type)."""
     end = len(data) if end is None else end
-    attrs: dict[int, bytes] = {}
     while offset + NLA.size <= end:
         length, kind = NLA.unpack_from(data, offset)
         if length < NLA.size:
             break
-        attrs[kind & NLA_TYPE_MASK] = data[offset + NLA.size: offset + length]
+        yield kind & NLA_TYPE_MASK, data[offset + NLA.size: offset + length]
         offset += (length + 3) & ~3
-    return attrs
 
 
 def attribute(kind: int, value: bytes) -> bytes:

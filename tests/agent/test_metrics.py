@@ -98,3 +98,14 @@ def test_bind_address(text, expected):
 def test_bad_bind_address_is_refused():
     with pytest.raises(ValueError, match="PORT"):
         parse_bind_address("localhost")
+
+
+def test_anti_spoofing_coverage_is_a_gauge_and_repairs_a_counter():
+    metrics = AgentMetrics(read_counters=None)
+    metrics.anti_spoofing(2, repaired=True)
+    metrics.anti_spoofing(1)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
+    assert families["netfence_unprotected_pods"].type == "gauge"
+    assert families["netfence_unprotected_pods"].samples[0].value == 1
+    assert families["netfence_anti_spoofing_repairs"].type == "counter"
+    assert families["netfence_anti_spoofing_repairs"].samples[0].value == 1

@@ -27,6 +27,9 @@ class RecordingKernel:
     def counters(self):
         return {}
 
+    def set_elements(self, family, table, names):
+        return {}
+
     def apply(self, transaction: Transaction) -> None:
         if self.refuse_next:
             self.refuse_next -= 1

@@ -183,3 +183,29 @@ def test_cleanup_deletes_only_netfence_tables(kernel_in):
     assert sorted(k.delete_tables()) == sorted(OWNED_TABLES)
     assert k.tables() == {("inet", "someone_else"), ("ip", "netfence")}
     assert k.delete_tables() == []
+
+
+def test_set_elements_read_back_what_render_loaded(kernel_in):
+    """The anti-spoofing check reads the bridge table's elements straight from the kernel
+    (nft/dump.py): keys of concatenations, host-order ifindexes (network order in the interval
+    set), MACs, addresses, map verdicts must all come back as render wrote them."""
+    pods = [PolicedPod(namespace=ns, name=name, uid=name, ips=list(ips), isolation=Isolation()) for ns, name, ips in PODS]
+    ports = {ip: PodPort(f"veth{i:08x}", f"02:42:0A:F4:00:{i:02X}", 300 + i)
+             for i, (_ns, _name, ips) in enumerate(PODS) for ip in ips}
+    result = render(NodeRuleSetSpec(nodeName="n", pods=pods), ports)
+    k = kernel_in()
+    k.apply(plan(result.ruleset, None, k.inventory))
+    names = ["pod_ports", "pod_addresses_v4", "pod_addresses_v6", "pod_arp_senders", "not_there"]
+    read = k.set_elements("bridge", "netfence", names)
+    assert set(read) == set(names) - {"not_there"}
+    bridge = result.ruleset.table("bridge", "netfence")
+    assert sorted((e.key[0], e.verdict) for e in read["pod_ports"]) == sorted(
+        (name, ("jump", verdict.target)) for name, verdict in bridge.maps["pod_ports"].elements)
+    for name in ("pod_addresses_v4", "pod_arp_senders"):
+        assert sorted(e.key for e in read[name]) == sorted(
+            (ifindex, mac, str(address)) for ifindex, mac, address in bridge.sets[name].elements)
+    v6 = {(e.key, e.key_end) for e in read["pod_addresses_v6"]}
+    expected = {((ifindex, mac, str(net.network_address)), (ifindex, mac, str(net.broadcast_address)))
+                for ifindex, mac, net in bridge.sets["pod_addresses_v6"].elements}
+    assert v6 == expected
+    assert k.set_elements("bridge", "no_such_table", names) == {}

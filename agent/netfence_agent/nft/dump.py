@@ -13,22 +13,40 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import sys
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterator
 
-from netfence_agent.nfnetlink import NETLINK_NETFILTER, NFGEN, NLM_F_REQUEST, NLMSG, NLMSG_ERROR, attribute, attributes
+from netfence_agent.nfnetlink import (
+    NETLINK_NETFILTER,
+    NFGEN,
+    NLA,
+    NLA_TYPE_MASK,
+    NLM_F_REQUEST,
+    NLMSG,
+    NLMSG_ERROR,
+    attribute,
+    attributes,
+    each_attribute,
+)
 
 NFNL_SUBSYS_NFTABLES = 10
 NLM_F_DUMP = 0x300
 NLMSG_DONE = 3
 
-NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETSET, NFT_MSG_GETOBJ = 1, 4, 10, 19
+NFT_MSG_GETTABLE, NFT_MSG_GETCHAIN, NFT_MSG_GETSET, NFT_MSG_GETSETELEM, NFT_MSG_GETOBJ = 1, 4, 10, 13, 19
 NFTA_TABLE_NAME, NFTA_TABLE_USERDATA = 1, 6
 NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK, NFTA_CHAIN_POLICY, NFTA_CHAIN_TYPE, NFTA_CHAIN_USERDATA = 1, 3, 4, 5, 7, 12
 NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY = 1, 2
 NFTA_SET_TABLE, NFTA_SET_NAME, NFTA_SET_FLAGS, NFTA_SET_KEY_TYPE, NFTA_SET_USERDATA = 1, 2, 3, 4, 13
 NFTA_OBJ_TABLE, NFTA_OBJ_NAME, NFTA_OBJ_TYPE, NFTA_OBJ_DATA = 1, 2, 3, 4
 NFTA_COUNTER_BYTES, NFTA_COUNTER_PACKETS = 1, 2
+NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS, NFTA_LIST_ELEM = 1, 2, 3, 1
+NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA, NFTA_SET_ELEM_FLAGS, NFTA_SET_ELEM_KEY_END = 1, 2, 3, 10
+NFTA_DATA_VALUE, NFTA_DATA_VERDICT, NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2, 1, 2
+NFT_SET_ELEM_INTERVAL_END = 0x1
+VERDICT_NAMES = {0: "drop", 1: "accept", -1: "continue", -2: "break", -3: "jump", -4: "goto", -5: "return"}
 NFT_OBJECT_COUNTER = 1
 
 NFT_SET_ANONYMOUS, NFT_SET_CONSTANT, NFT_SET_INTERVAL, NFT_SET_MAP = 0x1, 0x2, 0x4, 0x8
@@ -47,8 +65,13 @@ NETDEV_HOOK_NAMES = {0: "ingress", 1: "egress"}
 # nft's datatype ids (include/datatype.h); a concatenation folds them 6 bits at a time.
 DATATYPE_IDS = {
     "ipv4_addr": 7, "ipv6_addr": 8, "ether_addr": 9, "ether_type": 10, "inet_proto": 12,
-    "inet_service": 13, "mark": 19, "ifname": 41,
+    "inet_service": 13, "mark": 19, "iface_index": 20, "ifname": 41,
 }
+# How a value of each type sits in a set element's key: its width in bytes and how to read it.
+# In a concatenation every part starts on a 4-byte boundary (nft registers are 32 bits).
+_VALUE_WIDTH = {"ipv4_addr": 4, "ipv6_addr": 16, "ether_addr": 6, "ether_type": 2, "inet_proto": 1,
+                "inet_service": 2, "mark": 4, "iface_index": 4, "ifname": 16}
+_HOST_ORDER = frozenset({"iface_index", "mark"})
 DATATYPE_NAMES = {v: k for k, v in DATATYPE_IDS.items()}
 TYPE_BITS = 6
 
@@ -96,6 +119,67 @@ class CounterInfo:
     name: str
     packets: int
     bytes: int
+
+
+@dataclass(frozen=True)
+class ElementInfo:
+    """One element of a named set or map, its key read by the set's types."""
+
+    key: tuple
+    key_end: tuple | None = None  # interval sets of concatenations: the range's last key
+    interval_end: bool = False  # plain interval sets: this element closes a range
+    verdict: tuple[str, str | None] | None = None  # verdict maps: (verdict, chain)
+
+
+# The same elements come back on every read: decoded once, a read costs a lookup per element.
+@lru_cache(maxsize=1 << 15)
+def _element(raw: bytes, types: tuple[str, ...], interval: bool) -> ElementInfo:
+    e = attributes(raw)
+    end = _data_value(e[NFTA_SET_ELEM_KEY_END]) if NFTA_SET_ELEM_KEY_END in e else None
+    verdict = None
+    if NFTA_SET_ELEM_DATA in e:
+        v = attributes(attributes(e[NFTA_SET_ELEM_DATA]).get(NFTA_DATA_VERDICT, b""))
+        if NFTA_VERDICT_CODE in v:
+            code = struct.unpack("!i", v[NFTA_VERDICT_CODE][:4])[0]
+            verdict = (VERDICT_NAMES.get(code, str(code)), _string(v[NFTA_VERDICT_CHAIN]) if NFTA_VERDICT_CHAIN in v else None)
+    return ElementInfo(decode_key(_data_value(e.get(NFTA_SET_ELEM_KEY)), types, interval),
+                       decode_key(end, types, interval) if end is not None else None,
+                       bool((_be32(e.get(NFTA_SET_ELEM_FLAGS)) or 0) & NFT_SET_ELEM_INTERVAL_END), verdict)
+
+
+def decode_key(raw: bytes, types: tuple[str, ...], interval: bool = False) -> tuple:
+    """A set element's key as values: addresses as inet_ntop spells them, MACs as lower-case
+    text, names as str, numbers as int. Host-order types (iface_index, mark) are stored in host
+    order, except in interval sets, where nft turns them to network order for range lookups."""
+    values, offset = [], 0
+    for name in types:
+        width = _VALUE_WIDTH.get(name)
+        if width is None:  # a type this module does not know: the rest as bytes
+            values.append(raw[offset:])
+            break
+        part = raw[offset: offset + width]
+        if name == "ipv4_addr":
+            values.append(socket.inet_ntop(socket.AF_INET, part))
+        elif name == "ipv6_addr":
+            values.append(socket.inet_ntop(socket.AF_INET6, part))
+        elif name == "ether_addr":
+            values.append(part.hex(":"))
+        elif name == "ifname":
+            values.append(_string(part))
+        elif name in _HOST_ORDER and not interval:
+            values.append(int.from_bytes(part, sys.byteorder))
+        else:
+            values.append(int.from_bytes(part, "big"))
+        offset += (width + 3) & ~3 if len(types) > 1 else width
+    return tuple(values)
+
+
+def _data_value(nested: bytes | None) -> bytes:
+    """The NFTA_DATA_VALUE a key attribute holds (its only attribute)."""
+    if not nested or len(nested) < NLA.size:
+        return b""
+    length, kind = NLA.unpack_from(nested, 0)
+    return nested[NLA.size: length] if kind & NLA_TYPE_MASK == NFTA_DATA_VALUE else b""
 
 
 def _string(value: bytes | None) -> str:
@@ -191,6 +275,16 @@ class NftDumper:
                 comment=udata_comment(a.get(NFTA_SET_USERDATA), UDATA_SET_COMMENT),
             ))
         return out
+
+    def elements(self, family: str, table: str, set_name: str, types: tuple[str, ...],
+                 interval: bool = False) -> list[ElementInfo]:
+        """The elements of one named set or map (types and interval: as its SetInfo says)."""
+        request = (attribute(NFTA_SET_ELEM_LIST_TABLE, table.encode() + b"\0")
+                   + attribute(NFTA_SET_ELEM_LIST_SET, set_name.encode() + b"\0"))
+        return [_element(element, types, interval)
+                for _f, a in self._dump(NFT_MSG_GETSETELEM, family, request)
+                for kind, element in each_attribute(a.get(NFTA_SET_ELEM_LIST_ELEMENTS, b""))
+                if kind == NFTA_LIST_ELEM]
 
     def counters(self, family: str, table: str) -> list[CounterInfo]:
         request = attribute(NFTA_OBJ_TABLE, table.encode() + b"\0") + attribute(NFTA_OBJ_TYPE, struct.pack("!I", NFT_OBJECT_COUNTER))
