@@ -282,3 +282,28 @@ def test_docs_say_they_were_not_run_on_a_cluster():
     for doc in ("kind.md", "k3s.md"):
         head = "\n".join((ROOT / "docs" / doc).read_text().splitlines()[:8])
         assert "not yet run on a real cluster" in head
+
+
+def test_docs_uninstall_commands_name_what_the_uninstall_manifest_makes():
+    ds = cleanup_daemonset()
+    namespace, name = ds["metadata"]["namespace"], ds["metadata"]["name"]
+    component = ds["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+    (cleanup,) = ds["spec"]["template"]["spec"]["initContainers"]
+    agent_component = find("DaemonSet", "netfence-agent")["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+    for doc in ("README.md", "docs/kind.md", "docs/k3s.md"):
+        text = (ROOT / doc).read_text()
+        order = [text.index(step) for step in ("kubectl delete -k manifests/", "kubectl apply -k manifests/uninstall/",
+                                               f"kubectl -n {namespace} rollout status ds/{name}",
+                                               "kubectl delete -k manifests/uninstall/")]
+        assert order == sorted(order), f"{doc}: the uninstall steps out of order"
+    for doc in ("docs/kind.md", "docs/k3s.md"):
+        text = (ROOT / doc).read_text()
+        assert f"logs -l app.kubernetes.io/component={component} -c {cleanup['name']}" in text, doc
+        assert f"get pods -A -l app.kubernetes.io/component={agent_component}" in text, doc
+
+
+def test_docs_show_policy_events_the_way_kubectl_prints_them():
+    for doc in ("docs/kind.md", "docs/k3s.md"):
+        text = (ROOT / doc).read_text()
+        assert "events --for networkpolicy/" in text, doc
+        assert not re.search(r"^kubectl .*describe networkpolicy", text, re.M), f"{doc}: describe shows no Events"
