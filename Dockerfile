@@ -13,11 +13,11 @@ RUN /opt/netfence/bin/pip install --no-compile . \
  && /opt/netfence/bin/python -m compileall -q /opt/netfence/lib
 
 # Final stage: the runtime only. From Debian: nftables + libnftables1 (the agent drives
-# libnftables through pip-nftables), iproute2 (ip netns, for debugging on a node), kmod
-# (modprobe br_netfilter in the agent's init container).
+# libnftables through pip-nftables), iproute2 (ip netns, for debugging on a node). No kmod:
+# br_netfilter is loaded on the node, not from the pod (manifests/agent.yaml says why).
 FROM python:3.11-slim
 RUN apt-get update \
- && apt-get install -y --no-install-recommends nftables libnftables1 iproute2 kmod \
+ && apt-get install -y --no-install-recommends nftables libnftables1 iproute2 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/netfence /opt/netfence
 ENV PATH=/opt/netfence/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1

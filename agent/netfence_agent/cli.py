@@ -92,7 +92,11 @@ def run_cleanup(args: argparse.Namespace) -> int:
 
     try:
         deleted = Kernel().delete_tables(OWNED_TABLES)
-    except NftError as exc:
+    except PermissionError as exc:
+        print(f"netfence cleanup: {exc.strerror}: deleting nftables tables needs root with CAP_NET_ADMIN "
+              "in the network namespace that holds them", file=sys.stderr)
+        return 1
+    except (NftError, OSError) as exc:
         print(f"netfence cleanup: {exc}", file=sys.stderr)
         return 1
     for family, name in deleted:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 import netfence_api
-from netfence_agent import br_netfilter
+from netfence_agent import br_netfilter, netns
 from netfence_agent.coverage import (
     ADDRESS_SETS,
     PORTS_MAP,
@@ -115,6 +115,7 @@ class Agent:
         self._applied_ports: dict[str, PodPort] = {}
         self.last_error: str | None = None
         self.br_state = br_netfilter.BrNetfilterState(False, "not checked yet")
+        self.netns_problem: str | None = None  # the pod netns mount does not propagate (checked at start)
         self._conditions: dict[str, netfence_api.Condition] = {}
         self._last_status: netfence_api.NodeRuleSetStatus | None = None
         self.discovery: Discovery | None = None
@@ -157,6 +158,8 @@ class Agent:
             return False, f"no rule set applied yet{': ' + self.last_error if self.last_error else ''}"
         if not self.br_state.ok:
             return False, f"br_netfilter off, same-node pod traffic is not policed: {self.br_state.message}"
+        if self.netns_problem:
+            return False, self.netns_problem
         if self.last_error:
             return False, (f"the latest rule set was rejected, rules of generation {self.metrics.generation} "
                            f"stay enforced: {self.last_error}")
@@ -351,6 +354,8 @@ class Agent:
             degraded = self._condition("Degraded", "True", error[0], error[1])
         elif not self.br_state.ok:
             degraded = self._condition("Degraded", "True", "BrNetfilterOff", self.br_state.message)
+        elif self.netns_problem:
+            degraded = self._condition("Degraded", "True", "PodNetnsNotPropagated", self.netns_problem)
         elif self.unprotected:
             degraded = self._condition("Degraded", "True", "PodsUnprotected", self._unprotected_message())
         else:
@@ -379,6 +384,9 @@ class Agent:
         if found:
             log.info("netfence tables from a previous run are in the kernel (%s); they stay enforcing "
                      "until the first sync replaces them in place", ", ".join(" ".join(t) for t in sorted(found)))
+        self.netns_problem = netns.mount_propagation_problem(self.config.netns_dir)
+        if self.netns_problem:
+            log.error("%s", self.netns_problem)
         self.discovery = Discovery(self.config.netns_dir, self.config.cni_dir, on_change=self._on_discovery)
         self._on_discovery(self.discovery.scan())
         self.discovery.start()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -92,3 +93,53 @@ def _enter_for_good(path: str) -> None:
 def inode(path: str) -> int:
     """Identity of a namespace: two paths name the same namespace iff their inodes match."""
     return os.stat(netns_path(path)).st_ino
+
+
+# --------------------------------------------------------------------------- mount propagation
+# On a node, containerd bind-mounts each new pod namespace onto a file under /var/run/netns. The
+# agent sees those mounts only if its own mount of that directory receives the host's new mounts
+# (mountPropagation: HostToContainer = an rslave mount, "master:N" in mountinfo). Without it, a
+# namespace created after the agent started is an empty file to the agent.
+PROPAGATION_HINT = (
+    "keep `mountPropagation: HostToContainer` on the agent's netns volume (manifests/agent.yaml); the node's "
+    "mount must be shared for it (systemd makes / shared; elsewhere run `mount --make-rshared /` on the node), "
+    "then restart the agent pod")
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def receives_host_mounts(directory: str, mountinfo: str) -> bool | None:
+    """Whether mounts made later on the host appear in `directory`; None: not a mount point here.
+
+    Pure: `mountinfo` is the text of /proc/self/mountinfo, `directory` a resolved path. Only a
+    directory that is a mount point of its own (a hostPath volume in a pod) is judged; anywhere
+    else the process shares the mounts of whoever creates the namespaces (the lab, tests, an
+    agent run on the host).
+    """
+    target = os.path.normpath(directory)
+    own = None
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        if len(fields) >= 7 and _unescape(fields[4]) == target:
+            own = fields  # the last one listed is the one on top
+    if own is None:
+        return None
+    optional = own[6:own.index("-")] if "-" in own else []
+    return any(tag.startswith(("master:", "shared:")) for tag in optional)
+
+
+def mount_propagation_problem(netns_dir: str) -> str | None:
+    """What is wrong with this process's view of netns_dir, and what to do; None if nothing."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            mountinfo = f.read()
+    except OSError:
+        return None
+    if receives_host_mounts(os.path.realpath(netns_dir), mountinfo) is not False:
+        return None
+    return (f"{netns_dir} is mounted without propagation from the node: pod network namespaces created after "
+            f"the agent started do not appear there (only the CNI result cache still names their veths); "
+            + PROPAGATION_HINT)

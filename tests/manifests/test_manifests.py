@@ -149,9 +149,7 @@ def test_agent_daemonset():
     assert mounts["/var/lib/cni"]["readOnly"] is True
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["netns"]["hostPath"]["path"] == "/var/run/netns"
-    assert volumes["lib-modules"]["hostPath"]["path"] == "/lib/modules"
     (init,) = pod["initContainers"]
-    assert {"mountPath": "/lib/modules", "name": "lib-modules", "readOnly": True} in init["volumeMounts"]
     assert "bridge-nf-call-iptables" in " ".join(init["command"])
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in agent["env"]
     assert agent["args"][:3] == ["agent", "--node", "$(NODE_NAME)"]
@@ -160,6 +158,90 @@ def test_agent_daemonset():
     annotations = ds["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9469", "prometheus.io/path": "/metrics"}
     assert agent["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def host_paths(workload: dict) -> dict[str, dict]:
+    return {v["hostPath"]["path"]: v["hostPath"] for v in workload["spec"]["template"]["spec"].get("volumes", [])
+            if "hostPath" in v}
+
+
+def test_agent_starts_on_a_node_without_lib_modules():
+    """Issue 12.3: a kernel without modules has no /lib/modules; the agent must start there, and
+    no host path is made on the node for it (containerd creates a missing bind source of a
+    hostPath with `type: ""`, so an unchecked /lib/modules would litter the node)."""
+    ds = find("DaemonSet", "netfence-agent")
+    paths = host_paths(ds)
+    assert not any(p == "/lib" or p.startswith("/lib/") for p in paths), paths
+    pod = ds["spec"]["template"]["spec"]
+    for c in pod["initContainers"] + pod["containers"]:
+        assert not any(m["mountPath"].startswith("/lib/modules") for m in c.get("volumeMounts", [])), c["name"]
+        script = "\n".join(c.get("command", []) + c.get("args", []))
+        assert not re.search(r"(^|[;&|(]) *modprobe ", script, re.M), f"{c['name']} runs modprobe"
+    # Only the runtime's own directories, which exist wherever pods have networking, may be made.
+    assert {p: h.get("type") for p, h in paths.items()} == {"/var/run/netns": "DirectoryOrCreate",
+                                                            "/var/lib/cni": "DirectoryOrCreate"}
+
+
+def test_agent_init_container_tolerates_a_missing_br_netfilter():
+    """Without the module, the init container must not fail (the pod would never start and
+    the reason would hide in an init log): the agent starts and says what to do, not ready."""
+    (init,) = find("DaemonSet", "netfence-agent")["spec"]["template"]["spec"]["initContainers"]
+    script = init["command"][-1]
+    missing_check = script.index("[ ! -e /proc/sys/net/bridge/bridge-nf-call-iptables ]")
+    assert missing_check < script.index("set -e") < script.index("echo 1 >")
+    assert "modprobe br_netfilter" in script, "the message says what to run on the node"
+
+
+def test_agent_netns_mount_needs_a_shared_node_mount_and_says_so():
+    text = (MANIFESTS / "agent.yaml").read_text()
+    assert "mount --make-rshared /" in text
+
+
+def uninstall_objects() -> list[dict]:
+    kustomization = yaml.safe_load((MANIFESTS / "uninstall" / "kustomization.yaml").read_text())
+    return [d for name in kustomization["resources"] for d in documents(MANIFESTS / "uninstall" / name)]
+
+
+def test_uninstall_kustomization_lists_its_manifests_and_the_same_image():
+    folder = MANIFESTS / "uninstall"
+    kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    assert set(kustomization["resources"]) == {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
+    main = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    assert kustomization["images"] == main["images"]
+
+
+def cleanup_daemonset() -> dict:
+    (ds,) = [d for d in uninstall_objects() if d["kind"] == "DaemonSet"]
+    return ds
+
+
+def test_uninstall_runs_netfence_cleanup_on_every_node_with_what_it_needs():
+    ds = cleanup_daemonset()
+    (namespace,) = [d for d in uninstall_objects() if d["kind"] == "Namespace"]
+    # Its own namespace: `kubectl delete -k manifests/` must not take it down, nor the reverse.
+    assert ds["metadata"]["namespace"] == namespace["metadata"]["name"] != "netfence-system"
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "privileged"
+    pod = ds["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True, "the tables live in the node's network namespace"
+    assert {"operator": "Exists"} in pod["tolerations"], "every node the agent may have run on"
+    assert pod["automountServiceAccountToken"] is False and not host_paths(ds)
+    (cleanup,) = pod["initContainers"]
+    assert cleanup["image"] == container(find("DaemonSet", "netfence-agent"), "agent")["image"]
+    assert cleanup["command"][:2] == ["bash", "-c"] and cleanup["command"][2].rstrip().endswith("exec netfence cleanup")
+    assert cleanup["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert cleanup["securityContext"]["runAsUser"] == 0 and "privileged" not in cleanup["securityContext"]
+    (done,) = pod["containers"]
+    assert done["command"] == ["sleep", "infinity"] and done["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_uninstall_waits_for_the_agent_on_its_metrics_port():
+    """An agent still running would load its tables again; the cleanup refuses while the
+    agent's port answers, so the port in the script must be the agent's."""
+    agent = container(find("DaemonSet", "netfence-agent"), "agent")
+    (port,) = [p["containerPort"] for p in agent["ports"]]
+    assert agent["args"][agent["args"].index("--metrics-bind-address") + 1] == f":{port}"
+    (cleanup,) = cleanup_daemonset()["spec"]["template"]["spec"]["initContainers"]
+    assert f"/dev/tcp/127.0.0.1/{port})" in cleanup["command"][2]
 
 
 def test_controller_deployment():
@@ -200,3 +282,28 @@ def test_docs_say_they_were_not_run_on_a_cluster():
     for doc in ("kind.md", "k3s.md"):
         head = "\n".join((ROOT / "docs" / doc).read_text().splitlines()[:8])
         assert "not yet run on a real cluster" in head
+
+
+def test_docs_uninstall_commands_name_what_the_uninstall_manifest_makes():
+    ds = cleanup_daemonset()
+    namespace, name = ds["metadata"]["namespace"], ds["metadata"]["name"]
+    component = ds["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+    (cleanup,) = ds["spec"]["template"]["spec"]["initContainers"]
+    agent_component = find("DaemonSet", "netfence-agent")["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+    for doc in ("README.md", "docs/kind.md", "docs/k3s.md"):
+        text = (ROOT / doc).read_text()
+        order = [text.index(step) for step in ("kubectl delete -k manifests/", "kubectl apply -k manifests/uninstall/",
+                                               f"kubectl -n {namespace} rollout status ds/{name}",
+                                               "kubectl delete -k manifests/uninstall/")]
+        assert order == sorted(order), f"{doc}: the uninstall steps out of order"
+    for doc in ("docs/kind.md", "docs/k3s.md"):
+        text = (ROOT / doc).read_text()
+        assert f"logs -l app.kubernetes.io/component={component} -c {cleanup['name']}" in text, doc
+        assert f"get pods -A -l app.kubernetes.io/component={agent_component}" in text, doc
+
+
+def test_docs_show_policy_events_the_way_kubectl_prints_them():
+    for doc in ("docs/kind.md", "docs/k3s.md"):
+        text = (ROOT / doc).read_text()
+        assert "events --for networkpolicy/" in text, doc
+        assert not re.search(r"^kubectl .*describe networkpolicy", text, re.M), f"{doc}: describe shows no Events"
