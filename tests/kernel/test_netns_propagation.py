@@ -28,9 +28,12 @@ def test_premise_a_private_mount_misses_namespaces_made_later(netns_factory):
     for propagation in ("private", "slave"):
         name = f"nf-test-late-{uuid.uuid4().hex[:6]}"
         watcher = subprocess.Popen(["unshare", "--mount", "--propagation", propagation, "sh", "-c",
-                                    'read _ && stat -f -c %T "/var/run/netns/$0"', name],
+                                    'echo unshared && read _ && stat -f -c %T "/var/run/netns/$0"', name],
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
+            # The namespace must be made after the watcher's mount namespace exists, not while
+            # unshare is still starting (on a loaded machine it would see the mount as it was).
+            assert watcher.stdout.readline().strip() == "unshared"
             subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
             seen[propagation] = watcher.communicate("go\n", timeout=30)[0].strip()
         finally:
