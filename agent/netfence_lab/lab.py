@@ -28,7 +28,7 @@ from netfence_lab.model import (
     with_name_label,
 )
 from netfence_lab.state import LabState, ProcessRecord, StateStore, write_atomic
-from netfence_lab.topology import Builder, env_with_source_roots, tail, teardown
+from netfence_lab.topology import Builder, cni_results_dir, env_with_source_roots, tail, teardown
 
 HERE = Path(__file__).resolve().parent
 PROBER = HERE / "prober.py"
@@ -132,7 +132,7 @@ class Lab:
             "--rules-file", str(ndir / "rules.json"),
             "--metrics-bind-address", AGENT_METRICS_ADDRESS,
             "--netns-dir", str(system.NETNS_DIR),
-            "--cni-dir", str(ndir / "cni"),
+            "--cni-dir", str(cni_results_dir(self.store, node)),
             "--status-file", str(ndir / "status.json"),
         ]
         log = ndir / "agent.log"
