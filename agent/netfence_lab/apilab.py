@@ -78,8 +78,7 @@ def bring_up(lab: "Lab", state: LabState, plan: LabPlan) -> None:
             state.notes.append(f"{pod.key}: {p.port}/SCTP not served (no SCTP sockets on this kernel)")
         _crash_point("pod")
     lab.store.save(state)
-    _spawn(lab, state, "kubelet", [sys.executable, "-m", "netfence_lab.kubelet", "--kubeconfig", state.kubeconfig,
-                                   "--lab-dir", str(lab.store.root)])
+    _spawn(lab, state, "kubelet", kubelet_command(lab, state))
     if state.controller:
         _spawn(lab, state, "controller", controller_command(state.kubeconfig or ""))
     if state.agents:
@@ -89,6 +88,10 @@ def bring_up(lab: "Lab", state: LabState, plan: LabPlan) -> None:
         wait_applied(lab, state, api)
     write_cluster_yaml(lab, api)
     api.close()
+
+
+def kubelet_command(lab: "Lab", state: LabState) -> list[str]:
+    return [sys.executable, "-m", "netfence_lab.kubelet", "--kubeconfig", state.kubeconfig or "", "--lab-dir", str(lab.store.root)]
 
 
 def controller_command(kubeconfig: str) -> list[str]:

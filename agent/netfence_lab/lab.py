@@ -348,6 +348,38 @@ class Lab:
             raise system.LabError(f"the lab in {self.store.root} is {state.phase}, not up; run `netfence lab down` and up again")
         return state
 
+    def wait_converged(self, timeout: float | None = None) -> int:
+        """On an API server: until every NodeRuleSet is what compile gives for the API's objects
+        and every agent applied it (after changes made through the API by others)."""
+        state = self._require_up()
+        if not state.on_api:
+            raise system.LabError("the lab is not on an API server")
+        api = apilab.LabApi(state.kubeconfig or "")
+        try:
+            return apilab.wait_applied(self, state, api, timeout)
+        finally:
+            api.close()
+
+    def restart(self, role: str, owner: str = "lab") -> None:
+        """Kill one of the lab's processes (SIGKILL, as a crash) and start it again:
+        role "agent" with owner = node name; on an API server also "controller", "kubelet"."""
+        with self.store.locked():
+            state = self._require_up()
+            rec = next((r for r in state.processes if r.role == role and r.owner == owner), None)
+            if rec is None:
+                raise system.LabError(f"the lab runs no {role} {owner}")
+            system.kill([(rec.pid, rec.starttime)])
+            state.processes.remove(rec)
+            self.store.save(state)
+            if role == "agent":
+                self._start_agent(state, owner)
+            elif role == "controller":
+                apilab._spawn(self, state, "controller", apilab.controller_command(state.kubeconfig or ""))
+            elif role == "kubelet":
+                apilab._spawn(self, state, "kubelet", apilab.kubelet_command(self, state))
+            else:
+                raise system.LabError(f"the lab cannot restart its {role}")
+
     def cluster_file(self) -> Path:
         """A manifest of the lab's current objects (nodes, namespaces, pods with IPs, policies)."""
         return self.store.root / "cluster.yaml"

@@ -247,7 +247,8 @@ def _remove_files(store: StateStore, state: LabState) -> None:
         d = store.node_dir(n)
         if d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
-    for extra in ("cluster.yaml",):
+    # cluster.yaml; on an API server also the kubelet's record, the agents' kubeconfig, the logs of the lab's own processes
+    for extra in ("cluster.yaml", "kubelet.json", "agent-kubeconfig", "kubelet.log", "controller.log", "apiproxy.log"):
         (store.root / extra).unlink(missing_ok=True)
     store.path.unlink(missing_ok=True)
     try:
