@@ -148,6 +148,9 @@ def test_policies_created_replaced_and_deleted_through_the_api(api_lab, k8s):
     api_lab.wait_converged()
     m = api_lab.probe(80, "TCP")
     assert blocked(m) == into(m, {"x/a", "x/b"})
+    for node in ("node-1", "node-2"):  # the controller's trigger time reached the agents' latency histogram
+        (count,) = metric_lines(api_lab.node_metrics(node), "netfence_network_programming_duration_seconds_count")
+        assert float(count.split()[-1]) >= 1, node
     current = net.read_namespaced_network_policy("deny", "x")
     replaced = {**X_FROM_BLUE, "metadata": {**X_FROM_BLUE["metadata"], "resourceVersion": current.metadata.resource_version}}
     net.replace_namespaced_network_policy("deny", "x", replaced)
