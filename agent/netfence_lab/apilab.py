@@ -413,7 +413,8 @@ def tear_down(lab: "Lab", state: LabState) -> list[str]:
 def unregister(state: LabState) -> None:
     api = LabApi(state.kubeconfig or "")
     try:
-        nodes = [n.name for n in state.lab_plan().nodes] if state.plan else []
+        # Only nodes the lab registered: a name that was taken (lab up refused it) is someone else's.
+        nodes = [o["name"] for o in state.api_objects if o["kind"] == "Node"]
         for p in state.policies:
             kind, ns, name = _policy_key(p)
             api.delete(POLICY_KINDS[kind], name, ns or None)

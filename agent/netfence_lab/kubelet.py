@@ -193,6 +193,10 @@ class LabKubelet:
                 self.wire(obj)
             except system.LabError as e:
                 log.error("cannot wire pod %s/%s: %s", md.get("namespace"), md.get("name"), e)
+        elif not (obj.get("status") or {}).get("podIP"):  # wired, but its status patch did not make it
+            pod = self.wired()[uid]
+            status = pod_status(pod, self.nodes[pod.node], spec.get("containers") or [])
+            self.api.merge_patch(PODS, pod.name, {"status": status}, pod.namespace, sub="status")
 
     def bind(self, obj: dict[str, Any]) -> None:
         """The scheduler's part: the lab node with the fewest pods."""
