@@ -229,6 +229,7 @@ class Agent:
         self.metrics.set_labels(result.counters)
         if transaction.kind == "full" and self.config.full_sync_period > 0:
             self._next_full_sync = time.monotonic() + self.config.full_sync_period
+        self.metrics.programmed(rule_set.metadata.uid, rule_set.metadata.generation, rule_set.metadata.annotations)
         if transaction.kind != "noop":
             if transaction.kind == "full":
                 self.metrics.book_counters()  # forget counters the sync deleted

@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable, Mapping
 
@@ -30,6 +32,19 @@ log = logging.getLogger("netfence.metrics")
 
 CounterKey = tuple[str, str, str]  # (family, table, counter name)
 APPLY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+PROGRAMMING_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TRIGGER_ANNOTATION = "netfence.io/last-change-trigger-time"  # netfence_api.crd.TRIGGER_ANNOTATION
+
+
+def trigger_seconds(annotations: Mapping[str, str] | None) -> float | None:
+    """The publisher's trigger time (RFC 3339, UTC) as a UNIX time; None if absent or unreadable."""
+    text = (annotations or {}).get(TRIGGER_ANNOTATION)
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -71,9 +86,12 @@ class CounterLedger:
 @dataclass
 class ApplyHistogram:
     buckets: tuple[float, ...] = APPLY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * len(APPLY_BUCKETS))
+    counts: list[int] = field(default_factory=list)
     count: int = 0
     sum: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * len(self.buckets)
 
     def observe(self, seconds: float) -> None:
         self.count += 1
@@ -93,6 +111,8 @@ class AgentMetrics:
         self.rules_applied = 0
         self.apply_failures = 0
         self.apply_duration = ApplyHistogram()
+        self.programming_duration = ApplyHistogram(PROGRAMMING_BUCKETS)
+        self._programmed: tuple[str | None, int | None] | None = None
         self.generation = 0
         self.unprotected_pods = 0
         self.anti_spoofing_repairs = 0
@@ -123,6 +143,16 @@ class AgentMetrics:
             self.rules_applied += 1
             self.apply_duration.observe(seconds)
             self.generation = generation or 0
+
+    def programmed(self, uid: str | None, generation: int | None, annotations: Mapping[str, str] | None) -> None:
+        """The rules of this NodeRuleSet generation are in the kernel: observe the time since
+        the change that triggered it, once per generation (kube-proxy's network programming latency)."""
+        trigger = trigger_seconds(annotations)
+        with self.lock:
+            if trigger is None or self._programmed == (uid, generation):
+                return
+            self._programmed = (uid, generation)
+            self.programming_duration.observe(max(0.0, time.time() - trigger))
 
     def failed(self, seconds: float) -> None:
         with self.lock:
@@ -165,6 +195,12 @@ class AgentMetrics:
             yield HistogramMetricFamily("netfence_rule_apply_duration_seconds",
                                         "Time to load a rule set into the kernel (one transaction).",
                                         buckets=cumulative, sum_value=h.sum)
+            p = self.programming_duration
+            yield HistogramMetricFamily(
+                "netfence_network_programming_duration_seconds",
+                "From the change of the object that triggered a NodeRuleSet generation (as the controller saw it) "
+                "to its rules in the kernel.",
+                buckets=[(str(b), c) for b, c in zip(p.buckets, p.counts)] + [("+Inf", p.count)], sum_value=p.sum)
             yield GaugeMetricFamily("netfence_ruleset_generation",
                                     "metadata.generation of the NodeRuleSet whose rules are loaded.",
                                     value=self.generation)

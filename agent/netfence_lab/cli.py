@@ -28,6 +28,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=None, help="number of nodes when the manifest names none (default 2)")
     up.add_argument("--no-agent", action="store_true",
                     help="topology only, no agents: nothing is enforced (also NETFENCE_LAB_NO_AGENT=1)")
+    up.add_argument("--kubeconfig", metavar="K",
+                    help="run the lab on this API server: the lab registers its nodes, namespaces and pods there "
+                         "and acts as their kubelet; agents watch their NodeRuleSets through the API")
+    up.add_argument("--controller", action="store_true",
+                    help="with --kubeconfig: also run `netfence controller` on that API server")
 
     ap = sub.add_parser("apply", help="make the files' NetworkPolicies the lab's complete policy set")
     ap.add_argument("-f", "--filename", dest="files", action="extend", nargs="+", required=True, metavar="FILE",
@@ -86,7 +91,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if cmd == "up":
         docs = labmod.load_manifests(args.files)
         agents = False if args.no_agent else None
-        res = lab.up(docs, nodes=args.nodes, agents=agents)
+        res = lab.up(docs, nodes=args.nodes, agents=agents, kubeconfig=args.kubeconfig, controller=args.controller)
         plan = res.plan
         if plan.ignored_kinds:
             print(f"note: ignored kinds: {', '.join(plan.ignored_kinds)}", file=sys.stderr)
@@ -94,6 +99,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         if skipped:
             print(f"note: {', '.join(skipped)} not served: no SCTP sockets on this kernel", file=sys.stderr)
         mode = "with agents" if res.agents else "WITHOUT agents (nothing enforced)"
+        if args.kubeconfig:
+            mode += f" on the API server of {args.kubeconfig}" + (" with the controller" if args.controller else "")
         print(f"lab up in {res.seconds:.1f}s: {len(plan.nodes)} nodes, {len(plan.pods)} pods, {mode}; "
               f"state in {lab.store.root}")
         return 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from netfence_api.manifests import ManifestSyntaxError, dump_yaml_all, load_documents
-from netfence_lab import system
+from netfence_lab import apilab, system
 from netfence_lab.model import (
     LabPlan,
     ManifestError,
@@ -27,7 +27,7 @@ from netfence_lab.model import (
     with_name_label,
 )
 from netfence_lab.state import LabState, ProcessRecord, StateStore, write_atomic
-from netfence_lab.topology import Builder, env_with_source_roots, tail, teardown
+from netfence_lab.topology import Builder, cni_results_dir, env_with_source_roots, tail, teardown
 
 HERE = Path(__file__).resolve().parent
 PROBER = HERE / "prober.py"
@@ -77,9 +77,17 @@ class Lab:
         self.store = store or StateStore()
 
     # ------------------------------------------------------------------ up
-    def up(self, docs: Sequence[dict[str, Any]], nodes: int | None = None, agents: bool | None = None) -> UpResult:
-        """Build the lab for these manifests. On any failure (also Ctrl-C) remove what was made."""
+    def up(self, docs: Sequence[dict[str, Any]], nodes: int | None = None, agents: bool | None = None,
+           kubeconfig: str | None = None, controller: bool = False) -> UpResult:
+        """Build the lab for these manifests. On any failure (also Ctrl-C) remove what was made.
+
+        kubeconfig: act as kubelet for the lab's nodes on that API server, agents in API mode
+        (apilab.py); controller: also run `netfence controller` on it."""
         agents = (not agents_disabled()) if agents is None else agents
+        if controller and not kubeconfig:
+            raise ManifestError("--controller needs --kubeconfig: the controller runs on an API server")
+        if kubeconfig and not Path(kubeconfig).is_file():
+            raise ManifestError(f"--kubeconfig {kubeconfig}: no such file")
         plan = plan_lab(docs, node_count=nodes)
         t0 = time.monotonic()
         if agents:  # reject input the compiler refuses before building anything
@@ -90,17 +98,20 @@ class Lab:
                 raise system.LabError(
                     f"a lab is already recorded in {self.store.root} (phase {old.phase}); run `netfence lab down` first"
                 )
-            state = LabState(agents=agents, plan=plan.to_dict(), policies=plan.policies)
+            state = LabState(agents=agents, plan=plan.to_dict(), policies=[] if kubeconfig else plan.policies,
+                             kubeconfig=str(Path(kubeconfig).resolve()) if kubeconfig else None, controller=controller)
             self.store.save(state)
             try:
                 self._build(plan, state)
+                if state.on_api:
+                    apilab.bring_up(self, state, plan)
                 state.phase = "up"
                 self.store.save(state)
-                if agents:
+                if agents and not state.on_api:
                     self._publish(state)  # generation 1: the cluster file's policies (often none)
             except BaseException:
                 if os.environ.get("NETFENCE_LAB_KEEP_ON_FAILURE") != "1":
-                    teardown(self.store, state)
+                    self._tear_down(state)
                 raise
         return UpResult(plan, time.monotonic() - t0, agents)
 
@@ -110,6 +121,8 @@ class Lab:
         b.build_underlay(plan)
         for node in plan.nodes:
             b.build_node(plan, node)
+        if state.on_api:
+            return  # pods, agents: the lab's kubelet and apilab.bring_up
         for pod in plan.pods:
             b.build_pod(plan, pod)
             _crash_point("pod")
@@ -124,15 +137,18 @@ class Lab:
     def _start_agent(self, state: LabState, node: str) -> None:
         plan = state.lab_plan()
         ndir = self.store.node_dir(node)
+        if state.on_api:  # watching its NodeRuleSet through the API relay in its namespace
+            source = ["--kubeconfig", state.agent_kubeconfig or state.kubeconfig or ""]
+        else:
+            source = ["--rules-file", str(ndir / "rules.json"), "--status-file", str(ndir / "status.json")]
         argv = [
             "ip", "netns", "exec", plan.node(node).netns,
             *agent_command(),
             "--node", node,
-            "--rules-file", str(ndir / "rules.json"),
+            *source,
             "--metrics-bind-address", AGENT_METRICS_ADDRESS,
             "--netns-dir", str(system.NETNS_DIR),
-            "--cni-dir", str(ndir / "cni"),
-            "--status-file", str(ndir / "status.json"),
+            "--cni-dir", str(cni_results_dir(self.store, node)),
         ]
         log = ndir / "agent.log"
         pid, start = system.spawn(argv, log, env=env_with_source_roots())
@@ -145,6 +161,10 @@ class Lab:
         update the labels of the lab's objects of the same name. Returns the generation applied."""
         with self.store.locked():
             state = self._require_up()
+            if state.on_api:
+                if not state.agents:
+                    raise system.LabError(f"the lab runs without agents ({NO_AGENT_ENV}=1 at `lab up`): nothing enforces policies")
+                return apilab.apply(self, state, docs)
             plan = state.lab_plan()
             policies: list[dict[str, Any]] = []
             ignored: set[str] = set()
@@ -241,16 +261,25 @@ class Lab:
     # ------------------------------------------------------------------ probe
     def probe(self, port: int, protocol: str, from_nodes: bool = False, connect_timeout: float = 1.0) -> dict[str, dict[str, bool]]:
         state = self._require_up()
-        plan = state.lab_plan()
+        plan = self.current_plan(state)
         return probe_matrix(plan, port, protocol, from_nodes=from_nodes, connect_timeout=connect_timeout)
+
+    def current_plan(self, state: LabState) -> LabPlan:
+        """Nodes and pods as they are now (on an API server, pods come and go through it)."""
+        return apilab.current_plan(self, state) if state.on_api else state.lab_plan()
 
     # ------------------------------------------------------------------ status / down
     def status(self) -> dict[str, Any]:
         state = self.store.load()
         if state is None:
             return {"dir": str(self.store.root), "up": False}
-        plan = state.lab_plan() if state.plan else None
+        plan = self.current_plan(state) if state.plan else None
         procs = {(r.role, r.owner): r for r in state.processes}
+        if state.on_api:
+            from netfence_lab.kubelet import kubelet_store
+
+            record = kubelet_store(self.store.root).load()
+            procs.update({(r.role, r.owner): r for r in (record.processes if record else [])})
 
         def alive(role: str, owner: str) -> bool:
             r = procs.get((role, owner))
@@ -263,6 +292,9 @@ class Lab:
             "agents": state.agents,
             "generation": state.generation,
             "policies": [f"{pod_namespace(p)}/{object_name(p)}" for p in state.policies],
+            "kubeconfig": state.kubeconfig,
+            "controller": alive("controller", "lab") if state.controller else None,
+            "kubelet": alive("kubelet", "lab") if state.on_api else None,
             "netns": [{"name": n, "exists": system.netns_exists(n)} for n in state.netns],
             "notes": state.notes,
         }
@@ -301,7 +333,10 @@ class Lab:
                 return []
             state.phase = "down"
             self.store.save(state)
-            return teardown(self.store, state)
+            return self._tear_down(state)
+
+    def _tear_down(self, state: LabState) -> list[str]:
+        return apilab.tear_down(self, state) if state.on_api else teardown(self.store, state)
 
     def _require_up(self) -> LabState:
         state = self.store.load()
@@ -310,6 +345,38 @@ class Lab:
         if state.phase != "up":
             raise system.LabError(f"the lab in {self.store.root} is {state.phase}, not up; run `netfence lab down` and up again")
         return state
+
+    def wait_converged(self, timeout: float | None = None) -> int:
+        """On an API server: until every NodeRuleSet is what compile gives for the API's objects
+        and every agent applied it (after changes made through the API by others)."""
+        state = self._require_up()
+        if not state.on_api:
+            raise system.LabError("the lab is not on an API server")
+        api = apilab.LabApi(state.kubeconfig or "")
+        try:
+            return apilab.wait_applied(self, state, api, timeout)
+        finally:
+            api.close()
+
+    def restart(self, role: str, owner: str = "lab") -> None:
+        """Kill one of the lab's processes (SIGKILL, as a crash) and start it again:
+        role "agent" with owner = node name; on an API server also "controller", "kubelet"."""
+        with self.store.locked():
+            state = self._require_up()
+            rec = next((r for r in state.processes if r.role == role and r.owner == owner), None)
+            if rec is None:
+                raise system.LabError(f"the lab runs no {role} {owner}")
+            system.kill([(rec.pid, rec.starttime)])
+            state.processes.remove(rec)
+            self.store.save(state)
+            if role == "agent":
+                self._start_agent(state, owner)
+            elif role == "controller":
+                apilab._spawn(self, state, "controller", apilab.controller_command(state.kubeconfig or ""))
+            elif role == "kubelet":
+                apilab._spawn(self, state, "kubelet", apilab.kubelet_command(self, state))
+            else:
+                raise system.LabError(f"the lab cannot restart its {role}")
 
     def cluster_file(self) -> Path:
         """A manifest of the lab's current objects (nodes, namespaces, pods with IPs, policies)."""

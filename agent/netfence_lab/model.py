@@ -54,7 +54,6 @@ class NodePlan:
     cni0_ip: str  # first host address of pod_cidr, the pods' gateway
     vtep_ip: str  # network address of pod_cidr, on flannel.1 as /32
     vtep_mac: str
-    cni0_mac: str
 
 
 @dataclass
@@ -67,9 +66,10 @@ class PodPlan:
     host_network: bool
     sandbox_id: str  # 64 hex, like a containerd sandbox ID
     netns: str  # pod netns, or the node's netns for hostNetwork pods
-    veth: str  # host side in the node netns ("" for hostNetwork pods)
-    mac: str  # eth0 MAC ("" for hostNetwork pods)
-    veth_mac: str
+    # What the CNI bridge plugin chose when it wired the pod ("" until then, and for hostNetwork pods)
+    veth: str = ""  # host side in the node netns
+    mac: str = ""  # eth0 MAC
+    veth_mac: str = ""
     ports: list[PortSpec] = field(default_factory=list)  # what the pod's server listens on
     skipped: list[PortSpec] = field(default_factory=list)  # SCTP: no sockets on this kernel
 
@@ -90,6 +90,7 @@ class LabPlan:
     pod_objects: list[dict[str, Any]]  # Pod manifests with nodeName, uid and podIP filled in
     policies: list[dict[str, Any]]  # NetworkPolicies found in the cluster file
     ignored_kinds: list[str] = field(default_factory=list)
+    cluster_cidr: str = DEFAULT_CLUSTER_CIDR  # flannel's network: the pods' route via cni0
 
     def node(self, name: str) -> NodePlan:
         for n in self.nodes:
@@ -122,6 +123,7 @@ class LabPlan:
             pod_objects=data["pod_objects"],
             policies=data.get("policies", []),
             ignored_kinds=data.get("ignored_kinds", []),
+            cluster_cidr=data.get("cluster_cidr", DEFAULT_CLUSTER_CIDR),
         )
 
 
@@ -371,7 +373,6 @@ def plan_lab(
                 cni0_ip=str(c.network_address + 1),
                 vtep_ip=str(c.network_address),
                 vtep_mac=_mac(0x0E, b"\x6e\x66" + idx.to_bytes(3, "big")),
-                cni0_mac=_mac(0x0E, b"\x62\x72" + idx.to_bytes(3, "big")),
             )
         )
 
@@ -391,6 +392,7 @@ def plan_lab(
         pod_objects=pod_objects,
         policies=policies,
         ignored_kinds=sorted(set(ignored)),
+        cluster_cidr=str(cluster),
     )
 
 
@@ -477,9 +479,6 @@ def _plan_pods(
                 host_network=host_network,
                 sandbox_id=sandbox,
                 netns=netns,
-                veth="" if host_network else "veth" + sandbox[8:16],
-                mac="" if host_network else _mac(0x0A, b"\x58" + ip.packed),
-                veth_mac="" if host_network else _mac(0x0E, bytes.fromhex(sandbox[8:16])),
                 ports=serve,
                 skipped=skipped,
             )
@@ -498,56 +497,3 @@ def _node_object(doc: dict[str, Any] | None, node: NodePlan) -> dict[str, Any]:
     addrs = [a for a in status.get("addresses") or [] if a.get("type") != "InternalIP"]
     status["addresses"] = [{"type": "InternalIP", "address": node.underlay_ip}] + addrs
     return doc
-
-
-# ------------------------------------------------------------------------------ CNI record
-def cni_result(pod: PodPlan, node: NodePlan) -> dict[str, Any]:
-    """The cache entry libcni writes for flannel's bridge delegate (cbr0-<sandbox>-eth0)."""
-    import base64
-    import json
-
-    prefix = ipaddress.ip_network(node.pod_cidr).prefixlen
-    conf = {
-        "cniVersion": "0.3.1",
-        "name": "cbr0",
-        "type": "bridge",
-        "bridge": "cni0",
-        "isGateway": True,
-        "hairpinMode": True,
-        "ipMasq": False,
-        "mtu": POD_MTU,
-        "ipam": {"type": "host-local", "ranges": [[{"subnet": node.pod_cidr}]]},
-    }
-    sandbox_path = f"/var/run/netns/{pod.netns}"
-    return {
-        "kind": "cniCacheV1",
-        "containerId": pod.sandbox_id,
-        "config": base64.b64encode(json.dumps(conf).encode()).decode(),
-        "ifName": "eth0",
-        "networkName": "cbr0",
-        "netns": sandbox_path,
-        "cniArgs": [
-            ["IgnoreUnknown", "1"],
-            ["K8S_POD_NAMESPACE", pod.namespace],
-            ["K8S_POD_NAME", pod.name],
-            ["K8S_POD_INFRA_CONTAINER_ID", pod.sandbox_id],
-            ["K8S_POD_UID", pod.uid],
-        ],
-        "result": {
-            "cniVersion": "0.3.1",
-            "interfaces": [
-                {"name": "cni0", "mac": node.cni0_mac},
-                {"name": pod.veth, "mac": pod.veth_mac},
-                {"name": "eth0", "mac": pod.mac, "sandbox": sandbox_path},
-            ],
-            "ips": [
-                {"version": "4", "interface": 2, "address": f"{pod.ip}/{prefix}", "gateway": node.cni0_ip},
-            ],
-            "routes": [{"dst": "0.0.0.0/0", "gw": node.cni0_ip}],
-            "dns": {},
-        },
-    }
-
-
-def cni_result_filename(pod: PodPlan) -> str:
-    return f"cbr0-{pod.sandbox_id}-eth0"

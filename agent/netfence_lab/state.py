@@ -30,8 +30,8 @@ def lab_dir() -> Path:
 class ProcessRecord:
     pid: int
     starttime: int  # /proc/<pid>/stat field 22: tells a recycled pid from ours
-    role: str  # "server" | "agent"
-    owner: str  # pod key or node name
+    role: str  # "server" | "agent" | "kubelet" | "controller" | "apiproxy"
+    owner: str  # pod key, node name, or "lab"
     netns: str
     log: str = ""
 
@@ -47,6 +47,16 @@ class LabState:
     generation: int = 0
     created: float = field(default_factory=time.time)
     notes: list[str] = field(default_factory=list)
+    # On an API server (lab up --kubeconfig): where, and what the lab registered there
+    kubeconfig: str | None = None
+    agent_kubeconfig: str | None = None  # what the agents in the node namespaces use
+    controller: bool = False
+    api_objects: list[dict[str, str]] = field(default_factory=list)  # {kind, namespace, name}, recorded before creation
+    crd_created: bool = False
+
+    @property
+    def on_api(self) -> bool:
+        return self.kubeconfig is not None
 
     def lab_plan(self) -> LabPlan:
         if self.plan is None:
@@ -81,12 +91,13 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 class StateStore:
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, filename: str = STATE_FILE):
         self.root = root or lab_dir()
+        self.filename = filename
 
     @property
     def path(self) -> Path:
-        return self.root / STATE_FILE
+        return self.root / self.filename
 
     def exists(self) -> bool:
         return self.path.exists()

@@ -144,6 +144,18 @@ def terminate(pids: list[tuple[int, int]], grace: float = 2.0) -> list[int]:
     return [p for p, _ in ours]
 
 
+def kill(pids: list[tuple[int, int]], timeout: float = 5.0) -> None:
+    """SIGKILL each (pid, starttime) still ours (a crash, not a stop) and wait until it is gone."""
+    ours = [(p, s) for p, s in pids if is_alive(p, s)]
+    for p, _ in ours:
+        _signal(p, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(is_alive(p, s) for p, s in ours):
+        for p, _ in ours:
+            _reap(p)
+        time.sleep(0.02)
+
+
 def _signal(pid: int, sig: int) -> None:
     try:
         os.kill(pid, sig)

@@ -2,11 +2,13 @@
 
 The layout is flannel's vxlan backend, node by node:
   underlay netns: bridge br0, one veth port u<N> per node
-  node netns:     eth0 (underlay IP), cni0 bridge (podCIDR .1, hairpin ports), flannel.1 VXLAN
-                  (VNI 1, UDP 8472, nolearning, <podCIDR network>/32), and per other node an
-                  onlink route to its podCIDR via its flannel.1 address, a permanent neighbour
-                  entry for that address and an fdb entry sending its VTEP MAC to its underlay IP
-  pod netns:      eth0 (veth peer of veth<hex> on cni0), pod IP/prefix, default via cni0
+  node netns:     eth0 (underlay IP), flannel.1 VXLAN (VNI 1, UDP 8472, nolearning,
+                  <podCIDR network>/32), and per other node an onlink route to its podCIDR via
+                  its flannel.1 address, a permanent neighbour entry for that address and an
+                  fdb entry sending its VTEP MAC to its underlay IP; br_netfilter's sysctls
+  pod netns:      wired by the CNI bridge plugin with flannel's delegate config (cni.py): the
+                  plugin makes cni0 (podCIDR .1) on the node's first pod, a veth<hex> port with
+                  hairpin on it, eth0 with the pod IP and the routes in the pod
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from netfence_lab import system
+from netfence_lab import cni, system
 from netfence_lab.model import (
     POD_MTU,
     UNDERLAY_BRIDGE,
@@ -29,8 +31,6 @@ from netfence_lab.model import (
     LabPlan,
     NodePlan,
     PodPlan,
-    cni_result,
-    cni_result_filename,
 )
 from netfence_lab.state import LabState, ProcessRecord, StateStore, write_atomic
 
@@ -90,11 +90,7 @@ class Builder:
             for other in plan.nodes:
                 if other.name != node.name:
                     system.ip(ns, "route", "add", f"{other.underlay_ip}/32", "dev", "eth0", "scope", "link")
-        # cni0: the pods' bridge and gateway.
-        cidr = ipaddress.ip_network(node.pod_cidr)
-        system.ip(ns, "link", "add", "cni0", "address", node.cni0_mac, "type", "bridge")
-        system.ip(ns, "addr", "add", f"{node.cni0_ip}/{cidr.prefixlen}", "dev", "cni0")
-        system.ip(ns, "link", "set", "cni0", "mtu", str(POD_MTU), "up")
+        # cni0 is not made here: the CNI bridge plugin makes it with the node's first pod.
         # flannel.1: the VXLAN device; the pod network's other /24s are reached through it.
         system.ip(
             ns, "link", "add", "flannel.1", "address", node.vtep_mac, "type", "vxlan",
@@ -110,36 +106,17 @@ class Builder:
             system.ip(ns, "neigh", "add", other.vtep_ip, "lladdr", other.vtep_mac, "dev", "flannel.1", "nud", "permanent")
             system.bridge(ns, "fdb", "append", other.vtep_mac, "dev", "flannel.1", "dst", other.underlay_ip)
         ndir = self.store.node_dir(node.name)
-        (ndir / "cni" / "results").mkdir(parents=True, exist_ok=True)
-        (ndir / "cni" / "networks" / "cbr0").mkdir(parents=True, exist_ok=True)
+        cni_results_dir(self.store, node.name).mkdir(parents=True, exist_ok=True)
+        cni_networks_dir(self.store, node.name).mkdir(parents=True, exist_ok=True)
 
     # ---------------------------------------------------------------- pods
     def build_pod(self, plan: LabPlan, pod: PodPlan) -> None:
-        node = plan.node(pod.node)
         if not pod.host_network:
-            ns = pod.netns
-            self._add_netns(ns)
-            system.ip(ns, "link", "set", "lo", "up")
-            system.ip(
-                node.netns, "link", "add", pod.veth, "address", pod.veth_mac, "mtu", str(POD_MTU),
-                "type", "veth", "peer", "name", "eth0", "address", pod.mac, "mtu", str(POD_MTU), "netns", ns,
-            )
-            system.ip(node.netns, "link", "set", pod.veth, "master", "cni0")
-            system.ip(node.netns, "link", "set", pod.veth, "type", "bridge_slave", "hairpin", "on")
-            system.ip(node.netns, "link", "set", pod.veth, "up")
-            prefix = ipaddress.ip_network(node.pod_cidr).prefixlen
-            system.ip(ns, "addr", "add", f"{pod.ip}/{prefix}", "dev", "eth0")
-            system.ip(ns, "link", "set", "eth0", "up")
-            system.ip(ns, "route", "add", "default", "via", node.cni0_ip, "dev", "eth0")
-            self.write_cni_record(plan, pod)
+            self._add_netns(pod.netns)
+            wire_pod(self.store, plan.node(pod.node), plan.cluster_cidr, pod)
+            self.state.plan = plan.to_dict()  # what the plugin chose (veth, MACs) goes on record
+            self.store.save(self.state)
         self.start_server(pod)
-
-    def write_cni_record(self, plan: LabPlan, pod: PodPlan) -> None:
-        node = plan.node(pod.node)
-        cni = self.store.node_dir(node.name) / "cni"
-        write_atomic(cni / "results" / cni_result_filename(pod), json.dumps(cni_result(pod, node)), mode=0o600)
-        # host-local's lease: the container ID, then the interface (as the IPAM plugin writes it)
-        write_atomic(cni / "networks" / "cbr0" / pod.ip, f"{pod.sandbox_id}\r\neth0", mode=0o644)
 
     def pod_files(self, pod: PodPlan) -> tuple[Path, Path]:
         base = self.store.node_dir(pod.node) / "pods" / f"{pod.namespace}_{pod.name}"
@@ -178,8 +155,46 @@ class Builder:
                 time.sleep(0.02)
 
 
+# ---------------------------------------------------------------------- CNI wiring
+def cni_results_dir(store: StateStore, node: str) -> Path:
+    """The node's libcni result cache (a node's /var/lib/cni/results): what the agent reads."""
+    return store.node_dir(node) / "cni" / "results"
+
+
+def cni_networks_dir(store: StateStore, node: str) -> Path:
+    """host-local's dataDir (a node's /var/lib/cni/networks): leases in cbr0/<ip>."""
+    return store.node_dir(node) / "cni" / "networks"
+
+
+def _cni_call(store: StateStore, node: NodePlan, cluster_cidr: str, pod: PodPlan, ip: str | None):
+    config = cni.delegate_config(node.pod_cidr, cluster_cidr, POD_MTU, str(cni_networks_dir(store, node.name)))
+    args = cni.cni_args(pod.namespace, pod.name, pod.uid, pod.sandbox_id, ip)
+    return config, args, str(system.NETNS_DIR / pod.netns)
+
+
+def wire_pod(store: StateStore, node: NodePlan, cluster_cidr: str, pod: PodPlan, ask_ip: bool = True) -> None:
+    """CNI ADD for a pod whose netns exists; fills in what the plugin chose (IP when not asked
+    for one, veth name, MACs) and writes libcni's result cache for the agent."""
+    config, args, netns_path = _cni_call(store, node, cluster_cidr, pod, pod.ip if ask_ip and pod.ip else None)
+    result, raw = cni.add(node.netns, netns_path, pod.sandbox_id, config, args)
+    pod.veth, pod.veth_mac, pod.mac, ip = cni.wired_interfaces(result)
+    if ask_ip and pod.ip and ip != pod.ip:
+        raise cni.CniError(f"host-local gave pod {pod.key} {ip}, not the {pod.ip} asked for")
+    pod.ip = ip
+    entry = cni.cache_entry(pod.sandbox_id, raw, netns_path, args, result)
+    write_atomic(cni_results_dir(store, node.name) / cni.cache_filename(pod.sandbox_id), json.dumps(entry), mode=0o600)
+
+
+def unwire_pod(store: StateStore, node: NodePlan, cluster_cidr: str, pod: PodPlan) -> None:
+    """CNI DEL (the lease goes back, the veth goes away), then the cache entry, as libcni does."""
+    config, args, netns_path = _cni_call(store, node, cluster_cidr, pod, None)
+    cni.delete(node.netns, netns_path, pod.sandbox_id, config, args)
+    (cni_results_dir(store, node.name) / cni.cache_filename(pod.sandbox_id)).unlink(missing_ok=True)
+
+
 def teardown(store: StateStore, state: LabState) -> list[str]:
-    """Remove everything the record names: processes, then namespaces, then the lab's files.
+    """Remove everything the record names: processes, then pods (CNI DEL), then namespaces,
+    then the lab's files.
 
     Returns what was removed, for the user. Safe to repeat; names not present are skipped.
     """
@@ -187,6 +202,7 @@ def teardown(store: StateStore, state: LabState) -> list[str]:
     recorded = [(p.pid, p.starttime) for p in state.processes]
     for pid in system.terminate(recorded):
         done.append(f"process {pid}")
+    unwire_all(store, state)
     # Anything else still running inside our namespaces was started by us too (e.g. a server
     # whose record a crash cut off): those namespaces hold nothing else.
     for name in reversed(state.netns):
@@ -202,6 +218,25 @@ def teardown(store: StateStore, state: LabState) -> list[str]:
     return done
 
 
+def unwire_all(store: StateStore, state: LabState) -> None:
+    """CNI DEL for every wired pod whose namespaces still exist. A failure is no reason to stop:
+    deleting the namespaces below removes the veths anyway, and the leases live in the lab dir."""
+    if not state.plan:
+        return
+    plan = state.lab_plan()
+    nodes = {n.name: n for n in plan.nodes}
+    for pod in plan.pods:
+        node = nodes.get(pod.node)
+        if pod.host_network or not pod.veth or node is None:
+            continue
+        if not (system.netns_exists(node.netns) and system.netns_exists(pod.netns)):
+            continue
+        try:
+            unwire_pod(store, node, plan.cluster_cidr, pod)
+        except system.LabError as e:
+            print(f"warning: {e}", file=sys.stderr)
+
+
 def _remove_files(store: StateStore, state: LabState) -> None:
     import shutil
 
@@ -212,7 +247,8 @@ def _remove_files(store: StateStore, state: LabState) -> None:
         d = store.node_dir(n)
         if d.is_dir():
             shutil.rmtree(d, ignore_errors=True)
-    for extra in ("cluster.yaml",):
+    # cluster.yaml; on an API server also the kubelet's record, the agents' kubeconfig, the logs of the lab's own processes
+    for extra in ("cluster.yaml", "kubelet.json", "agent-kubeconfig", "kubelet.log", "controller.log", "apiproxy.log"):
         (store.root / extra).unlink(missing_ok=True)
     store.path.unlink(missing_ok=True)
     try:

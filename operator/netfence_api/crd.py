@@ -28,6 +28,9 @@ CRD_NAME = f"{PLURAL}.{API_GROUP}"
 PODS_ANNOTATION = f"{API_GROUP}/pods"
 RULES_ANNOTATION = f"{API_GROUP}/rules"
 HASH_ANNOTATION = f"{API_GROUP}/spec-hash"
+# When the change that led to this content was seen (kube-proxy's last-change-trigger-time):
+# the agent measures network programming latency from it.
+TRIGGER_ANNOTATION = f"{API_GROUP}/last-change-trigger-time"
 
 _DROPPED_KEYS = {"title", "default", "additionalProperties"}
 

@@ -24,7 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from netfence_api import NodeRuleSetSpec, short_hash
-from netfence_api.crd import HASH_ANNOTATION, PODS_ANNOTATION, RULES_ANNOTATION
+from netfence_api.crd import HASH_ANNOTATION, PODS_ANNOTATION, RULES_ANNOTATION, TRIGGER_ANNOTATION
 from netfence_operator.kube import KubeApi, conflict_or_missing
 from netfence_operator.metrics import ControllerMetrics
 from netfence_operator.state import ClusterState, PolicyProblem
@@ -50,6 +50,11 @@ def ruleset_metadata(spec: NodeRuleSetSpec, digest: str) -> dict[str, Any]:
         "labels": dict(MANAGED_BY),
         "annotations": {PODS_ANNOTATION: str(len(spec.pods)), RULES_ANNOTATION: str(rules), HASH_ANNOTATION: digest},
     }
+
+
+def trigger_time(seconds: float) -> str:
+    """RFC 3339 with microseconds, as kube-proxy's trigger-time annotation (sub-second latencies)."""
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def spec_body(spec: NodeRuleSetSpec) -> dict[str, Any]:
@@ -134,9 +139,15 @@ class Publisher:
     refused: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     _failures: int = 0
     instance: str = field(default_factory=socket.gethostname)
+    # Network programming latency starts when the controller sees the change (the watch event):
+    # the first event since the last round, kept per node until that node's write succeeds.
+    _first_change: float | None = None
+    _triggers: dict[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ signals from handlers
     def wake(self) -> None:
+        if self._first_change is None:
+            self._first_change = time.time()
         self._wake.set()
 
     def relisted(self, kind: str) -> None:
@@ -200,7 +211,10 @@ class Publisher:
         ok = True
         for kind, count in self.state.counts().items():
             self.metrics.objects_watched.labels(kind).set(count)
+        trigger, self._first_change = self._first_change or time.time(), None
         dirty = self.state.take_dirty()
+        for node in dirty:
+            self._triggers.setdefault(node, trigger)
         if dirty:
             names = self.state.compiler.node_names()
             for node in sorted(dirty):
@@ -227,10 +241,12 @@ class Publisher:
     async def _write(self, node: str, spec: NodeRuleSetSpec) -> bool:
         digest = spec.content_hash()
         if self.published.get(node) == digest:
+            self._triggers.pop(node, None)
             return True
         if self.refused.get(node, ("",))[0] == digest:
             return True  # the API would refuse it again; the node's Degraded condition says so
         metadata = ruleset_metadata(spec, digest)
+        metadata["annotations"][TRIGGER_ANNOTATION] = trigger_time(self._triggers.get(node, time.time()))
         try:
             if node in self.published:
                 try:
@@ -261,6 +277,7 @@ class Publisher:
             self.metrics.rulesets_refused.remove(node)
             log.info("NodeRuleSet %s is accepted by the API again", node)
         self.published[node] = published_hash(stored)
+        self._triggers.pop(node, None)
         if self.published[node] != digest:
             log.error("NodeRuleSet %s was stored differently from what was sent (CRD schema out of date?)", node)
         self.metrics.rulesets_published.labels(action).inc()
@@ -309,6 +326,7 @@ class Publisher:
                 self.metrics.publish_failures.inc()
                 return False
         self.published.pop(node, None)
+        self._triggers.pop(node, None)
         self.metrics.rulesets_published.labels("delete").inc()
         log.info("deleted NodeRuleSet %s: the node is gone", node)
         return True

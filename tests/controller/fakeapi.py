@@ -21,7 +21,14 @@ checks each one against the documented apiserver behaviour:
   a 410 Expired ERROR event; watch without one starts with synthetic ADDED events;
   BOOKMARK events on request; `timeoutSeconds` ends the stream;
 - finalizers: DELETE sets deletionTimestamp while finalizers remain;
+- graceful pod deletion: DELETE of a pod bound to a node (spec.nodeName) sets deletionTimestamp
+  and deletionGracePeriodSeconds (DeleteOptions.gracePeriodSeconds, else the pod's
+  terminationGracePeriodSeconds, else 30) and leaves the pod for its kubelet, which deletes it
+  again with grace 0 once its containers are gone; unbound pods and grace 0 go at once;
+- pods/binding (what a scheduler POSTs): sets spec.nodeName once, 409 if already bound;
 - discovery (/api, /apis, /version) so kopf finds the resources.
+
+`python -m controller.fakeapi --kubeconfig FILE` (tests/ on PYTHONPATH) serves it standalone.
 
 The server runs its own event loop in a thread; test-side methods are thread-safe. It also
 records every request, so tests can count the writes a controller made.
@@ -78,7 +85,10 @@ BUILTIN_TYPES = (
                  status_subresource=True, generation=True, short_names=("crd",)),
     ResourceType("netfence.io", "v1alpha1", "noderulesets", "NodeRuleSet", False, status_subresource=True,
                  generation=True, short_names=("nrs",)),
+    ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True),
 )
+DEFAULT_POD_GRACE_SECONDS = 30
+CLUSTER_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")  # what a fresh cluster has
 
 
 def _now() -> str:
@@ -219,6 +229,7 @@ class FakeApiServer:
     # default) an object over 1.5 MiB; both reach the client as 413 RequestEntityTooLarge.
     max_request_bytes: int = 3 * 1024 * 1024
     max_object_bytes: int = 1536 * 1024
+    port: int = 0  # 0: any free port (the one chosen is here after start())
 
     objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)  # (plural-gv, ns, name)
     requests: list[RecordedRequest] = field(default_factory=list)
@@ -233,7 +244,6 @@ class FakeApiServer:
         self._thread: threading.Thread | None = None
         self._runner: aiohttp.web.AppRunner | None = None
         self._site: aiohttp.web.TCPSite | None = None
-        self.port = 0
         for ns in self.seed_namespaces:
             self._create(self.rtype("namespaces"), None, {"metadata": {"name": ns}}, keep_status=True)
 
@@ -451,7 +461,8 @@ class FakeApiServer:
                     obj["status"] = copy.deepcopy(old["status"])
         meta = obj.setdefault("metadata", {})
         old_meta = old["metadata"]
-        for fixed in ("name", "namespace", "uid", "creationTimestamp", "generation", "deletionTimestamp"):
+        for fixed in ("name", "namespace", "uid", "creationTimestamp", "generation", "deletionTimestamp",
+                      "deletionGracePeriodSeconds"):
             if fixed in old_meta:
                 meta[fixed] = old_meta[fixed]
             else:
@@ -479,11 +490,27 @@ class FakeApiServer:
         if len(json.dumps(obj, separators=(",", ":"))) > self.max_object_bytes:
             raise ApiError(413, "RequestEntityTooLarge", "etcdserver: request is too large")
 
-    def _delete(self, rtype: ResourceType, ns: str | None, name: str) -> dict[str, Any]:
+    def _delete(self, rtype: ResourceType, ns: str | None, name: str, grace: int | None = None) -> dict[str, Any]:
         key = self._key(rtype, ns, name)
         old = self.objects.get(key)
         if old is None:
             raise ApiError(404, "NotFound", f'{rtype.plural} "{name}" not found')
+        if grace is not None and rtype.kind == "Pod" and (old.get("spec") or {}).get("nodeName"):
+            # The apiserver's graceful deletion: a bound pod stays, terminating, until its
+            # kubelet deletes it again with grace 0 (or the grace is shortened to 0 by anyone).
+            period = grace if grace >= 0 else (old.get("spec") or {}).get("terminationGracePeriodSeconds", DEFAULT_POD_GRACE_SECONDS)
+            current = old["metadata"].get("deletionGracePeriodSeconds")
+            if period > 0 and (current is None or period < current):
+                obj = copy.deepcopy(old)
+                when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=period)
+                obj["metadata"]["deletionTimestamp"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+                obj["metadata"]["deletionGracePeriodSeconds"] = period
+                obj["metadata"]["resourceVersion"] = self._next_rv()
+                self.objects[key] = obj
+                self._commit(rtype, "MODIFIED", obj, old)
+                return obj
+            if period > 0:
+                return old  # already terminating with a grace no longer than this one
         if old["metadata"].get("finalizers"):
             if old["metadata"].get("deletionTimestamp"):
                 return old
@@ -498,6 +525,26 @@ class FakeApiServer:
         del self.objects[key]
         self._commit(rtype, "DELETED", obj, old)
         return obj
+
+    def _bind(self, rtype: ResourceType, ns: str | None, name: str, body: Any) -> dict[str, Any]:
+        """POST pods/{name}/binding: what the scheduler does to put a pod on a node."""
+        target = (body or {}).get("target") or {} if isinstance(body, dict) else {}
+        if target.get("kind", "Node") != "Node" or not target.get("name"):
+            raise ApiError(400, "BadRequest", "binding needs target.kind Node and target.name")
+        old = self.objects.get(self._key(rtype, ns, name))
+        if old is None:
+            raise ApiError(404, "NotFound", f'pods "{name}" not found')
+        bound = (old.get("spec") or {}).get("nodeName")
+        if bound:
+            raise ApiError(409, "Conflict", f'pod {name} is already assigned to node "{bound}"')
+        if old["metadata"].get("deletionTimestamp"):
+            raise ApiError(409, "Conflict", f"pod {name} is being deleted, cannot be assigned to a host")
+        obj = copy.deepcopy(old)
+        obj.setdefault("spec", {})["nodeName"] = target["name"]
+        obj["metadata"]["resourceVersion"] = self._next_rv()  # the binding is not a spec update: generation stays
+        self.objects[self._key(rtype, ns, name)] = obj
+        self._commit(rtype, "MODIFIED", obj, old)
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
 
     # ------------------------------------------------------------------ HTTP
     def _parse_path(self, path: str) -> tuple[ResourceType, str | None, str | None, str | None] | None:
@@ -520,7 +567,8 @@ class FakeApiServer:
             raise ApiError(404, "NotFound", f"the server could not find the requested resource {path}")
         name = rest[1] if len(rest) > 1 else None
         sub = rest[2] if len(rest) > 2 else None
-        if sub is not None and (sub != "status" or not rtype.status_subresource):
+        known = sub == "status" and rtype.status_subresource or sub == "binding" and rtype.kind == "Pod"
+        if sub is not None and not known:
             raise ApiError(404, "NotFound", f"no subresource {sub!r} on {rtype.plural}")
         if rtype.namespaced and name is not None and ns is None:
             raise ApiError(404, "NotFound", f"{rtype.plural} is namespaced")
@@ -567,7 +615,16 @@ class FakeApiServer:
             raise ApiError(405, "MethodNotAllowed", f"{method} on a collection")
         key = self._key(rtype, ns, name)
         if method == "DELETE":
-            return aiohttp.web.json_response(self._delete(rtype, ns, name))
+            grace = q.get("gracePeriodSeconds")
+            if grace is None and isinstance(body, dict):
+                grace = body.get("gracePeriodSeconds")
+            if grace is None and rtype.kind == "Pod":
+                grace = -1  # the pod's own terminationGracePeriodSeconds
+            return aiohttp.web.json_response(self._delete(rtype, ns, name, grace=None if grace is None else int(grace)))
+        if sub == "binding":
+            if method != "POST":
+                raise ApiError(405, "MethodNotAllowed", f"{method} on pods/binding")
+            return aiohttp.web.json_response(self._bind(rtype, ns, name, body), status=201)
         old = self.objects.get(key)
         if old is None:
             raise ApiError(404, "NotFound", f'{rtype.plural}.{rtype.group or "core"} "{name}" not found')
@@ -724,3 +781,32 @@ def kubeconfig_for(url: str) -> dict[str, Any]:
         "users": [{"name": "fake", "user": {"token": "fake-token"}}],
         "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the test API server until SIGTERM/SIGINT; write a kubeconfig for it."""
+    import argparse
+    import signal
+
+    parser = argparse.ArgumentParser(prog="python -m controller.fakeapi", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: any free one)")
+    parser.add_argument("--kubeconfig", required=True, help="write a kubeconfig for the server here (once it listens)")
+    args = parser.parse_args(argv)
+    server = FakeApiServer(bookmark_interval=1.0, port=args.port, seed_namespaces=CLUSTER_NAMESPACES).start()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    tmp = f"{args.kubeconfig}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(kubeconfig_for(server.url), f)
+    import os
+
+    os.replace(tmp, args.kubeconfig)
+    print(f"serving on {server.url}; kubeconfig {args.kubeconfig}", flush=True)
+    stop.wait()
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

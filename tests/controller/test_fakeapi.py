@@ -261,3 +261,60 @@ def test_watch_timeout_must_be_an_integer(api_server):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(f"{api_server.url}/api/v1/pods?watch=true&timeoutSeconds=30.0", timeout=5)
     assert e.value.code == 400
+
+
+def test_bound_pod_deletion_is_graceful_until_its_kubelet_deletes_with_grace_0(k8s, api_server):
+    core = CoreV1Api(k8s)
+    core.create_namespaced_pod("default", pod("bound"))
+    core.create_namespaced_pod("default", {**pod("unbound"), "spec": {"containers": [{"name": "c", "image": "x"}]}})
+    core.delete_namespaced_pod("unbound", "default")
+    assert api_server.get("pods", "unbound", "default") is None  # no kubelet to wait for
+    core.delete_namespaced_pod("bound", "default")
+    terminating = core.read_namespaced_pod("bound", "default")
+    assert terminating.metadata.deletion_timestamp is not None
+    assert terminating.metadata.deletion_grace_period_seconds == 30
+    core.delete_namespaced_pod("bound", "default", grace_period_seconds=5)  # shortened, still there
+    assert core.read_namespaced_pod("bound", "default").metadata.deletion_grace_period_seconds == 5
+    core.delete_namespaced_pod("bound", "default", body=kubernetes.client.V1DeleteOptions(grace_period_seconds=0))
+    assert api_server.get("pods", "bound", "default") is None
+
+
+def test_binding_sets_the_node_once(k8s, api_server):
+    core = CoreV1Api(k8s)
+    core.create_namespaced_pod("default", {**pod("p"), "spec": {"containers": [{"name": "c", "image": "x"}]}})
+    binding = {"apiVersion": "v1", "kind": "Binding", "metadata": {"name": "p"}, "target": {"kind": "Node", "name": "n2"}}
+    core.api_client.call_api(*core.api_client.param_serialize(
+        "POST", "/api/v1/namespaces/default/pods/p/binding", body=binding, header_params={"Content-Type": "application/json"}))
+    bound = api_server.get("pods", "p", "default")
+    assert bound["spec"]["nodeName"] == "n2" and bound["metadata"]["generation"] == 1
+    with pytest.raises(urllib.error.HTTPError) as e:
+        request = urllib.request.Request(f"{api_server.url}/api/v1/namespaces/default/pods/p/binding", method="POST",
+                                         data=json.dumps(binding).encode(), headers={"Content-Type": "application/json"})
+        urllib.request.urlopen(request, timeout=5)
+    assert e.value.code == 409
+
+
+def test_runs_standalone_and_writes_a_kubeconfig(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    kubeconfig = tmp_path / "kubeconfig"
+    tests_dir = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "controller.fakeapi", "--kubeconfig", str(kubeconfig)], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and "serving on" in proc.stdout.readline()
+        client = kubernetes.config.new_client_from_config(str(kubeconfig))
+        names = {n.metadata.name for n in CoreV1Api(client).list_namespace().items}
+        assert {"default", "kube-system", "kube-node-lease"} <= names
+        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "n1"},
+                 "spec": {"holderIdentity": "n1", "leaseDurationSeconds": 40}}
+        created = kubernetes.client.CoordinationV1Api(client).create_namespaced_lease("kube-node-lease", lease)
+        assert created.metadata.resource_version
+        client.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0

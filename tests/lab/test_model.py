@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import ipaddress
 import itertools
@@ -13,7 +14,8 @@ import yaml
 from availability import shared_path
 from netfence_lab.cli import parse_port
 from netfence_lab.lab import format_table, load_manifests
-from netfence_lab.model import ManifestError, PortSpec, cni_result, cni_result_filename, plan_lab
+from netfence_lab import cni
+from netfence_lab.model import ManifestError, PortSpec, plan_lab
 
 HERE = Path(__file__).resolve().parent
 K3S_CLUSTER = HERE / "data" / "k3s-style-cluster.yaml"
@@ -128,25 +130,42 @@ def test_names_are_prefixed_and_unique():
     p = plan_lab(yaml.safe_load_all(DEMO_CLUSTER.read_text()))
     assert all(n.netns.startswith("nflab-") for n in p.nodes)
     assert all(x.netns.startswith("nflab-pod-") and len(x.netns) == len("nflab-pod-") + 8 for x in p.pods)
-    assert all(x.veth.startswith("veth") and len(x.veth) == 12 for x in p.pods)
-    assert len({x.netns for x in p.pods}) == len({x.veth for x in p.pods}) == len(p.pods) == 9
+    assert all(x.veth == "" for x in p.pods)  # the CNI plugin names the veth when it wires the pod
+    assert len({x.netns for x in p.pods}) == len(p.pods) == 9
     assert len({x.sandbox_id for x in p.pods}) == 9 and all(len(x.sandbox_id) == 64 for x in p.pods)
     assert len({x.uid for x in p.pods}) == 9
 
 
-def test_cni_result_is_shaped_like_the_bridge_plugins_cache():
+def test_cni_delegate_config_is_flannels():
+    """Exactly what flannel's plugin hands `bridge` (DESIGN §4), plus host-local's dataDir."""
     p = plan([node("n", cidr="10.42.0.0/24"), pod("a", ns="x", node="n")])
-    x, n = p.pods[0], p.nodes[0]
-    r = cni_result(x, n)
-    assert cni_result_filename(x) == f"cbr0-{x.sandbox_id}-eth0"
-    assert dict(r["cniArgs"])["K8S_POD_NAMESPACE"] == "x"
-    assert dict(r["cniArgs"])["K8S_POD_NAME"] == "a"
-    assert dict(r["cniArgs"])["K8S_POD_UID"] == x.uid
-    ifs = r["result"]["interfaces"]
-    assert [i["name"] for i in ifs] == ["cni0", x.veth, "eth0"]
-    assert ifs[2]["sandbox"].endswith("/" + x.netns) and "sandbox" not in ifs[1]
-    assert r["result"]["ips"] == [{"version": "4", "interface": 2, "address": f"{x.ip}/24", "gateway": "10.42.0.1"}]
-    assert r["containerId"] == x.sandbox_id and r["ifName"] == "eth0" and r["networkName"] == "cbr0"
+    assert p.cluster_cidr == "10.42.0.0/16"
+    conf = cni.delegate_config(p.nodes[0].pod_cidr, p.cluster_cidr, 1450, "/lab/n/cni/networks")
+    assert conf == {
+        "cniVersion": "0.3.1", "name": "cbr0", "type": "bridge", "hairpinMode": True, "isDefaultGateway": True,
+        "isGateway": True, "ipMasq": False, "mtu": 1450,
+        "ipam": {"type": "host-local", "dataDir": "/lab/n/cni/networks", "ranges": [[{"subnet": "10.42.0.0/24"}]],
+                 "routes": [{"dst": "10.42.0.0/16"}]},
+    }
+
+
+def test_cni_cache_entry_is_libcnis():
+    x = plan([node("n", cidr="10.42.0.0/24"), pod("a", ns="x", node="n")]).pods[0]
+    args = cni.cni_args("x", "a", x.uid, x.sandbox_id, "10.42.0.9")
+    assert dict(args)["K8S_POD_NAMESPACE"] == "x" and dict(args)["K8S_POD_NAME"] == "a"
+    assert dict(args)["K8S_POD_UID"] == x.uid and dict(args)["IP"] == "10.42.0.9"
+    assert "IP" not in dict(cni.cni_args("x", "a", x.uid, x.sandbox_id, None))
+    result = {"cniVersion": "0.3.1", "interfaces": [
+        {"name": "cni0", "mac": "aa:00:00:00:00:01"}, {"name": "veth0123abcd", "mac": "aa:00:00:00:00:02"},
+        {"name": "eth0", "mac": "aa:00:00:00:00:03", "sandbox": "/run/netns/" + x.netns}],
+        "ips": [{"version": "4", "interface": 2, "address": "10.42.0.9/24", "gateway": "10.42.0.1"}]}
+    entry = cni.cache_entry(x.sandbox_id, b'{"name":"cbr0"}', "/run/netns/" + x.netns, args, result)
+    assert cni.cache_filename(x.sandbox_id) == f"cbr0-{x.sandbox_id}-eth0"
+    assert entry["kind"] == "cniCacheV1" and entry["containerId"] == x.sandbox_id
+    assert entry["ifName"] == "eth0" and entry["networkName"] == "cbr0" and entry["result"] == result
+    assert base64.b64decode(entry["config"]) == b'{"name":"cbr0"}'
+    assert ["K8S_POD_NAME", "a"] in entry["cniArgs"]
+    assert cni.wired_interfaces(result) == ("veth0123abcd", "aa:00:00:00:00:02", "aa:00:00:00:00:03", "10.42.0.9")
 
 
 def test_plan_round_trips_through_its_record():

@@ -102,6 +102,14 @@ def test_node_layout_is_flannels(make_lab):
         assert [a["local"] for a in eth0["addr_info"] if a["family"] == "inet"] == [p.ip]
         default = json.loads(system.ip(p.netns, "-j", "route", "show", "default"))[0]
         assert default["gateway"] == n1.cni0_ip
+        # wired by the CNI plugins: flannel's route to the cluster network, host-local's lease in the lab dir
+        cluster = json.loads(system.ip(p.netns, "-j", "route", "show", plan.cluster_cidr))[0]
+        assert cluster["gateway"] == n1.cni0_ip
+        lease = lab.store.node_dir(n1.name) / "cni" / "networks" / "cbr0" / p.ip
+        assert lease.read_text().splitlines()[0] == p.sandbox_id
+        assert not Path("/var/lib/cni/networks/cbr0", p.ip).exists() or p.sandbox_id not in Path(
+            "/var/lib/cni/networks/cbr0", p.ip).read_text()
+        assert json.loads(system.ip(p.netns, "-j", "link", "show", "lo"))[0]["operstate"] == "UNKNOWN"  # loopback plugin
 
 
 def test_k3s_shaped_cluster_hostnetwork_and_default_ports(make_lab):
