@@ -110,8 +110,9 @@ def _field(expr, pkt: Packet):
     if isinstance(expr, Ct):
         return pkt.ct_state if expr.key == "state" else None
     if isinstance(expr, Fib):
-        if expr.flags == ("saddr",) and expr.result == "type":
-            return "local" if pkt.src in pkt.local_addresses else "unicast"
+        if expr.flags in (("saddr",), ("daddr",)) and expr.result == "type":
+            address = pkt.src if expr.flags == ("saddr",) else pkt.dst
+            return "local" if address in pkt.local_addresses else "unicast"
         return None
     raise TraceError(f"cannot trace expression {expr!r}")
 

@@ -201,8 +201,9 @@ def connection(cluster: OfflineCluster, src: Endpoint, dst: Endpoint, port: int,
     if src.host_network and src.node is not None and dst_policed and dst.node == src.node:
         return Verdict(True, [], f"traffic from node {src.node} to its own pods is always allowed")
     if dst.host_network and dst.node is not None and src_policed and src.node == dst.node:
-        # Addressed to the node itself: the input hook takes it, not forward.
-        return Verdict(True, [], f"traffic from a pod to its own node {dst.node} is always allowed")
+        # Addressed to the node itself: the input hook takes it, not forward. NetworkPolicy
+        # always allows it; ClusterNetworkPolicy egress rules (e.g. `nodes` peers) apply.
+        return _verdict(_node_legs(cluster, src.node, saddr, daddr, port, protocol, BRIDGE, "", src, hook="input"))
     if src.host_network and src.node is not None and dst_policed and dst.node != src.node:
         # Another node's pod range is routed via flannel.1: the kernel sources from its address.
         saddr = cluster.overlay_address(src.node, ipaddress.ip_address(saddr).version) or saddr
@@ -218,7 +219,8 @@ def connection(cluster: OfflineCluster, src: Endpoint, dst: Endpoint, port: int,
     return _verdict(legs)
 
 
-def _node_legs(cluster, node, saddr, daddr, port, protocol, iif, oif, from_pod: Endpoint | None) -> list[Leg]:
+def _node_legs(cluster, node, saddr, daddr, port, protocol, iif, oif, from_pod: Endpoint | None,
+               hook: str = "forward") -> list[Leg]:
     rendered = cluster.rendered.get(node)
     if rendered is None:
         return []
@@ -235,7 +237,7 @@ def _node_legs(cluster, node, saddr, daddr, port, protocol, iif, oif, from_pod: 
             return legs
     pkt = Packet(saddr, daddr, protocol, port, iifname=iif, oifname=oif, local_addresses=local)
     table = rendered.ruleset.table(*INET_TABLE)
-    legs.append(Leg(node, "forward", "inet", pkt, trace(table, "forward", pkt)))
+    legs.append(Leg(node, hook, "inet", pkt, trace(table, hook, pkt)))
     return legs
 
 
