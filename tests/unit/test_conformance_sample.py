@@ -15,3 +15,15 @@ def test_conformance_sample_offline(shared_dir):
     last = r.stdout.strip().splitlines()[-1]
     assert r.returncode == 0 and last.endswith(" 0 failed"), r.stdout + r.stderr
     assert not last.startswith("0 passed")
+
+
+def test_cnp_conformance_sample_offline(shared_dir):
+    """The ClusterNetworkPolicy sample (upstream network-policy-api conformance cases)."""
+    sample = shared_dir / "cnp-conformance-sample"
+    r = subprocess.run(
+        [sys.executable, str(sample / "check.py"), "--netfence", f"{sys.executable} -m netfence_cli"],
+        cwd=sample, capture_output=True, text=True, timeout=600,
+    )
+    last = r.stdout.strip().splitlines()[-1]
+    assert r.returncode == 0 and last.endswith(" 0 failed"), r.stdout + r.stderr
+    assert not last.startswith("0 passed")
