@@ -15,7 +15,16 @@ from typing import Any, TextIO
 import yaml
 
 from netfence_api import NodeRuleSetSpec
-from netfence_agent.render import BRIDGE_TABLE, INET_TABLE, PodPort, RenderMemo, RenderOptions, RenderResult, render
+from netfence_agent.render import (
+    BRIDGE_TABLE,
+    INET_TABLE,
+    PodPort,
+    RenderMemo,
+    RenderOptions,
+    RenderResult,
+    counter_name,
+    render,
+)
 from netfence_agent.trace import Packet, TraceResult, trace
 from netfence_operator.compile import ClusterObjects, Compiler, InputError, Pod, parse_documents
 
@@ -301,8 +310,17 @@ def explain_text(cluster: OfflineCluster, src_text: str, dst_text: str, port: in
             continue
         isolated = getattr(policed.isolation, direction)
         names = policed.egressPolicies if direction == "egress" else policed.ingressPolicies
-        lines.append(f"  {end.label} {direction}: " + (
-            f"isolated by {', '.join(names)}" if isolated else "not isolated (no policy selects it for " + direction + ")"))
+        parts = [f"isolated by {', '.join(names)}" if isolated
+                 else "not isolated (no NetworkPolicy selects it for " + direction + ")"]
+        for tier in ("Admin", "Baseline"):
+            tier_policies = list(dict.fromkeys(r.policy for r in policed.tier_rules(tier, direction)))
+            if tier_policies:
+                unused = " (not consulted: a NetworkPolicy isolates it)" if tier == "Baseline" and isolated else ""
+                parts.append(f"{tier} tier {', '.join(tier_policies)}{unused}")
+        lines.append(f"  {end.label} {direction}: " + "; ".join(parts))
+        decider = _deciding_rule(verdict.legs, policed, direction)
+        if decider is not None:
+            lines.append(f"    decided by: {decider}")
     for leg in verdict.legs:
         p = leg.packet
         lines.append(f"  node {leg.node}, {leg.family} {leg.hook} (iif {p.iifname or '-'}, oif {p.oifname or '-'}): "
@@ -314,6 +332,20 @@ def explain_text(cluster: OfflineCluster, src_text: str, dst_text: str, port: in
         for counter in leg.result.counters:
             lines.append(f"    counted in {counter}")
     return "\n".join(lines)
+
+
+def _deciding_rule(legs: list[Leg], pod, direction: str) -> str | None:
+    """The comment of the rule that decided `direction` for `pod`: the last rule its own
+    chains ran (tier, policy and rule for a ClusterNetworkPolicy rule)."""
+    chain_prefix = counter_name(pod.namespace, pod.name, direction)
+    decider = None
+    for leg in legs:
+        for step in leg.result.steps:
+            if step.chain == chain_prefix or step.chain.startswith(chain_prefix + "_"):
+                decider = step.rule.comment
+    if decider and not decider.startswith(("Accept:", "Deny:", "Pass:")) and ": " not in decider:
+        decider = f"NetworkPolicy tier: {decider}"  # origins of NetworkPolicy allow rules
+    return decider
 
 
 def _policed_pod(cluster: OfflineCluster, end: Endpoint):
