@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from netfence_api import NodeRuleSetSpec, short_hash
 from netfence_api.crd import HASH_ANNOTATION, PODS_ANNOTATION, RULES_ANNOTATION
+from netfence_operator.compile.compiler import TIER_FIELDS
 from netfence_operator.kube import KubeApi, conflict_or_missing
 from netfence_operator.metrics import ControllerMetrics
 from netfence_operator.state import ClusterState, PolicyProblem
@@ -44,7 +45,8 @@ def published_hash(obj: dict[str, Any]) -> str:
 
 
 def ruleset_metadata(spec: NodeRuleSetSpec, digest: str) -> dict[str, Any]:
-    rules = sum(len(p.ingress) + len(p.egress) for p in spec.pods)
+    rules = sum(len(p.ingress) + len(p.egress) + sum(len(p.tier_rules(t, d)) for t, d in TIER_FIELDS)
+                for p in spec.pods)
     return {
         "labels": dict(MANAGED_BY),
         "annotations": {PODS_ANNOTATION: str(len(spec.pods)), RULES_ANNOTATION: str(rules), HASH_ANNOTATION: digest},
