@@ -14,6 +14,7 @@ from availability import SHARED, shared_path
 from reference.evaluator import reference_matrix
 
 SAMPLE_DIR = SHARED / "cnp-conformance-sample"
+OWN_CASES = Path(__file__).resolve().parents[1] / "lab" / "data" / "cnp-cases"  # node peers, same cluster
 
 
 def _load_checker():
@@ -25,7 +26,8 @@ def _load_checker():
 
 
 def _case_files() -> list[Path]:
-    return sorted((SAMPLE_DIR / "cases").glob("*.yaml")) if SAMPLE_DIR.is_dir() else []
+    shared = sorted((SAMPLE_DIR / "cases").glob("*.yaml")) if SAMPLE_DIR.is_dir() else []
+    return shared + sorted(OWN_CASES.glob("*.yaml"))
 
 
 def test_cnp_conformance_sample_is_present():
