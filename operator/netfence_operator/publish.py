@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from netfence_api import NodeRuleSetSpec, short_hash
 from netfence_api.crd import HASH_ANNOTATION, PODS_ANNOTATION, RULES_ANNOTATION
 from netfence_operator.compile.compiler import TIER_FIELDS
+from netfence_operator.compile.objects import CNP_API_VERSION
 from netfence_operator.kube import KubeApi, conflict_or_missing
 from netfence_operator.metrics import ControllerMetrics
 from netfence_operator.state import ClusterState, PolicyProblem
@@ -59,18 +60,27 @@ def spec_body(spec: NodeRuleSetSpec) -> dict[str, Any]:
     return spec.model_dump(mode="json", exclude_none=True)
 
 
+def event_namespace(problem: PolicyProblem) -> str:
+    """Events of cluster-scoped objects go to `default`, where kubectl looks for them."""
+    return problem.namespace or "default"
+
+
 def event_body(problem: PolicyProblem, instance: str) -> dict[str, Any]:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     message = problem.message if len(problem.message) <= _EVENT_MESSAGE_LIMIT else problem.message[: _EVENT_MESSAGE_LIMIT - 3] + "..."
     # Named after the policy uid and the message: re-reporting the same problem (e.g. after a
     # controller restart) hits 409 AlreadyExists instead of piling up duplicates.
     name = f"{problem.name[:200]}.netfence.{short_hash([problem.uid, problem.reason, problem.message], 16)}"
+    involved = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "namespace": problem.namespace, "name": problem.name, "uid": problem.uid}
+    if problem.kind == "ClusterNetworkPolicy":
+        involved = {"apiVersion": CNP_API_VERSION, "kind": "ClusterNetworkPolicy", "name": problem.name,
+                    "uid": problem.uid}
     return {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"name": name, "namespace": problem.namespace, "labels": dict(MANAGED_BY)},
-        "involvedObject": {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-                           "namespace": problem.namespace, "name": problem.name, "uid": problem.uid},
+        "metadata": {"name": name, "namespace": event_namespace(problem), "labels": dict(MANAGED_BY)},
+        "involvedObject": involved,
         "reason": problem.reason,
         "message": message,
         "type": "Warning",
@@ -273,15 +283,15 @@ class Publisher:
                 reported.add(key)
                 continue
             try:
-                await asyncio.to_thread(self.api.create_event, problem.namespace, event_body(problem, self.instance))
+                await asyncio.to_thread(self.api.create_event, event_namespace(problem), event_body(problem, self.instance))
                 self.metrics.events_posted.inc()
             except Exception as e:  # noqa: BLE001
                 if conflict_or_missing(e) != 409:  # 409: already reported under this name
-                    log.warning("posting an Event on NetworkPolicy %s/%s failed: %s", problem.namespace, problem.name, _short(e))
+                    log.warning("posting an Event on %s failed: %s", problem.label, _short(e))
                     ok = False
                     continue
             reported.add(key)
-            log.warning("NetworkPolicy %s/%s: %s: %s", problem.namespace, problem.name, problem.reason, problem.message)
+            log.warning("%s: %s: %s", problem.label, problem.reason, problem.message)
         # What is no longer a problem is forgotten, so that it is reported again if it comes back.
         self._reported = reported
         return ok

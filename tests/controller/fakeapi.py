@@ -79,6 +79,12 @@ BUILTIN_TYPES = (
     ResourceType("netfence.io", "v1alpha1", "noderulesets", "NodeRuleSet", False, status_subresource=True,
                  generation=True, short_names=("nrs",)),
 )
+# The network-policy-api CRD, as its manifest declares it (cluster-scoped, status subresource).
+# In the defaults, as on a cluster with the CRD installed; leave it out to test one without.
+CLUSTER_NETWORK_POLICY_TYPE = ResourceType("policy.networking.k8s.io", "v1alpha2", "clusternetworkpolicies",
+                                           "ClusterNetworkPolicy", False, status_subresource=True, generation=True,
+                                           short_names=("cnp",))
+BUILTIN_TYPES = BUILTIN_TYPES + (CLUSTER_NETWORK_POLICY_TYPE,)
 
 
 def _now() -> str:
