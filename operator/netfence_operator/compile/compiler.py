@@ -309,6 +309,10 @@ class Compiler:
         self._cnp_rules: dict[str, list] = {}  # name -> (direction, index, rule, group definitions)
         self._cnp_ingress_named: dict[str, bool] = {}
         self._cnp_order: list[str] | None = None  # names in evaluation order
+        self._cnp_index: dict | None = None  # see _cnp_subject_index
+        # namespace -> (name, pod selector or None) of the ones whose subject's namespace part
+        # matches it, in evaluation order: a pod then checks only those.
+        self._cnps_by_namespace: dict[str, tuple[tuple[str, LabelSelector | None], ...]] = {}
         self._tier_rules: dict[tuple[str, str, int], dict[tuple, list[TierRule]]] = {}
         self._node_groups: set[str] = set()  # groups with `nodes` peers
         if objects is not None:
@@ -512,6 +516,7 @@ class Compiler:
         else:
             self.namespaces[ns.name] = ns
         affected: set[str] = set()
+        self._cnps_by_namespace.pop(ns.name, None)
         if self.cluster_policies:  # their subjects select by namespace labels
             affected |= self._invalidate_namespace_pods(ns.name)
         for state in self._groups.values():
@@ -604,7 +609,7 @@ class Compiler:
 
     def _add_cluster_policy(self, cnp: ClusterNetworkPolicy) -> None:
         self.cluster_policies[cnp.name] = cnp
-        self._cnp_order = None
+        self._cnp_order = self._cnp_index = None
         self._cnp_rules[cnp.name] = list(self._cnp_rule_defs(cnp))
         self._cnp_ingress_named[cnp.name] = any(
             d == "ingress" and any(p.destinationNamedPort is not None for p in rule.protocols or ())
@@ -622,7 +627,7 @@ class Compiler:
 
     def _forget_cluster_policy(self, name: str) -> None:
         self.cluster_policies.pop(name)
-        self._cnp_order = None
+        self._cnp_order = self._cnp_index = None
         self._cnp_ingress_named.pop(name, None)
         for direction, index, _, _ in self._cnp_rules.pop(name, ()):
             self._tier_rules.pop((name, direction, index), None)
@@ -636,6 +641,7 @@ class Compiler:
 
     def _invalidate_all_pods(self) -> set[str]:
         """Every pod may be selected by a ClusterNetworkPolicy: drop every pod's rules."""
+        self._cnps_by_namespace.clear()
         self._policed.clear()
         self._shapes.clear()
         self._node_pods.clear()
@@ -660,10 +666,40 @@ class Compiler:
         """Names of the ClusterNetworkPolicies whose subject is this pod, in evaluation order."""
         if not self.cluster_policies:
             return ()
-        if self._cnp_order is None:
+        ns = self._ns(pod)
+        candidates = self._cnps_by_namespace.get(ns.name)
+        if candidates is None:
+            index = self._cnp_subject_index()
+            found = set(index[None])
+            for item in ns.labels.items():
+                found |= index.get(item, set())
+            candidates = []
+            for rank in sorted(found):
+                name = self._cnp_order[rank]
+                subject = self.cluster_policies[name].spec.subject
+                if subject.namespaces is not None:
+                    if subject.namespaces.matches(ns.labels):
+                        candidates.append((name, None))
+                elif subject.pods.namespaceSelector.matches(ns.labels):
+                    candidates.append((name, subject.pods.podSelector))
+            candidates = self._cnps_by_namespace[ns.name] = tuple(candidates)
+        labels = pod.metadata.labels
+        return tuple(name for name, selector in candidates if selector is None or selector.matches(labels))
+
+    def _cnp_subject_index(self) -> dict:
+        """(label key, value) -> ranks (in evaluation order) of the policies whose subject's
+        namespace selector requires that label; None -> those that require none (checked for
+        every namespace). A namespace then checks only policies that can match it."""
+        if self._cnp_order is None or self._cnp_index is None:
             self._cnp_order = sorted(self.cluster_policies, key=lambda n: self.cluster_policies[n].order_key())
-        ns_labels, labels = self._ns(pod).labels, pod.metadata.labels
-        return tuple(n for n in self._cnp_order if self.cluster_policies[n].spec.subject.selects(ns_labels, labels))
+            index: dict = {None: set()}
+            for rank, name in enumerate(self._cnp_order):
+                subject = self.cluster_policies[name].spec.subject
+                selector = subject.namespaces if subject.namespaces is not None else subject.pods.namespaceSelector
+                first = min((selector.matchLabels or {}).items(), default=None)
+                index.setdefault(first, set()).add(rank)
+            self._cnp_index = index
+        return self._cnp_index
 
     def _tier_rules_of(self, pod: Pod, cnp: ClusterNetworkPolicy, direction: str, index: int, rule,
                        definitions: list[GroupDef]) -> list[TierRule]:
