@@ -2,7 +2,8 @@
 
 Used by `netfence explain` and `netfence matrix`: they judge the rules an agent loads, not a
 second reading of the policies. Covers what render emits: payload/meta/ct/fib matches, named
-and anonymous sets with prefixes, ranges and concatenations, verdict maps, jump/goto/return.
+and anonymous sets with prefixes, ranges and concatenations, verdict maps, jump/goto/return,
+`fib saddr|daddr type` (local = one of the node's own addresses).
 """
 
 from __future__ import annotations
