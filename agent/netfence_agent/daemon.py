@@ -226,7 +226,7 @@ class Agent:
         self.applied, self.applied_object, self._applied_ports = result, rule_set, ports
         self.last_error = None
         self._failures_in_row = 0
-        self.metrics.set_labels(result.counters)
+        self.metrics.set_labels({**result.counters, **result.rule_counters})
         if transaction.kind == "full" and self.config.full_sync_period > 0:
             self._next_full_sync = time.monotonic() + self.config.full_sync_period
         self.metrics.programmed(rule_set.metadata.uid, rule_set.metadata.generation, rule_set.metadata.annotations)

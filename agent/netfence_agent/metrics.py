@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from netfence_agent.nft.kernel import CounterValue
-from netfence_agent.render import CounterLabels
+from netfence_agent.render import CounterLabels, RuleCounterLabels
 
 log = logging.getLogger("netfence.metrics")
 
@@ -58,9 +58,10 @@ class CounterLedger:
 
     def __init__(self) -> None:
         self._last: dict[CounterKey, CounterValue] = {}
-        self.totals: dict[CounterLabels, _Total] = {}
+        self.totals: dict[CounterLabels | RuleCounterLabels, _Total] = {}
 
-    def observe(self, readings: Mapping[CounterKey, CounterValue], labels: Mapping[str, CounterLabels]) -> None:
+    def observe(self, readings: Mapping[CounterKey, CounterValue],
+                labels: Mapping[str, CounterLabels | RuleCounterLabels]) -> None:
         for key, value in readings.items():
             owner = labels.get(key[2])
             if owner is None:
@@ -77,7 +78,7 @@ class CounterLedger:
         for key in set(self._last) - set(readings):
             del self._last[key]  # gone from the kernel: if it comes back, it starts at zero
 
-    def declare(self, labels: Iterable[CounterLabels]) -> None:
+    def declare(self, labels: Iterable[CounterLabels | RuleCounterLabels]) -> None:
         """Export zeros for counters that exist but have not been read yet."""
         for owner in labels:
             self.totals.setdefault(owner, _Total())
@@ -107,7 +108,7 @@ class AgentMetrics:
     def __init__(self, read_counters: Callable[[], Mapping[CounterKey, CounterValue]] | None = None):
         self.read_counters = read_counters
         self.ledger = CounterLedger()
-        self.labels: dict[str, CounterLabels] = {}
+        self.labels: dict[str, CounterLabels | RuleCounterLabels] = {}
         self.rules_applied = 0
         self.apply_failures = 0
         self.apply_duration = ApplyHistogram()
@@ -121,7 +122,9 @@ class AgentMetrics:
         self.registry.register(self)
 
     # ------------------------------------------------------------------ updates from the daemon
-    def set_labels(self, labels: Mapping[str, CounterLabels]) -> None:
+    def set_labels(self, labels: Mapping[str, CounterLabels | RuleCounterLabels]) -> None:
+        """Counter name -> whose drops it counts: a pod's direction (or spoofing), or a
+        ClusterNetworkPolicy Deny rule (whose drops the pod's counter counts too)."""
         with self.lock:
             self.labels = dict(labels)
             self.ledger.declare(labels.values())
@@ -177,7 +180,27 @@ class AgentMetrics:
             spoofed = CounterMetricFamily(
                 "netfence_spoofed_packets", "Frames from a pod's veth with a source address or MAC not the pod's.",
                 labels=("namespace", "pod"))
-            for owner, total in sorted(self.ledger.totals.items(), key=lambda kv: (kv[0].namespace, kv[0].pod, kv[0].kind)):
+            rule_packets = CounterMetricFamily(
+                "netfence_policy_rule_dropped_packets",
+                "Packets dropped by a ClusterNetworkPolicy Deny rule, per policy, tier, rule and direction "
+                "(also counted per pod in netfence_dropped_packets_total).",
+                labels=("policy", "tier", "rule", "direction"))
+            rule_bytes = CounterMetricFamily(
+                "netfence_policy_rule_dropped_bytes",
+                "Bytes dropped by a ClusterNetworkPolicy Deny rule, per policy, tier, rule and direction.",
+                labels=("policy", "tier", "rule", "direction"))
+            pod_totals = [(o, t) for o, t in self.ledger.totals.items() if isinstance(o, CounterLabels)]
+            rule_totals: dict[tuple[str, str, str, str], _Total] = {}
+            for owner, total in self.ledger.totals.items():
+                if isinstance(owner, RuleCounterLabels):
+                    # Two rules can share a label set (a rule name used twice): export the sum.
+                    summed = rule_totals.setdefault((owner.policy, owner.tier, owner.rule, owner.direction), _Total())
+                    summed.packets += total.packets
+                    summed.bytes += total.bytes
+            for labels, total in sorted(rule_totals.items()):
+                rule_packets.add_metric(labels, total.packets)
+                rule_bytes.add_metric(labels, total.bytes)
+            for owner, total in sorted(pod_totals, key=lambda kv: (kv[0].namespace, kv[0].pod, kv[0].kind)):
                 if owner.kind == "spoof":
                     spoofed.add_metric((owner.namespace, owner.pod), total.packets)
                 else:
@@ -186,6 +209,8 @@ class AgentMetrics:
             yield dropped_packets
             yield dropped_bytes
             yield spoofed
+            yield rule_packets
+            yield rule_bytes
             yield CounterMetricFamily("netfence_rules_applied", "Rule sets loaded into the kernel.",
                                       value=self.rules_applied)
             yield CounterMetricFamily("netfence_rule_apply_failures", "Rule set loads the kernel rejected.",

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Literal, NamedTuple, TypeVar
 
-from netfence_api import AllowRule, NodeRuleSetSpec, PeerGroup, PeerPortGroup, PolicedPod
+from netfence_api import AllowRule, NodeRuleSetSpec, PeerGroup, PeerPortGroup, PolicedPod, TierRule
 from netfence_agent.nft.model import (
     AnonSet,
     Chain,
@@ -65,6 +65,7 @@ TABLE_NAME = "netfence"
 INET_TABLE = ("inet", TABLE_NAME)
 BRIDGE_TABLE = ("bridge", TABLE_NAME)
 FORWARD_CHAIN = "forward_hook"
+INPUT_CHAIN = "input_hook"
 INGRESS_DISPATCH = "ingress_dispatch"
 SPOOF_CHAIN = "prerouting_hook"
 _PROTO = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
@@ -109,10 +110,21 @@ class CounterLabels:
     kind: Literal["ingress", "egress", "spoof"]
 
 
+@dataclass(frozen=True)
+class RuleCounterLabels:
+    """A ClusterNetworkPolicy Deny rule's drop counter (one per rule and node)."""
+
+    policy: str
+    tier: str
+    rule: str
+    direction: Literal["ingress", "egress"]
+
+
 @dataclass
 class RenderResult:
     ruleset: Ruleset
     counters: dict[str, CounterLabels] = field(default_factory=dict)
+    rule_counters: dict[str, RuleCounterLabels] = field(default_factory=dict)
 
 
 # Parsing addresses dominates render time; the same pod IPs recur in every group and sync.
@@ -184,6 +196,12 @@ def counter_name(namespace: str, name: str, kind: str) -> str:
     return f"pod_{pod_id(namespace, name)}_{kind}"
 
 
+@lru_cache(maxsize=1 << 14)
+def rule_counter_name(policy: str, rule: str) -> str:
+    """Named counter of a ClusterNetworkPolicy rule ("ingress[2]"); its comment has the names."""
+    return "cnp_" + hashlib.sha256(f"{policy} {rule}".encode()).hexdigest()[:12]
+
+
 def set_name(group: str, family: int) -> str:
     return f"{group.replace('-', '_')}_{_FAMILY[family][2]}"
 
@@ -214,36 +232,65 @@ def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderO
     inet.add(_forward_chain(families))
     inet.add(_ingress_dispatch_chain(families))
     allow_rules = {direction: memo.derived(_derive_allow_rules, direction, families) for direction in ("egress", "ingress")}
+    tier_matches = {direction: memo.derived(_derive_tier_matches, direction, families)
+                    for direction in ("egress", "ingress")}
+    own_node_egress = []  # pods whose traffic to this node ClusterNetworkPolicy egress rules police
     for pod in spec.pods:
         isolation = pod.isolation
-        if not (isolation.ingress or isolation.egress):
-            continue
         key = pod.key
         for direction, isolated, rules, policies in (
             ("egress", isolation.egress, pod.egress, pod.egressPolicies),
             ("ingress", isolation.ingress, pod.ingress, pod.ingressPolicies),
         ):
-            if not isolated:
+            admin = pod.tier_rules("Admin", direction)
+            # Baseline rules apply only where no NetworkPolicy isolates the pod.
+            baseline = [] if isolated else pod.tier_rules("Baseline", direction)
+            if not (isolated or admin or baseline):
                 continue
             # The counter and the chain share a name, in separate namespaces of the table.
             name = counter_name(pod.namespace, pod.name, direction)
             result.counters[name] = CounterLabels(pod.namespace, pod.name, direction)
             inet.add(Counter(name, comment=f"{key} {direction} drops"))
-            chain = inet.add(Chain(name, comment=f"{key} {direction}, isolated by {', '.join(policies)}"))
-            nft_of = allow_rules[direction]
-            for rule in rules:
-                nft_rules, port_set = nft_of(rule)
-                # A port set joins the table with the first rule that matches against it.
-                if port_set is not None and port_set.name not in inet.sets:
-                    inet.add(port_set.new_set())
-                chain.rules += nft_rules
-            if options.log_drops:
-                chain.rules.append(_log_sample(options, name, f"{key} {direction}: log a sample of drops"))
-            chain.rules.append(Rule((CounterRef(name), _DROP), f"{key} {direction}: no policy rule allows this"))
+            chain = inet.add(Chain(name, comment=_chain_comment(key, direction, isolated, policies, admin, baseline)))
+            allow = _ACCEPT if direction == "ingress" else _GOTO_INGRESS
+            tail = chain
+            if any(r.action == "Pass" for r in admin):
+                # Pass skips the rest of the Admin tier: those rules and the tiers after them
+                # get a chain of their own to go to.
+                tail = inet.add(Chain(f"{name}_np", comment=f"{key} {direction} after the Admin tier"))
+            tier_context = (inet, result, options, tier_matches[direction], name, direction, allow)
+            for rule in admin:
+                _add_tier_rule(chain, rule, Verdict("goto", tail.name) if rule.action == "Pass" else None, *tier_context)
+            if tail is not chain:
+                chain.rules.append(Rule((Verdict("goto", tail.name),), f"{key} {direction}: the Admin tier did not decide"))
+            if isolated:
+                if admin and direction == "egress":
+                    tail.rules.append(Rule((Match(Fib(("daddr",), "type"), _NODE_ADDRESS_TYPES), _ACCEPT),
+                                           "NetworkPolicy: a pod's traffic to its own node is always allowed"))
+                nft_of = allow_rules[direction]
+                for rule in rules:
+                    nft_rules, port_set = nft_of(rule)
+                    # A port set joins the table with the first rule that matches against it.
+                    if port_set is not None and port_set.name not in inet.sets:
+                        inet.add(port_set.new_set())
+                    tail.rules += nft_rules
+                if options.log_drops:
+                    tail.rules.append(_log_sample(options, name, f"{key} {direction}: log a sample of drops"))
+                tail.rules.append(Rule((CounterRef(name), _DROP), f"{key} {direction}: no policy rule allows this"))
+            else:
+                for rule in baseline:
+                    # Pass in the Baseline tier goes on to the default: allowed.
+                    _add_tier_rule(tail, rule, allow if rule.action == "Pass" else None, *tier_context)
+                tail.rules.append(Rule((allow,), f"{key} {direction}: no NetworkPolicy isolates it, "
+                                                 "no ClusterNetworkPolicy rule decided: allowed"))
             jump = Verdict("jump", name)
             for ip in pod.ips:
                 address = _address(ip)
                 dispatch[(direction, address.version)].elements.append((address, jump))
+            if direction == "egress" and (admin or baseline):
+                own_node_egress.append((pod, jump))
+    if own_node_egress:
+        _render_input_hook(inet, families, own_node_egress)
 
     _render_anti_spoofing(bridge, spec, ports, result, options, families)
     return result
@@ -286,7 +333,83 @@ def render_group_members(previous: RenderResult, old: NodeRuleSetSpec, new: Node
     _render_groups(fresh, changed, families, RenderMemo())
     inet.sets.update(fresh.sets)
     tables = [inet if t is old_inet else t for t in previous.ruleset.tables]
-    return RenderResult(Ruleset(tables), previous.counters)
+    return RenderResult(Ruleset(tables), previous.counters, previous.rule_counters)
+
+
+# --------------------------------------------------------------------------- ClusterNetworkPolicy tiers
+# What counts as "the node itself" for a pod's traffic to its node (the input hook).
+_NODE_ADDRESS_TYPES = AnonSet(("local", "broadcast", "multicast"))
+
+
+def _chain_comment(key: str, direction: str, isolated: bool, policies: list[str],
+                   admin: list[TierRule], baseline: list[TierRule]) -> str:
+    parts = [f"isolated by {', '.join(policies)}"] if isolated else []
+    for tier, rules in (("Admin", admin), ("Baseline", baseline)):
+        names = list(dict.fromkeys(r.policy for r in rules))
+        if names:
+            parts.append(f"{tier} tier {', '.join(names)}")
+    return f"{key} {direction}, " + "; ".join(parts)
+
+
+def _derive_tier_matches(rule: TierRule, direction: str,
+                         families: tuple[int, ...]) -> tuple[tuple[tuple[Match, ...], ...], _SetContent | None]:
+    """The matches of one TierRule (one tuple per address family) and the port set they use.
+
+    The verdict is added per pod: a Deny counts into the pod's counter too."""
+    if rule.peerPorts is not None:
+        return tuple((_group_match(rule.peerPorts, f, "peer_ports"),) for f in families), None
+    ports, port_set = ((), None) if rule.ports is None else _port_match(
+        tuple([(p.protocol, p.port, p.endPort) for p in rule.ports]))
+    if rule.peers is None:
+        return (tuple(ports),), port_set
+    peer_field = "saddr" if direction == "ingress" else "daddr"
+    return tuple((_group_match(rule.peers, f, peer_field), *ports) for f in families), port_set
+
+
+def _add_tier_rule(chain: Chain, rule: TierRule, verdict: Verdict | None, inet: Table, result: RenderResult,
+                   options: RenderOptions, matches_of, pod_counter: str, direction: str, allow: Verdict) -> None:
+    """One ClusterNetworkPolicy rule in a pod's chain: Accept allows this direction, Deny drops
+    (counted for the pod and for the rule), Pass goes where `verdict` says."""
+    matches, port_set = matches_of(rule)
+    if port_set is not None and port_set.name not in inet.sets:
+        inet.add(port_set.new_set())
+    comment = f"{rule.action}: {rule.origin}"
+    if rule.action == "Deny":
+        counter = rule_counter_name(rule.policy, rule.rule)
+        if counter not in inet.counters:
+            inet.add(Counter(counter, comment=rule.origin))
+            result.rule_counters[counter] = RuleCounterLabels(rule.policy, rule.tier, rule.label, direction)
+        if options.log_drops:
+            limit = Limit(options.log_rate_per_second, "second", burst=options.log_rate_per_second)
+            chain.rules += [Rule((*m, limit, Log(options.nflog_group, log_prefix(pod_counter))),
+                                 f"log a sample: {comment}") for m in matches]
+        tail: tuple = (CounterRef(pod_counter), CounterRef(counter), _DROP)
+    elif rule.action == "Accept":
+        tail = (allow,)
+    else:
+        tail = (verdict,)
+    chain.rules += [Rule((*m, *tail), comment) for m in matches]
+
+
+def _render_input_hook(inet: Table, families: tuple[int, ...], pods: list[tuple[PolicedPod, Verdict]]) -> None:
+    """A pod's traffic to its own node (the node's addresses, host-network pods) is delivered
+    locally, never forwarded: ClusterNetworkPolicy egress rules (e.g. `nodes` peers) see it
+    here. NetworkPolicy always allows it (the pod chains say so before their own rules)."""
+    maps = {fam: inet.add(Map(f"local_egress_{_FAMILY[fam][2]}", (_FAMILY[fam][1],),
+                              comment="local pods with ClusterNetworkPolicy egress rules"))
+            for fam in families}
+    for pod, jump in pods:
+        for ip in pod.ips:
+            address = _address(ip)
+            maps[address.version].elements.append((address, jump))
+    chain = inet.add(Chain(INPUT_CHAIN, hook="input", priority=0, policy="accept",
+                           comment="ClusterNetworkPolicy egress of local pods to this node"))
+    chain.rules.append(Rule((Match(Ct("state"), frozenset({"established", "related"})), _ACCEPT),
+                            "replies and related flows of allowed connections"))
+    for fam in families:
+        proto, _, suffix = _FAMILY[fam]
+        chain.rules.append(Rule((VMap(Payload(proto, "saddr"), f"local_egress_{suffix}"),),
+                                "egress policy of the source pod, if it is local"))
 
 
 # --------------------------------------------------------------------------- inet

@@ -2,7 +2,8 @@
 
 Used by `netfence explain` and `netfence matrix`: they judge the rules an agent loads, not a
 second reading of the policies. Covers what render emits: payload/meta/ct/fib matches, named
-and anonymous sets with prefixes, ranges and concatenations, verdict maps, jump/goto/return.
+and anonymous sets with prefixes, ranges and concatenations, verdict maps, jump/goto/return,
+`fib saddr|daddr type` (local = one of the node's own addresses).
 """
 
 from __future__ import annotations
@@ -110,8 +111,9 @@ def _field(expr, pkt: Packet):
     if isinstance(expr, Ct):
         return pkt.ct_state if expr.key == "state" else None
     if isinstance(expr, Fib):
-        if expr.flags == ("saddr",) and expr.result == "type":
-            return "local" if pkt.src in pkt.local_addresses else "unicast"
+        if expr.flags in (("saddr",), ("daddr",)) and expr.result == "type":
+            address = pkt.src if expr.flags == ("saddr",) else pkt.dst
+            return "local" if address in pkt.local_addresses else "unicast"
         return None
     raise TraceError(f"cannot trace expression {expr!r}")
 

@@ -269,7 +269,8 @@ def apply(lab: "Lab", state: LabState, docs: Sequence[dict[str, Any]]) -> int:
         for kind in sorted({k[0] for k in desired}):
             res = POLICY_KINDS[kind]
             if not api.has_resource(res):
-                raise system.LabError(f"the API server has no {res.plural} ({res.api_version}): cannot apply {kind}")
+                raise system.LabError(f"the API server has no {res.plural} ({res.api_version}): cannot apply {kind}"
+                                      + (" (install its CRD: docs/cluster-network-policy.md)" if not res.namespaced else ""))
         # What the API will hold, compiled before anything is written: input the compiler
         # rejects exits 2 and changes nothing.
         objects = api.cluster_objects()

@@ -18,6 +18,7 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
+from netfence_lab.model import POLICY_KINDS as MODEL_POLICY_KINDS
 from netfence_lab.model import ManifestError
 from netfence_lab.system import LabError
 
@@ -52,12 +53,14 @@ LEASES = Resource("coordination.k8s.io/v1", "Lease", "leases", True)
 NODE_RULE_SETS = Resource("netfence.io/v1alpha1", "NodeRuleSet", "noderulesets", False)
 CRDS = Resource("apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions", False)
 
-# The policy kinds `lab apply` manages declaratively. Adding a kind is one line here, e.g.
-#   "ClusterNetworkPolicy": Resource("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy",
-#                                    "clusternetworkpolicies", False),
-POLICY_KINDS: dict[str, Resource] = {
+# The policy kinds `lab apply` manages declaratively (model.POLICY_KINDS), and where the API
+# serves them. ClusterNetworkPolicy is served only where its CRD is installed.
+_POLICY_RESOURCES = {
     "NetworkPolicy": Resource("networking.k8s.io/v1", "NetworkPolicy", "networkpolicies", True),
+    "ClusterNetworkPolicy": Resource("policy.networking.k8s.io/v1alpha2", "ClusterNetworkPolicy",
+                                     "clusternetworkpolicies", False),
 }
+POLICY_KINDS: dict[str, Resource] = {kind: _POLICY_RESOURCES[kind] for kind in sorted(MODEL_POLICY_KINDS)}
 # What the compiler reads from the API (policies on top).
 CLUSTER_KINDS = (NAMESPACES, NODES, PODS)
 
@@ -98,6 +101,7 @@ class LabApi:
         from netfence_api.client import load_client
 
         self.kubeconfig = kubeconfig
+        self._served: dict[str, bool] = {}
         try:
             self.client = load_client(kubeconfig)
         except Exception as e:  # noqa: BLE001 - a bad kubeconfig: say which
@@ -187,6 +191,12 @@ class LabApi:
             raise
         return any(r.get("name") == res.plural for r in listing.get("resources") or [])
 
+    def serves(self, res: Resource) -> bool:
+        """has_resource, asked once per kind: whether a CRD is installed does not change under a lab."""
+        if res.kind not in self._served:
+            self._served[res.kind] = self.has_resource(res)
+        return self._served[res.kind]
+
     def check_reachable(self) -> None:
         try:
             self.request("GET", "/version", timeout=10)
@@ -196,7 +206,7 @@ class LabApi:
     # ------------------------------------------------------------------ the cluster, as the compiler sees it
     def cluster_objects(self) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
-        for res in (*CLUSTER_KINDS, *POLICY_KINDS.values()):
+        for res in (*CLUSTER_KINDS, *(r for r in POLICY_KINDS.values() if self.serves(r))):
             for item in self.items(res):
                 item.setdefault("apiVersion", res.api_version)
                 item.setdefault("kind", res.kind)

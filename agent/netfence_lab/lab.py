@@ -18,11 +18,13 @@ from netfence_lab import apilab, system
 from netfence_lab.model import (
     LabPlan,
     ManifestError,
+    POLICY_KINDS,
     PodPlan,
     flatten_documents,
     namespace_object,
     object_name,
     plan_lab,
+    policy_label,
     pod_namespace,
     with_name_label,
 )
@@ -168,16 +170,17 @@ class Lab:
             plan = state.lab_plan()
             policies: list[dict[str, Any]] = []
             ignored: set[str] = set()
-            seen: set[tuple[str, str]] = set()
+            seen: set[str] = set()
             for d in docs:
                 kind = d.get("kind")
-                if kind == "NetworkPolicy":
-                    key = (pod_namespace(d), object_name(d))
+                if kind in POLICY_KINDS:
+                    key = policy_label(d)
                     if key in seen:
-                        raise ManifestError(f"NetworkPolicy {key[0]}/{key[1]} is given twice")
+                        raise ManifestError(f"{kind} {key} is given twice")
                     seen.add(key)
                     d = copy.deepcopy(d)
-                    d.setdefault("metadata", {})["namespace"] = key[0]
+                    if kind == "NetworkPolicy":
+                        d.setdefault("metadata", {})["namespace"] = pod_namespace(d)
                     policies.append(d)
                 elif kind == "Namespace":
                     _update_namespace(plan, d)
@@ -291,7 +294,7 @@ class Lab:
             "phase": state.phase,
             "agents": state.agents,
             "generation": state.generation,
-            "policies": [f"{pod_namespace(p)}/{object_name(p)}" for p in state.policies],
+            "policies": [policy_label(p) for p in state.policies],
             "kubeconfig": state.kubeconfig,
             "controller": alive("controller", "lab") if state.controller else None,
             "kubelet": alive("kubelet", "lab") if state.on_api else None,

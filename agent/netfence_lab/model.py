@@ -155,6 +155,17 @@ def pod_namespace(obj: dict[str, Any]) -> str:
     return (obj.get("metadata") or {}).get("namespace") or "default"
 
 
+# The kinds `lab apply` takes as the complete desired policy set.
+POLICY_KINDS = frozenset({"NetworkPolicy", "ClusterNetworkPolicy"})
+
+
+def policy_label(obj: dict[str, Any]) -> str:
+    """"ns/name" of a NetworkPolicy; "ClusterNetworkPolicy name" of a cluster-scoped one."""
+    if obj.get("kind") == "ClusterNetworkPolicy":
+        return f"ClusterNetworkPolicy {object_name(obj)}"
+    return f"{pod_namespace(obj)}/{object_name(obj)}"
+
+
 def with_name_label(ns_obj: dict[str, Any]) -> dict[str, Any]:
     """The apiserver always sets kubernetes.io/metadata.name; policies select on it."""
     ns_obj = copy.deepcopy(ns_obj)
@@ -299,7 +310,7 @@ def plan_lab(
             ns_docs[object_name(o)] = with_name_label(o)
         elif kind == "Pod":
             pod_docs[f"{pod_namespace(o)}/{object_name(o)}"] = copy.deepcopy(o)
-        elif kind == "NetworkPolicy":
+        elif kind in POLICY_KINDS:
             policies.append(copy.deepcopy(o))
         else:
             ignored.append(str(kind))

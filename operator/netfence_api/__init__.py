@@ -17,6 +17,7 @@ from netfence_api.models import (  # noqa: F401
     PeerPortGroup,
     PolicedPod,
     PortRange,
+    TierRule,
     spec_hash,
     short_hash,
 )

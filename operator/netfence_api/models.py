@@ -69,6 +69,43 @@ class AllowRule(_Model):
         return self
 
 
+class TierRule(_Model):
+    """One ClusterNetworkPolicy rule as it applies to one pod in one direction.
+
+    A pod's rules of a tier are listed in evaluation order (policy priority, then policy name,
+    then rule order); the first whose peers and ports match decides: Accept (allowed in this
+    direction), Deny (dropped) or Pass (the rest of the tier is skipped). Peers and ports
+    match like an AllowRule's; one policy rule may give two TierRules (numeric ports, and
+    named ports resolved per peer pod) with the same action.
+    """
+
+    action: Literal["Accept", "Deny", "Pass"]
+    policy: str = Field(description="ClusterNetworkPolicy name")
+    tier: Literal["Admin", "Baseline"]
+    priority: int = Field(ge=0, le=1000)
+    rule: str = Field(description='"ingress[2]": where the rule is in the policy')
+    name: str = Field(default="", description="the rule's own name, if it has one")
+    peers: str | None = None
+    ports: list[PortRange] | None = None
+    peerPorts: str | None = None
+
+    @model_validator(mode="after")
+    def _peer_ports_alone(self) -> "TierRule":
+        if self.peerPorts is not None and (self.peers is not None or self.ports is not None):
+            raise ValueError("peerPorts excludes peers and ports")
+        return self
+
+    @property
+    def origin(self) -> str:
+        named = f" ({self.name})" if self.name else ""
+        return f"ClusterNetworkPolicy {self.policy} tier {self.tier} priority {self.priority} {self.rule}{named}"
+
+    @property
+    def label(self) -> str:
+        """The rule as metrics name it: its own name, else its place in the policy."""
+        return self.name or self.rule
+
+
 class Isolation(_Model):
     ingress: bool = False
     egress: bool = False
@@ -86,10 +123,20 @@ class PolicedPod(_Model):
     egressPolicies: list[str] = Field(default_factory=list, description="namespace/name of policies isolating egress")
     ingress: list[AllowRule] = Field(default_factory=list)
     egress: list[AllowRule] = Field(default_factory=list)
+    # ClusterNetworkPolicy tiers (absent when none select the pod, so that specs without
+    # them read and hash as before). Admin rules come before the NetworkPolicy rules above;
+    # Baseline rules apply only in a direction no NetworkPolicy isolates.
+    adminIngress: list[TierRule] | None = None
+    adminEgress: list[TierRule] | None = None
+    baselineIngress: list[TierRule] | None = None
+    baselineEgress: list[TierRule] | None = None
 
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    def tier_rules(self, tier: str, direction: str) -> list[TierRule]:
+        return getattr(self, f"{tier.lower()}{direction.capitalize()}") or []
 
 
 class PeerGroup(_Model):

@@ -14,7 +14,16 @@ from typing import Any, TextIO
 
 from netfence_api import NodeRuleSetSpec
 from netfence_api.manifests import ManifestSyntaxError, load_documents
-from netfence_agent.render import BRIDGE_TABLE, INET_TABLE, PodPort, RenderMemo, RenderOptions, RenderResult, render
+from netfence_agent.render import (
+    BRIDGE_TABLE,
+    INET_TABLE,
+    PodPort,
+    RenderMemo,
+    RenderOptions,
+    RenderResult,
+    counter_name,
+    render,
+)
 from netfence_agent.trace import Packet, TraceResult, trace
 from netfence_operator.compile import ClusterObjects, Compiler, InputError, Pod, parse_documents
 
@@ -204,8 +213,9 @@ def connection(cluster: OfflineCluster, src: Endpoint, dst: Endpoint, port: int,
     if src.host_network and src.node is not None and dst_policed and dst.node == src.node:
         return Verdict(True, [], f"traffic from node {src.node} to its own pods is always allowed")
     if dst.host_network and dst.node is not None and src_policed and src.node == dst.node:
-        # Addressed to the node itself: the input hook takes it, not forward.
-        return Verdict(True, [], f"traffic from a pod to its own node {dst.node} is always allowed")
+        # Addressed to the node itself: the input hook takes it, not forward. NetworkPolicy
+        # always allows it; ClusterNetworkPolicy egress rules (e.g. `nodes` peers) apply.
+        return _verdict(_node_legs(cluster, src.node, saddr, daddr, port, protocol, BRIDGE, "", src, hook="input"))
     if src.host_network and src.node is not None and dst_policed and dst.node != src.node:
         # Another node's pod range is routed via flannel.1: the kernel sources from its address.
         saddr = cluster.overlay_address(src.node, ipaddress.ip_address(saddr).version) or saddr
@@ -221,7 +231,8 @@ def connection(cluster: OfflineCluster, src: Endpoint, dst: Endpoint, port: int,
     return _verdict(legs)
 
 
-def _node_legs(cluster, node, saddr, daddr, port, protocol, iif, oif, from_pod: Endpoint | None) -> list[Leg]:
+def _node_legs(cluster, node, saddr, daddr, port, protocol, iif, oif, from_pod: Endpoint | None,
+               hook: str = "forward") -> list[Leg]:
     rendered = cluster.rendered.get(node)
     if rendered is None:
         return []
@@ -238,7 +249,7 @@ def _node_legs(cluster, node, saddr, daddr, port, protocol, iif, oif, from_pod: 
             return legs
     pkt = Packet(saddr, daddr, protocol, port, iifname=iif, oifname=oif, local_addresses=local)
     table = rendered.ruleset.table(*INET_TABLE)
-    legs.append(Leg(node, "forward", "inet", pkt, trace(table, "forward", pkt)))
+    legs.append(Leg(node, hook, "inet", pkt, trace(table, hook, pkt)))
     return legs
 
 
@@ -302,8 +313,17 @@ def explain_text(cluster: OfflineCluster, src_text: str, dst_text: str, port: in
             continue
         isolated = getattr(policed.isolation, direction)
         names = policed.egressPolicies if direction == "egress" else policed.ingressPolicies
-        lines.append(f"  {end.label} {direction}: " + (
-            f"isolated by {', '.join(names)}" if isolated else "not isolated (no policy selects it for " + direction + ")"))
+        parts = [f"isolated by {', '.join(names)}" if isolated
+                 else "not isolated (no NetworkPolicy selects it for " + direction + ")"]
+        for tier in ("Admin", "Baseline"):
+            tier_policies = list(dict.fromkeys(r.policy for r in policed.tier_rules(tier, direction)))
+            if tier_policies:
+                unused = " (not consulted: a NetworkPolicy isolates it)" if tier == "Baseline" and isolated else ""
+                parts.append(f"{tier} tier {', '.join(tier_policies)}{unused}")
+        lines.append(f"  {end.label} {direction}: " + "; ".join(parts))
+        decider = _deciding_rule(verdict.legs, policed, direction)
+        if decider is not None:
+            lines.append(f"    decided by: {decider}")
     for leg in verdict.legs:
         p = leg.packet
         lines.append(f"  node {leg.node}, {leg.family} {leg.hook} (iif {p.iifname or '-'}, oif {p.oifname or '-'}): "
@@ -315,6 +335,20 @@ def explain_text(cluster: OfflineCluster, src_text: str, dst_text: str, port: in
         for counter in leg.result.counters:
             lines.append(f"    counted in {counter}")
     return "\n".join(lines)
+
+
+def _deciding_rule(legs: list[Leg], pod, direction: str) -> str | None:
+    """The comment of the rule that decided `direction` for `pod`: the last rule its own
+    chains ran (tier, policy and rule for a ClusterNetworkPolicy rule)."""
+    chain_prefix = counter_name(pod.namespace, pod.name, direction)
+    decider = None
+    for leg in legs:
+        for step in leg.result.steps:
+            if step.chain == chain_prefix or step.chain.startswith(chain_prefix + "_"):
+                decider = step.rule.comment
+    if decider and not decider.startswith(("Accept:", "Deny:", "Pass:")) and ": " not in decider:
+        decider = f"NetworkPolicy tier: {decider}"  # origins of NetworkPolicy allow rules
+    return decider
 
 
 def _policed_pod(cluster: OfflineCluster, end: Endpoint):

@@ -4,8 +4,10 @@ kopf settings chosen here, and why:
 * standalone (no peering): one replica with the Recreate strategy; two controllers would
   only write the same content-addressed rule sets, and peering would need its own CRD + RBAC;
 * no Kubernetes Events from kopf itself: the publisher is the one writer of Events;
-* scanning disabled when cluster-wide: the four watched kinds are built in, so there is no
-  CRD to discover at runtime (and no RBAC for CustomResourceDefinitions is needed);
+* scanning disabled when cluster-wide: the four built-in kinds need no discovery, and the one
+  custom resource read, ClusterNetworkPolicy, is looked up once at start (API discovery, no
+  RBAC for CustomResourceDefinitions needed): watched if its CRD is installed, else said so
+  once in the log and in a metric (installing the CRD later takes a controller restart);
 * watch streams end server-side after a few minutes and resume from their resourceVersion,
   so a silently dead connection is noticed; kopf re-lists on 410 Gone.
 """
@@ -58,8 +60,15 @@ class Controller:
         self.api = KubeApi(self.client, namespaces=tuple(self.config.namespaces))
         self.publisher = Publisher(self.state, self.api, self.metrics, debounce=self.config.debounce,
                                    resync_interval=self.config.resync_interval)
+        self.cluster_network_policies = self.api.serves("ClusterNetworkPolicy")
+        self.metrics.cluster_network_policies.set(1 if self.cluster_network_policies else 0)
+        if not self.cluster_network_policies:
+            log.warning("ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2) is not served by this cluster: "
+                        "ClusterNetworkPolicies are not enforced, NetworkPolicies are. Install the CRD "
+                        "(docs/cluster-network-policy.md) and restart the controller to enforce them.")
         self.registry = kopf.OperatorRegistry()
-        handlers.register(self.registry, self.state, self.publisher, self.metrics)
+        handlers.register(self.registry, self.state, self.publisher, self.metrics,
+                          cluster_network_policies=self.cluster_network_policies)
         self._register_activities()
         self.metrics_server: MetricsServer | None = None
 

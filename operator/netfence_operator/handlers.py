@@ -37,10 +37,17 @@ WATCHED = {
     "Pod": ("", "v1", "pods"),
     "NetworkPolicy": ("networking.k8s.io", "v1", "networkpolicies"),
 }
+# Watched only when its CRD (network-policy-api, v1alpha2) is installed: kopf would otherwise
+# hold every handler back waiting for a listing that never comes.
+CLUSTER_NETWORK_POLICY = ("policy.networking.k8s.io", "v1alpha2", "clusternetworkpolicies")
 
 
-def register(registry: kopf.OperatorRegistry, state: ClusterState, publisher: Publisher, metrics: ControllerMetrics) -> None:
-    for kind, (group, version, plural) in WATCHED.items():
+def register(registry: kopf.OperatorRegistry, state: ClusterState, publisher: Publisher, metrics: ControllerMetrics,
+             cluster_network_policies: bool = False) -> None:
+    watched = dict(WATCHED)
+    if cluster_network_policies:
+        watched["ClusterNetworkPolicy"] = CLUSTER_NETWORK_POLICY
+    for kind, (group, version, plural) in watched.items():
         _register_kind(registry, state, publisher, metrics, kind, group, version, plural)
 
 

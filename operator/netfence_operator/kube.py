@@ -27,6 +27,7 @@ WATCHED_PATHS = {
     "Node": ("/api/v1", "nodes", False),
     "Pod": ("/api/v1", "pods", True),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
+    "ClusterNetworkPolicy": ("/apis/policy.networking.k8s.io/v1alpha2", "clusternetworkpolicies", False),
 }
 _METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json"
 
@@ -78,6 +79,21 @@ class KubeApi:
 
     def delete_ruleset(self, name: str) -> None:
         self.custom.delete_cluster_custom_object(API_GROUP, API_VERSION, PLURAL, name)
+
+    # ------------------------------------------------------------------ discovery
+    def serves(self, kind: str) -> bool:
+        """Does the API serve this watched kind (for a custom resource: is its CRD installed)?"""
+        prefix, plural, _ = WATCHED_PATHS[kind]
+        try:
+            listing = self.client.call_api(*self.client.param_serialize(
+                method="GET", resource_path=prefix, auth_settings=["BearerToken"]))
+            data = listing.read()
+        except Exception as e:  # noqa: BLE001 - unreachable API: kopf will say so loudly
+            log.warning("discovery of %s failed: %s", prefix, e)
+            return False
+        if listing.status >= 400:
+            return False
+        return any(r.get("name") == plural for r in json.loads(data).get("resources", []))
 
     # ------------------------------------------------------------------ Events
     def create_event(self, namespace: str, body: dict[str, Any]) -> None:

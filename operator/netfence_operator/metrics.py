@@ -43,7 +43,12 @@ class ControllerMetrics:
             "Problems reported on NetworkPolicies, by reason (InvalidPolicy, PolicyWarning).",
             ["reason"], registry=r)
         self.events_posted = Counter(
-            "netfence_controller_events_posted", "Kubernetes Events posted on NetworkPolicies.", registry=r)
+            "netfence_controller_events_posted",
+            "Kubernetes Events posted on NetworkPolicies and ClusterNetworkPolicies.", registry=r)
+        self.cluster_network_policies = Gauge(
+            "netfence_controller_cluster_network_policies_watched",
+            "1 when the ClusterNetworkPolicy CRD (policy.networking.k8s.io/v1alpha2) was found at start and "
+            "ClusterNetworkPolicies are enforced; 0 when it was not installed.", registry=r)
         for action in ("create", "patch", "delete"):
             self.rulesets_published.labels(action)
         for reason in ("InvalidPolicy", "PolicyWarning"):

@@ -25,6 +25,8 @@ from pydantic import ValidationError
 
 from netfence_api import NodeRuleSetSpec, short_hash
 from netfence_api.crd import HASH_ANNOTATION, PODS_ANNOTATION, RULES_ANNOTATION, TRIGGER_ANNOTATION
+from netfence_operator.compile.compiler import TIER_FIELDS
+from netfence_operator.compile.objects import CNP_API_VERSION
 from netfence_operator.kube import KubeApi, conflict_or_missing
 from netfence_operator.metrics import ControllerMetrics
 from netfence_operator.state import ClusterState, PolicyProblem
@@ -45,7 +47,8 @@ def published_hash(obj: dict[str, Any]) -> str:
 
 
 def ruleset_metadata(spec: NodeRuleSetSpec, digest: str) -> dict[str, Any]:
-    rules = sum(len(p.ingress) + len(p.egress) for p in spec.pods)
+    rules = sum(len(p.ingress) + len(p.egress) + sum(len(p.tier_rules(t, d)) for t, d in TIER_FIELDS)
+                for p in spec.pods)
     return {
         "labels": dict(MANAGED_BY),
         "annotations": {PODS_ANNOTATION: str(len(spec.pods)), RULES_ANNOTATION: str(rules), HASH_ANNOTATION: digest},
@@ -64,10 +67,13 @@ def spec_body(spec: NodeRuleSetSpec) -> dict[str, Any]:
 
 
 def event_body(problem: PolicyProblem, instance: str) -> dict[str, Any]:
-    return warning_event(
-        {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-         "namespace": problem.namespace, "name": problem.name, "uid": problem.uid},
-        problem.reason, problem.message, instance)
+    if problem.kind == "ClusterNetworkPolicy":
+        involved = {"apiVersion": CNP_API_VERSION, "kind": "ClusterNetworkPolicy", "name": problem.name,
+                    "uid": problem.uid}
+    else:
+        involved = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "namespace": problem.namespace, "name": problem.name, "uid": problem.uid}
+    return warning_event(involved, problem.reason, problem.message, instance)
 
 
 def warning_event(involved: dict[str, str], reason: str, message: str, instance: str) -> dict[str, Any]:
@@ -359,15 +365,16 @@ class Publisher:
                 reported.add(key)
                 continue
             try:
-                await asyncio.to_thread(self.api.create_event, problem.namespace, event_body(problem, self.instance))
+                event = event_body(problem, self.instance)
+                await asyncio.to_thread(self.api.create_event, event["metadata"]["namespace"], event)
                 self.metrics.events_posted.inc()
             except Exception as e:  # noqa: BLE001
                 if conflict_or_missing(e) != 409:  # 409: already reported under this name
-                    log.warning("posting an Event on NetworkPolicy %s/%s failed: %s", problem.namespace, problem.name, _short(e))
+                    log.warning("posting an Event on %s failed: %s", problem.label, _short(e))
                     ok = False
                     continue
             reported.add(key)
-            log.warning("NetworkPolicy %s/%s: %s: %s", problem.namespace, problem.name, problem.reason, problem.message)
+            log.warning("%s: %s: %s", problem.label, problem.reason, problem.message)
         # What is no longer a problem is forgotten, so that it is reported again if it comes back.
         self._reported = reported
         return ok

@@ -33,14 +33,16 @@ from netfence_operator.compile.objects import ClusterObjects, LabelSelector, Net
 
 log = logging.getLogger("netfence.controller.state")
 
-KINDS = ("Namespace", "Node", "Pod", "NetworkPolicy")
+KINDS = ("Namespace", "Node", "Pod", "NetworkPolicy", "ClusterNetworkPolicy")
+CLUSTER_SCOPED = ("Namespace", "Node", "ClusterNetworkPolicy")
+POLICY_KINDS = ("NetworkPolicy", "ClusterNetworkPolicy")
 _SOURCE = "api"
 _TOMBSTONES = 50_000  # uids remembered as deleted, so late events of a deleted object are ignored
 
 
 def object_key(kind: str, body: Mapping[str, Any]) -> str:
     meta = body.get("metadata") or {}
-    if kind in ("Namespace", "Node"):
+    if kind in CLUSTER_SCOPED:
         return meta.get("name", "")
     return f"{meta.get('namespace') or 'default'}/{meta.get('name', '')}"
 
@@ -69,11 +71,16 @@ class Version:
 
 @dataclass(frozen=True)
 class PolicyProblem:
-    namespace: str
+    namespace: str  # "" for a ClusterNetworkPolicy
     name: str
     uid: str
     reason: str  # InvalidPolicy | PolicyWarning
     message: str
+    kind: str = "NetworkPolicy"  # or ClusterNetworkPolicy
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.namespace}/{self.name}" if self.namespace else f"{self.kind} {self.name}"
 
 
 def isolating_substitute(body: Mapping[str, Any]) -> NetworkPolicy:
@@ -223,23 +230,29 @@ class ClusterState:
         return out
 
     def policy_problems(self) -> list[PolicyProblem]:
-        """Every problem a user should see on a NetworkPolicy: invalid input, compiler warnings."""
+        """Every problem a user should see on a (Cluster)NetworkPolicy: invalid input, compiler warnings."""
         out: list[PolicyProblem] = []
         warnings = self.compiler.problems()
         for (kind, key), versions in sorted(self._live.items()):
-            if kind != "NetworkPolicy":
+            if kind not in POLICY_KINDS:
                 continue
             chosen = self._choose(versions)
             if chosen is None:
-                continue
-            namespace, name = key.split("/", 1)
+                # A ClusterNetworkPolicy that never parsed: there is no safe stand-in (leaving
+                # out an Accept narrows, leaving out a Deny widens), so it is not enforced.
+                chosen = next(reversed(versions.values()), None) if kind == "ClusterNetworkPolicy" else None
+                if chosen is None:
+                    continue
+            namespace, name = key.split("/", 1) if kind == "NetworkPolicy" else ("", key)
             for message in chosen.errors:
                 if chosen.last_good is not None:
                     message += " (the last valid version stays in force)"
+                elif kind == "ClusterNetworkPolicy":
+                    message += " (it is not enforced until it is fixed)"
                 else:
                     message += " (the pods it selects stay isolated with no allow rules until it is fixed)"
-                out.append(PolicyProblem(namespace, name, chosen.uid, "InvalidPolicy", message))
+                out.append(PolicyProblem(namespace, name, chosen.uid, "InvalidPolicy", message, kind))
             if chosen.model is not None:
                 for message in warnings.get(key, ()):
-                    out.append(PolicyProblem(namespace, name, chosen.uid, "PolicyWarning", message))
+                    out.append(PolicyProblem(namespace, name, chosen.uid, "PolicyWarning", message, kind))
         return out

@@ -109,3 +109,19 @@ def test_anti_spoofing_coverage_is_a_gauge_and_repairs_a_counter():
     assert families["netfence_unprotected_pods"].samples[0].value == 1
     assert families["netfence_anti_spoofing_repairs"].type == "counter"
     assert families["netfence_anti_spoofing_repairs"].samples[0].value == 1
+
+
+def test_cluster_network_policy_deny_rules_are_exported_per_policy_and_rule():
+    from netfence_agent.render import RuleCounterLabels
+
+    rule = RuleCounterLabels("deny-metadata", "Admin", "no-cloud-metadata", "egress")
+    readings = {key("pod_a_egress"): CounterValue(3, 180), key("cnp_0123456789ab"): CounterValue(3, 180)}
+    metrics = AgentMetrics(read_counters=lambda: readings)
+    metrics.set_labels({**LABELS, "cnp_0123456789ab": rule})
+    families = {f.name: f for f in text_string_to_metric_families(metrics.exposition().decode())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    labels = (("direction", "egress"), ("policy", "deny-metadata"), ("rule", "no-cloud-metadata"), ("tier", "Admin"))
+    assert samples[("netfence_policy_rule_dropped_packets_total", labels)] == 3
+    assert samples[("netfence_policy_rule_dropped_bytes_total", labels)] == 180
+    # the pod's own counter keeps counting the same drops (DESIGN.md §5)
+    assert samples[("netfence_dropped_packets_total", (("direction", "egress"), ("namespace", "x"), ("pod", "a")))] == 3

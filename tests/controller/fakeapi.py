@@ -89,6 +89,12 @@ BUILTIN_TYPES = (
 )
 DEFAULT_POD_GRACE_SECONDS = 30
 CLUSTER_NAMESPACES = ("default", "kube-system", "kube-public", "kube-node-lease")  # what a fresh cluster has
+# The network-policy-api CRD, as its manifest declares it (cluster-scoped, status subresource).
+# In the defaults, as on a cluster with the CRD installed; leave it out to test one without.
+CLUSTER_NETWORK_POLICY_TYPE = ResourceType("policy.networking.k8s.io", "v1alpha2", "clusternetworkpolicies",
+                                           "ClusterNetworkPolicy", False, status_subresource=True, generation=True,
+                                           short_names=("cnp",))
+BUILTIN_TYPES = BUILTIN_TYPES + (CLUSTER_NETWORK_POLICY_TYPE,)
 
 
 def _now() -> str:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from kernel.conftest import HELPERS, PYTHON, REPO, Node, Pod, in_netns, owned_tables, probe, run_ip, wait_serving
-from netfence_api import AllowRule, Isolation, NodeRuleSet, NodeRuleSetSpec, PeerGroup, PolicedPod, PortRange
+from netfence_api import AllowRule, Isolation, NodeRuleSet, NodeRuleSetSpec, PeerGroup, PolicedPod, PortRange, TierRule
 from netfence_agent.render import counter_name
 
 pytestmark = pytest.mark.kernel
@@ -98,6 +98,59 @@ def test_allowed_connects_denied_is_dropped_and_counted(node: Node):
     assert metric(text, "netfence_ruleset_generation") == 1
     assert metric(text, "netfence_rule_apply_duration_seconds_count") >= 1
     assert node.http("/readyz")[0] == 200 and node.http("/healthz")[0] == 200
+
+
+def tier_rule(action: str, group: str, *ports: PortRange, tier: str = "Admin", rule: str = "ingress[0]",
+              name: str = "") -> TierRule:
+    return TierRule(action=action, policy=f"cnp-{action.lower()}", tier=tier, priority=10, rule=rule, name=name,
+                    peers=group, ports=list(ports) or None)
+
+
+def test_cluster_network_policy_tiers_in_the_kernel(node: Node):
+    """Admin Deny beats nothing-isolating, Admin Accept beats a NetworkPolicy default deny,
+    Pass falls to NetworkPolicy, a pod's traffic to its own node meets Admin egress rules;
+    a Deny drop is counted for the pod and for the rule."""
+    a, b, c = three_pods(node)
+    node_server = subprocess.Popen(["ip", "netns", "exec", node.netns, PYTHON, str(HELPERS / "netprobe.py"),
+                                    "serve", "--port", "82"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    b.servers.append(node_server)  # stopped with the pods, whatever happens
+    node_address = f"{node.prefix}.1"  # cni0's address: the node itself
+    pods = [
+        # c: not isolated; the Admin tier denies b, passes a (NetworkPolicy then: none -> allowed)
+        PolicedPod(namespace="x", name="c", uid="uid-c", ips=[c.ip], adminIngress=[
+            tier_rule("Pass", "from-a"), tier_rule("Deny", "from-b", TCP80, rule="ingress[1]", name="no-b")]),
+        # a: NetworkPolicy denies all egress, the Admin tier accepts to c on 80 and denies the node on 82
+        PolicedPod(namespace="x", name="a", uid="uid-a", ips=[a.ip], isolation=Isolation(egress=True),
+                   egressPolicies=["x/deny-egress"], adminEgress=[
+                       tier_rule("Accept", "to-c", TCP80, rule="egress[0]"),
+                       tier_rule("Deny", "the-node", PortRange(protocol="TCP", port=82), rule="egress[1]")]),
+        # b: Baseline denies egress to the node, nothing isolates b
+        PolicedPod(namespace="x", name="b", uid="uid-b", ips=[b.ip], baselineEgress=[
+            tier_rule("Deny", "the-node", tier="Baseline", rule="egress[0]", name="no-node")]),
+    ]
+    groups = [group("from-a", a), group("from-b", b), group("to-c", c),
+              PeerGroup(name="the-node", selector="the node", cidrs=[f"{node_address}/32"])]
+    started(node, rule_set(node, pods, groups, 1))
+
+    assert probe(a, c, 80), "Admin Accept overrides the NetworkPolicy default deny"
+    assert not probe(a, c, 81, timeout=0.5), "not accepted by the Admin tier: the NetworkPolicy decides"
+    assert not probe(a, b, 80, timeout=0.5)
+    assert not probe(b, c, 80, timeout=0.5) and not probe(b, c, 80, timeout=0.5), "Admin Deny"
+    assert probe(b, c, 81), "the Deny rule is for port 80 only; c is not isolated"
+    assert probe(c, a, 80) and probe(c, b, 80), "no rule for these directions"
+    assert not probe(a, node_address, 82, timeout=0.5), "Admin egress Deny to the pod's own node"
+    assert not probe(b, node_address, 82, timeout=0.5), "Baseline egress Deny to the pod's own node"
+    assert probe(c, node_address, 82), "no ClusterNetworkPolicy egress for c: its node stays reachable"
+
+    text = node.http("/metrics")[1]
+    assert metric(text, "netfence_dropped_packets_total", direction="ingress", namespace="x", pod="c") >= 2
+    assert metric(text, "netfence_policy_rule_dropped_packets_total", policy="cnp-deny", tier="Admin", rule="no-b",
+                  direction="ingress") >= 2
+    assert metric(text, "netfence_policy_rule_dropped_bytes_total", policy="cnp-deny", tier="Admin", rule="no-b",
+                  direction="ingress") > 0
+    assert metric(text, "netfence_policy_rule_dropped_packets_total", policy="cnp-deny", tier="Baseline",
+                  rule="no-node", direction="egress") >= 1
+    assert metric(text, "netfence_dropped_packets_total", direction="egress", namespace="x", pod="b") >= 1
 
 
 def test_drop_counts_stay_monotonic_when_counters_are_recreated_and_resynced(node: Node):

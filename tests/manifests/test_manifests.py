@@ -118,6 +118,7 @@ def test_controller_rbac_is_least_privilege():
     rules = rules_of(find("ClusterRole", "netfence-controller"))
     expected = {("", r, v) for r in ("pods", "namespaces", "nodes") for v in ("list", "watch")}
     expected |= {("networking.k8s.io", "networkpolicies", v) for v in ("list", "watch")}
+    expected |= {("policy.networking.k8s.io", "clusternetworkpolicies", v) for v in ("list", "watch")}
     expected |= {("netfence.io", "noderulesets", v) for v in ("list", "create", "patch", "delete")}
     expected |= {("", "events", "create")}
     assert rules == expected

@@ -20,6 +20,20 @@ Decisions beyond the API text (kept in one place so they are easy to argue with)
   IPv6 when both have one; with no common family there is no connection.
 - A named port matches iff the destination pod (the policed pod for ingress, the peer for
   egress) has a container port of that name and protocol whose number is the probed port.
+
+ClusterNetworkPolicy (policy.networking.k8s.io/v1alpha2), from the API's type comments:
+- Each direction on its own: the Admin tier (policies by ascending priority; equal
+  priorities by name - upstream leaves that order open, this is netfence's choice; rules in
+  written order), first matching rule decides: Accept allows the direction, Deny denies it,
+  Pass ends the Admin tier. Then NetworkPolicy as above if one isolates the pod in that
+  direction. Else the Baseline tier the same way (Pass there ends the tier), then allow.
+- Subjects and `namespaces`/`pods` peers never match host-network pods. `networks` match
+  addresses (pod addresses too); `nodes` match the IP addresses in the selected Nodes'
+  status.addresses. A rule without `protocols` matches every port; `destinationNamedPort`
+  matches a container port of that name (in its own protocol) on the destination pod.
+- A pod's traffic to its own node (a host-network pod there) is egress like any other for
+  ClusterNetworkPolicy; NetworkPolicy, where it isolates the pod, allows it. Traffic from a
+  node to its pods matches no ClusterNetworkPolicy peer and stays allowed.
 """
 from __future__ import annotations
 
@@ -60,6 +74,8 @@ class Cluster:
     namespace_labels: dict[str, dict[str, str]]
     policies: list[dict[str, Any]]
     node_pod_cidrs: dict[str, list[str]] = field(default_factory=dict)
+    cluster_policies: list[dict[str, Any]] = field(default_factory=list)
+    nodes: list[dict[str, Any]] = field(default_factory=list)
 
     def pod(self, key: str) -> Pod:
         for pod in self.pods:
@@ -138,7 +154,9 @@ def load_cluster(docs: Iterable[dict]) -> Cluster:
         + [c for c in [(d.get("spec") or {}).get("podCIDR")] if c]
         for d in objects if d.get("kind") == "Node"
     }
-    return Cluster(pods, namespace_labels, policies, pod_cidrs)
+    cluster_policies = [d for d in objects if d.get("kind") == "ClusterNetworkPolicy"]
+    nodes = [d for d in objects if d.get("kind") == "Node"]
+    return Cluster(pods, namespace_labels, policies, pod_cidrs, cluster_policies, nodes)
 
 
 # ------------------------------------------------------------------ matching pieces
@@ -227,15 +245,91 @@ def _rule_matches(rule: dict, peers_key: str, policy: dict, cluster: Cluster,
     return not peers or any(_peer_matches(p, policy, cluster, other, address) for p in peers)
 
 
+# ------------------------------------------------------------------ ClusterNetworkPolicy
+def _cnp_selects_pod(cluster: Cluster, namespaces_selector: dict | None, pods: dict | None, pod: Pod) -> bool:
+    """A `namespaces` selector or a `pods` {namespaceSelector, podSelector}; never a host-network pod."""
+    if pod.host_network:
+        return False
+    namespace_labels = cluster.namespace_labels[pod.namespace]
+    if namespaces_selector is not None:
+        return selector_matches(namespaces_selector, namespace_labels)
+    return (selector_matches(pods.get("namespaceSelector"), namespace_labels)
+            and selector_matches(pods.get("podSelector"), pod.labels))
+
+
+def _node_ip_addresses(node: dict) -> set[IPAddress]:
+    out = set()
+    for entry in (node.get("status") or {}).get("addresses") or []:
+        try:
+            out.add(ipaddress.ip_address(entry.get("address")))
+        except ValueError:
+            pass  # a Hostname
+    return out
+
+
+def _cnp_peer_matches(cluster: Cluster, peer: dict, other: Pod, address: IPAddress) -> bool:
+    if "namespaces" in peer or "pods" in peer:
+        return _cnp_selects_pod(cluster, peer.get("namespaces"), peer.get("pods"), other)
+    if "networks" in peer:
+        return any(address in ipaddress.ip_network(cidr, strict=False) for cidr in peer["networks"]
+                   if ipaddress.ip_network(cidr, strict=False).version == address.version)
+    if "nodes" in peer:
+        return any(address in _node_ip_addresses(n) for n in cluster.nodes
+                   if selector_matches(peer["nodes"], dict(_meta(n).get("labels") or {})))
+    raise ValueError(f"unknown ClusterNetworkPolicy peer {peer!r}")
+
+
+def _cnp_protocol_matches(entry: dict, port: int, protocol: str, destination: Pod) -> bool:
+    if "destinationNamedPort" in entry:
+        return any(p.name == entry["destinationNamedPort"] and p.protocol == protocol and p.number == port
+                   for p in destination.ports)
+    for key in ("tcp", "udp", "sctp"):
+        if key in entry:
+            if key.upper() != protocol:
+                return False
+            wanted = entry[key]["destinationPort"]
+            if "range" in wanted:
+                return wanted["range"]["start"] <= port <= wanted["range"]["end"]
+            return wanted["number"] == port
+    raise ValueError(f"unknown ClusterNetworkPolicy protocol {entry!r}")
+
+
+def _tier_decision(cluster: Cluster, tier: str, policed: Pod, other: Pod, address: IPAddress,
+                   direction: str, port: int, protocol: str, destination: Pod) -> str | None:
+    """"Accept", "Deny", "Pass" or None (no rule of the tier matched)."""
+    rules_key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    policies = [p for p in cluster.cluster_policies
+                if p["spec"]["tier"] == tier
+                and _cnp_selects_pod(cluster, p["spec"]["subject"].get("namespaces"),
+                                     p["spec"]["subject"].get("pods"), policed)]
+    policies.sort(key=lambda p: (p["spec"]["priority"], _meta(p)["name"]))
+    for policy in policies:
+        for rule in policy["spec"].get(rules_key) or []:
+            protocols = rule.get("protocols")
+            if protocols and not any(_cnp_protocol_matches(e, port, protocol, destination) for e in protocols):
+                continue
+            if any(_cnp_peer_matches(cluster, peer, other, address) for peer in rule[peers_key]):
+                return rule["action"]
+    return None
+
+
 def _direction_allows(cluster: Cluster, policed: Pod, other: Pod, address: IPAddress,
-                      direction: str, port: int, protocol: str) -> bool:
-    """Does `policed` accept this connection in `direction` ("Ingress" or "Egress")?"""
+                      direction: str, port: int, protocol: str, own_node: bool = False) -> bool:
+    """Does `policed` accept this connection in `direction` ("Ingress" or "Egress")?
+
+    `own_node`: the other end is the policed pod's own node (NetworkPolicy allows that)."""
     if policed.host_network:
         return True
     rules_key, peers_key = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
     destination = policed if direction == "Ingress" else other
+    admin = _tier_decision(cluster, "Admin", policed, other, address, direction, port, protocol, destination)
+    if admin in ("Accept", "Deny"):
+        return admin == "Accept"
     isolating = [p for p in cluster.policies if _selects(p, policed) and direction in policy_types(p)]
     if not isolating:
+        baseline = _tier_decision(cluster, "Baseline", policed, other, address, direction, port, protocol, destination)
+        return baseline != "Deny"
+    if own_node:
         return True
     return any(
         _rule_matches(rule or {}, peers_key, policy, cluster, other, address, port, protocol, destination)
@@ -261,8 +355,11 @@ def connection_allowed(cluster: Cluster, source: Pod, destination: Pod, port: in
     if family is None:
         return False
     same_node = source.node is not None and source.node == destination.node
-    if same_node and (source.host_network or destination.host_network):
-        return True  # a pod and its own node
+    if same_node and source.host_network:
+        return True  # a node to its own pod: no ClusterNetworkPolicy peer is a node, NetworkPolicy allows it
+    if same_node and destination.host_network:
+        return _direction_allows(cluster, source, destination, destination.addresses[family], "Egress",
+                                 port, protocol, own_node=True)
     source_address = source.addresses[family]
     if source.host_network and not same_node:
         for cidr in cluster.node_pod_cidrs.get(source.node or "", []):

@@ -1,4 +1,5 @@
-"""Hypothesis strategies for small random clusters with NetworkPolicies, as plain manifests.
+"""Hypothesis strategies for small random clusters with NetworkPolicies (and, when asked,
+ClusterNetworkPolicies of both tiers), as plain manifests.
 
 Some pods use hostNetwork (address = their node's) and some namespaces have no Namespace
 object. Everything generated is valid for the apiserver (kubernetes-validate checks the shapes in
@@ -25,6 +26,9 @@ PORT_NAMES = ("http", "dns", "metrics")
 PROTOCOLS = ("TCP", "UDP", "SCTP")
 PREFIXES = (0, 8, 16, 20, 24, 26, 28, 30, 32)
 METADATA_NAME = "kubernetes.io/metadata.name"
+NODE_LABEL_KEYS = ("kubernetes.io/hostname", "zone")
+CNP_PRIORITIES = (0, 5, 5, 10, 1000)  # repeats: equal priorities (ordered by name) come up often
+CNP_ACTIONS = ("Accept", "Deny", "Pass")
 
 
 @dataclass
@@ -177,10 +181,107 @@ def _probe_candidates(pods: list[dict], policies: list[dict]) -> list[tuple[int,
     return sorted(found)
 
 
+# --------------------------------------------------------------------------- ClusterNetworkPolicy
+def _namespace_selector(namespace_names: list[str]) -> st.SearchStrategy[dict]:
+    # often empty ("every namespace"), so that cluster-wide rules meet traffic often
+    return st.one_of(st.just({}), label_selector(NAMESPACE_LABEL_KEYS + (METADATA_NAME,),
+                                                 LABEL_VALUES + tuple(namespace_names)))
+
+
 @st.composite
-def scenarios(draw) -> Scenario:
+def cnp_pods(draw, namespace_names: list[str]) -> dict:
+    result = {"podSelector": draw(st.one_of(st.just({}), label_selector(POD_LABEL_KEYS)))}
+    if draw(st.booleans()):
+        result["namespaceSelector"] = draw(_namespace_selector(namespace_names))
+    return result
+
+
+@st.composite
+def cnp_peer(draw, egress: bool, anchors: list[str], namespace_names: list[str], node_names: list[str]) -> dict:
+    kind = draw(st.sampled_from(("namespaces", "pods", "networks", "nodes") if egress else ("namespaces", "pods")))
+    if kind == "namespaces":
+        return {"namespaces": draw(_namespace_selector(namespace_names))}
+    if kind == "pods":
+        return {"pods": draw(cnp_pods(namespace_names))}
+    if kind == "nodes":
+        return {"nodes": draw(label_selector(NODE_LABEL_KEYS, LABEL_VALUES + tuple(node_names)))}
+    networks = []
+    for _ in range(draw(st.integers(1, 2))):
+        anchor = draw(st.sampled_from(anchors))
+        cidr = str(ipaddress.ip_network(f"{anchor}/{draw(st.sampled_from(PREFIXES))}", strict=False))
+        if cidr not in networks:
+            networks.append(cidr)
+    return {"networks": networks}
+
+
+@st.composite
+def cnp_protocol(draw, named: bool) -> dict:
+    form = draw(st.sampled_from(("number", "range", "name") if named else ("number", "range")))
+    if form == "name":
+        return {"destinationNamedPort": draw(st.sampled_from(PORT_NAMES))}
+    key = draw(st.sampled_from(PROTOCOLS)).lower()
+    start = draw(st.sampled_from(PORT_NUMBERS))
+    if form == "number":
+        return {key: {"destinationPort": {"number": start}}}
+    return {key: {"destinationPort": {"range": {"start": start, "end": start + draw(st.sampled_from((1, 27, 8000)))}}}}
+
+
+@st.composite
+def cnp_rule(draw, egress: bool, anchors: list[str], namespace_names: list[str], node_names: list[str]) -> dict:
+    peers = draw(st.lists(cnp_peer(egress, anchors, namespace_names, node_names), min_size=1, max_size=2))
+    rule: dict = {}
+    if draw(st.booleans()):
+        rule["name"] = draw(st.sampled_from(("r1", "r2", "deny-all", "allow-dns")))
+    rule["action"] = draw(st.sampled_from(CNP_ACTIONS))
+    rule["to" if egress else "from"] = peers
+    if draw(st.booleans()):
+        # upstream: named ports only towards pods (networks and nodes have none)
+        named = not any("networks" in p or "nodes" in p for p in peers)
+        rule["protocols"] = draw(st.lists(cnp_protocol(named), min_size=1, max_size=2))
+    return rule
+
+
+@st.composite
+def cluster_network_policy(draw, name: str, anchors: list[str], namespace_names: list[str],
+                           node_names: list[str]) -> dict:
+    if draw(st.booleans()):
+        subject = {"namespaces": draw(_namespace_selector(namespace_names))}
+    else:
+        subject = {"pods": draw(cnp_pods(namespace_names))}
+    spec: dict = {"tier": draw(st.sampled_from(("Admin", "Baseline"))),
+                  "priority": draw(st.sampled_from(CNP_PRIORITIES)), "subject": subject}
+    for key, egress in (("ingress", False), ("egress", True)):
+        rules = draw(st.lists(cnp_rule(egress, anchors, namespace_names, node_names), max_size=3))
+        if rules:
+            spec[key] = rules
+    return {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": name}, "spec": spec}
+
+
+def _cnp_probe_candidates(cnps: list[dict]) -> set[tuple[int, str]]:
+    found = set()
+    for cnp in cnps:
+        for key in ("ingress", "egress"):
+            for rule in cnp["spec"].get(key) or []:
+                for entry in rule.get("protocols") or []:
+                    for protocol in PROTOCOLS:
+                        port = (entry.get(protocol.lower()) or {}).get("destinationPort")
+                        if port and "number" in port:
+                            found.add((port["number"], protocol))
+                        elif port:
+                            found.update((p, protocol) for p in (port["range"]["end"], port["range"]["end"] + 1))
+    return found
+
+
+@st.composite
+def scenarios(draw, cluster_policies: bool = False) -> Scenario:
+    """`cluster_policies`: add 0-3 ClusterNetworkPolicies (both tiers) to the NetworkPolicies."""
     node_count = draw(st.integers(1, 3))
     nodes = [node(f"node-{i}", f"10.244.{i}.0/24", f"172.18.0.{i + 1}") for i in range(1, node_count + 1)]
+    if cluster_policies:
+        for n in nodes:
+            if draw(st.booleans()):
+                n["metadata"]["labels"]["zone"] = draw(st.sampled_from(LABEL_VALUES))
     namespace_names = draw(st.lists(st.sampled_from(NAMESPACE_NAMES), min_size=2, max_size=4, unique=True))
     # a namespace may come without its Namespace object (pods only), or without the name label
     namespaces = [namespace(name, draw(labels(NAMESPACE_LABEL_KEYS)), with_name_label=draw(st.booleans()))
@@ -188,7 +289,9 @@ def scenarios(draw) -> Scenario:
     pods = []
     for i in range(draw(st.integers(2, 6))):
         node_index = draw(st.integers(1, node_count))
-        host_network = draw(st.integers(0, 7)) == 0  # uses the node's address, never policed
+        # uses the node's address, never policed; more of them with ClusterNetworkPolicies,
+        # whose egress rules reach a pod's own node too
+        host_network = draw(st.integers(0, 3 if cluster_policies else 7)) == 0
         address = f"172.18.0.{node_index + 1}" if host_network else f"10.244.{node_index}.{10 + i}"
         pods.append(pod(f"{draw(st.sampled_from(namespace_names))}/p{i}", address,
                         labels=draw(labels(POD_LABEL_KEYS)), node_name=f"node-{node_index}",
@@ -197,5 +300,12 @@ def scenarios(draw) -> Scenario:
     policies = [policy(f"{draw(st.sampled_from(namespace_names))}/pol{i}",
                        draw(policy_spec(anchors, namespace_names)))
                 for i in range(draw(st.integers(0, 4)))]
-    port, protocol = draw(st.sampled_from(_probe_candidates(pods, policies)))
-    return Scenario(nodes + namespaces + pods + policies, port, protocol)
+    cnps = []
+    if cluster_policies:
+        anchors = sorted(set(anchors) | {f"172.18.0.{i + 1}" for i in range(1, node_count + 1)})
+        node_names = [n["metadata"]["name"] for n in nodes]
+        cnps = [draw(cluster_network_policy(f"cnp{i}", anchors, namespace_names, node_names))
+                for i in range(draw(st.integers(1, 3)))]
+    candidates = sorted(set(_probe_candidates(pods, policies)) | _cnp_probe_candidates(cnps))
+    port, protocol = draw(st.sampled_from(candidates))
+    return Scenario(nodes + namespaces + pods + policies + cnps, port, protocol)

@@ -87,3 +87,49 @@ def test_pod_without_ip_is_rejected():
     lost = pod("x/no-ip", [], labels={"app": "web"})
     assert "podIP" not in lost["status"]
     assert_rejected(small_world() + [lost], "no-ip", "podIP")
+
+
+# ---------------------------------------------------------------- ClusterNetworkPolicy
+def _cnp(spec_changes: dict) -> list[dict]:
+    from reference.builders_cnp import cnp, namespaces, rule
+
+    doc = cnp("bad-cnp", "Admin", 10, namespaces(), ingress=[rule("Deny", [namespaces()])])
+    doc["spec"].update(spec_changes)
+    return small_world() + [doc]
+
+
+@pytest.mark.parametrize("changes, hints", [
+    ({"tier": "Developer"}, ("spec.tier",)),
+    ({"priority": 1001}, ("spec.priority",)),
+    ({"priority": -1}, ("spec.priority",)),
+    ({"subject": {}}, ("spec.subject",)),
+    ({"subject": {"namespaces": {}, "pods": {"podSelector": {}}}}, ("spec.subject",)),
+    ({"ingress": [{"action": "Allow", "from": [{"namespaces": {}}]}]}, ("spec.ingress[0].action",)),
+    ({"ingress": [{"action": "Deny", "from": []}]}, ("spec.ingress[0].from",)),
+    ({"ingress": [{"action": "Deny", "from": [{}]}]}, ("spec.ingress[0].from[0]",)),
+    ({"ingress": [{"action": "Deny", "from": [{"networks": ["10.0.0.0/8"]}]}]}, ("spec.ingress[0].from[0].networks",)),
+    ({"egress": [{"action": "Deny", "to": [{"networks": ["10.0.0.0/33"]}]}]}, ("spec.egress[0].to[0].networks",)),
+    ({"egress": [{"action": "Accept", "to": [{"domainNames": ["example.com"]}]}]}, ("spec.egress[0].to[0]",)),
+    ({"egress": [{"action": "Deny", "to": [{"networks": ["10.0.0.0/8"]}],
+                  "protocols": [{"destinationNamedPort": "http"}]}]}, ("spec.egress[0]",)),
+    ({"ingress": [{"action": "Deny", "from": [{"namespaces": {}}],
+                   "protocols": [{"tcp": {"destinationPort": {"range": {"start": 90, "end": 80}}}}]}]},
+     ("spec.ingress[0].protocols[0].tcp.destinationPort.range",)),
+    ({"ingress": [{"action": "Deny", "from": [{"namespaces": {}}],
+                   "protocols": [{"tcp": {"destinationPort": {"number": 80}}, "udp": {"destinationPort": {"number": 80}}}]}]},
+     ("spec.ingress[0].protocols[0]",)),
+    ({"ingress": [{"action": "Deny", "from": [{"namespaces": {}}], "protocols": [{"icmp": {}}]}]},
+     ("spec.ingress[0].protocols[0].icmp",)),
+], ids=["tier", "priority-high", "priority-negative", "subject-empty", "subject-both", "action", "no-peers",
+        "empty-peer", "ingress-networks", "bad-network", "domain-names", "named-port-to-networks", "range-reversed",
+        "two-protocols", "unknown-protocol"])
+def test_invalid_cluster_network_policy_is_rejected(changes, hints):
+    assert_rejected(_cnp(changes), "ClusterNetworkPolicy bad-cnp", *hints)
+
+
+def test_cluster_network_policy_of_another_api_group_is_ignored():
+    """Antrea and Calico have their own ClusterNetworkPolicy kinds: not ours to read."""
+    other = {"apiVersion": "crd.antrea.io/v1beta1", "kind": "ClusterNetworkPolicy",
+             "metadata": {"name": "antrea"}, "spec": {"priority": 5, "ingress": [{"action": "Drop"}]}}
+    got = _netfence_matrix(small_world() + [other], 80, "TCP")
+    assert all(all(row.values()) for row in got["matrix"].values())

@@ -44,6 +44,19 @@ def test_netfence_matrix_equals_reference(scenario: Scenario):
     assert not problems, "\n".join(problems)
 
 
+@PROPERTY_SETTINGS
+@given(scenarios(cluster_policies=True))
+def test_netfence_matrix_equals_reference_with_cluster_network_policies(scenario: Scenario):
+    """Random clusters mixing NetworkPolicies and ClusterNetworkPolicies of both tiers."""
+    from netfence_cli.offline import matrix as netfence_matrix
+
+    expected = reference_matrix(scenario.docs, scenario.port, scenario.protocol)
+    got = netfence_matrix(scenario.docs, scenario.port, scenario.protocol)
+    assert got["port"] == expected["port"]
+    problems = _differences(expected, got)
+    assert not problems, "\n".join(problems)
+
+
 # ------------------------------------------------------------- checks of the generator and the reference itself
 @settings(max_examples=min(EXAMPLES, 25), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenarios())

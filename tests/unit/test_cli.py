@@ -158,6 +158,25 @@ def test_explain_names_the_policy_rule_and_counter(capsys):
     assert "counted in pod_" in out
 
 
+def test_explain_names_the_tier_policy_and_rule_that_decided(capsys):
+    cnps = str(GOLDEN / "cluster-network-policies.yaml")
+    rc, out, _ = run(capsys, "explain", "-f", CLUSTER, "-f", cnps,
+                     "--from", "shop/frontend", "--to", "shop/backend", "--port", "80/TCP")
+    assert rc == 0 and ": DENIED" in out.splitlines()[0]
+    assert "Baseline tier namespace-isolation-default" in out
+    assert ("decided by: Deny: ClusterNetworkPolicy namespace-isolation-default tier Baseline priority 100 "
+            "ingress[0] (closed-until-a-networkpolicy-opens)") in out
+    rc, out, _ = run(capsys, "explain", "-f", CLUSTER, "-f", cnps,
+                     "--from", "monitoring/prometheus", "--to", "shop/db", "--port", "5432/TCP")
+    assert ": ALLOWED" in out.splitlines()[0]
+    assert ("decided by: Accept: ClusterNetworkPolicy always-allow-monitoring-and-dns tier Admin priority 20 "
+            "ingress[0] (monitoring-scrapes)") in out
+    rc, out, _ = run(capsys, "explain", "-f", CLUSTER, "-f", cnps,
+                     "--from", "shop/backend", "--to", "shop/db", "--port", "5432/TCP")
+    assert ": ALLOWED" in out.splitlines()[0]
+    assert "decided by: NetworkPolicy tier: shop/db-from-backend ingress[0]" in out
+
+
 def test_explain_accepts_ip_endpoints(capsys):
     rc, out, _ = run(capsys, "explain", "-f", CLUSTER, "-f", str(GOLDEN / "ipblock-except.yaml"),
                      "--from", "172.16.4.4", "--to", "shop/frontend", "--port", "8080/TCP")

@@ -68,13 +68,52 @@ pod = st.builds(
     st.sampled_from(NAMESPACES), st.sampled_from(["p", "q", "r"]), st.sampled_from(NODES), labels,
     st.integers(0, 600), st.sampled_from([8080, 9090]), st.booleans(),
 )
-node = st.builds(lambda name, cidr: {"kind": "Node", "metadata": {"name": name}, "spec": {"podCIDR": cidr}},
-                 st.sampled_from(NODES), st.sampled_from(["10.0.0.0/16", "10.9.0.0/16"]))
+node = st.builds(lambda name, cidr, l, ip: {"kind": "Node", "metadata": {"name": name, "labels": l},
+                                            "spec": {"podCIDR": cidr},
+                                            "status": {"addresses": [{"type": "InternalIP", "address": ip}]}},
+                 st.sampled_from(NODES), st.sampled_from(["10.0.0.0/16", "10.9.0.0/16"]), labels,
+                 st.sampled_from(["172.18.0.2", "172.18.0.3"]))
+cnp_peer = st.one_of(
+    selector.map(lambda s: {"namespaces": s}),
+    st.tuples(selector, selector).map(lambda t: {"pods": {"namespaceSelector": t[0], "podSelector": t[1]}}),
+    st.just({"networks": ["10.0.0.0/8", "172.18.0.0/16"]}),
+    selector.map(lambda s: {"nodes": s}),
+)
+cnp_protocols = st.lists(st.one_of(st.just({"tcp": {"destinationPort": {"number": 80}}}),
+                                   st.just({"udp": {"destinationPort": {"range": {"start": 50, "end": 60}}}}),
+                                   st.just({"destinationNamedPort": "web"})), min_size=1, max_size=2)
+
+
+def cnp_rule(direction):
+    def build(action, peers, protocols):
+        if direction == "ingress":
+            peers = [p for p in peers if "namespaces" in p or "pods" in p] or [{"namespaces": {}}]
+        elif protocols and any("destinationNamedPort" in p for p in protocols):
+            peers = [p for p in peers if "namespaces" in p or "pods" in p] or [{"namespaces": {}}]
+        rule = {"action": action, "from" if direction == "ingress" else "to": peers}
+        if protocols:
+            rule["protocols"] = protocols
+        return rule
+    return st.builds(build, st.sampled_from(["Accept", "Deny", "Pass"]), st.lists(cnp_peer, min_size=1, max_size=2),
+                     st.none() | cnp_protocols)
+
+
+cluster_policy = st.builds(
+    lambda name, tier, priority, subject, ing, eg: {
+        "apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy", "metadata": {"name": name},
+        "spec": {"tier": tier, "priority": priority, "subject": subject,
+                 **({"ingress": ing} if ing else {}), **({"egress": eg} if eg else {})}},
+    st.sampled_from(["c1", "c2"]), st.sampled_from(["Admin", "Baseline"]), st.sampled_from([1, 5]),
+    st.one_of(selector.map(lambda s: {"namespaces": s}),
+              st.tuples(selector, selector).map(lambda t: {"pods": {"namespaceSelector": t[0], "podSelector": t[1]}})),
+    st.lists(cnp_rule("ingress"), max_size=2), st.lists(cnp_rule("egress"), max_size=2),
+)
 namespace = st.builds(lambda name, l: {"kind": "Namespace", "metadata": {"name": name, "labels": l}},
                       st.sampled_from(NAMESPACES), labels)
 operation = st.one_of(
     pod.map(lambda d: ("upsert", d)), policy.map(lambda d: ("upsert", d)), namespace.map(lambda d: ("upsert", d)),
-    node.map(lambda d: ("upsert", d)),
+    node.map(lambda d: ("upsert", d)), cluster_policy.map(lambda d: ("upsert", d)),
+    st.sampled_from(["c1", "c2"]).map(lambda n: ("delete", ("ClusterNetworkPolicy", None, n))),
     st.tuples(st.sampled_from(["Pod", "NetworkPolicy"]), st.sampled_from(NAMESPACES),
               st.sampled_from(["p", "q", "r", "p1", "p2", "p3"])).map(lambda t: ("delete", t)),
     st.sampled_from(NAMESPACES).map(lambda n: ("delete", ("Namespace", None, n))),
@@ -95,10 +134,10 @@ def test_incremental_equals_fresh_compile(operations):
             objects.add(obj)
         else:
             kind, ns, name = arg
-            key = name if kind in ("Namespace", "Node") else f"{ns}/{name}"
+            key = name if kind in ("Namespace", "Node", "ClusterNetworkPolicy") else f"{ns}/{name}"
             affected = compiler.delete(kind, key)
             store = {"Pod": objects.pods, "NetworkPolicy": objects.policies, "Namespace": objects.namespaces,
-                     "Node": objects.nodes}[kind]
+                     "Node": objects.nodes, "ClusterNetworkPolicy": objects.cluster_policies}[kind]
             store.pop(key, None)
         after = dump(compiler.all_specs())
         fresh = Compiler(objects)
@@ -133,3 +172,49 @@ def test_upsert_reports_exactly_the_nodes_whose_spec_changed():
     assert changed == {"n1", "n2"}
     assert affected >= changed and "n3" not in affected
     assert after["n2"].peerGroups[0].cidrs == ["10.0.0.9/32"]
+
+
+def _cnp(subject: dict, egress_to: dict | None = None) -> dict:
+    spec = {"tier": "Admin", "priority": 1, "subject": subject,
+            "ingress": [{"action": "Deny", "from": [{"namespaces": {}}]}]}
+    if egress_to is not None:
+        spec["egress"] = [{"action": "Deny", "to": [egress_to]}]
+    return {"apiVersion": "policy.networking.k8s.io/v1alpha2", "kind": "ClusterNetworkPolicy",
+            "metadata": {"name": "c1"}, "spec": spec}
+
+
+def _step(compiler: Compiler, objects: ClusterObjects, doc: dict) -> set[str]:
+    obj = parse_object(doc)
+    objects.add(obj)
+    affected = compiler.upsert(obj)
+    assert dump(compiler.all_specs()) == dump(Compiler(objects).all_specs())
+    return affected
+
+
+def test_cluster_network_policy_subjects_follow_namespace_pod_and_node_labels():
+    """Each relabel changes what a ClusterNetworkPolicy selects: the incremental compiler must
+    notice (a subject by namespace labels, by pod labels; a `nodes` peer by node labels)."""
+    compiler, objects = Compiler(), ClusterObjects()
+    pod_doc = {"kind": "Pod", "metadata": {"namespace": "a", "name": "p", "labels": {"app": "x"}},
+               "spec": {"nodeName": "n1"}, "status": {"podIP": "10.0.0.1"}}
+    node_doc = {"kind": "Node", "metadata": {"name": "n1", "labels": {"zone": "x"}},
+                "status": {"addresses": [{"type": "InternalIP", "address": "172.18.0.2"}]}}
+    for doc in ({"kind": "Namespace", "metadata": {"name": "a", "labels": {"team": "x"}}}, pod_doc, node_doc,
+                _cnp({"namespaces": {"matchLabels": {"team": "x"}}}, {"nodes": {"matchLabels": {"zone": "x"}}})):
+        _step(compiler, objects, doc)
+    pod_spec = compiler.all_specs()["n1"].pods[0]
+    assert pod_spec.adminIngress and pod_spec.adminEgress
+    assert "n1" in _step(compiler, objects, {"kind": "Namespace", "metadata": {"name": "a", "labels": {"team": "y"}}})
+    assert not compiler.all_specs()["n1"].pods[0].adminIngress
+    _step(compiler, objects, {"kind": "Namespace", "metadata": {"name": "a", "labels": {"team": "x"}}})
+    _step(compiler, objects, _cnp({"pods": {"podSelector": {"matchLabels": {"app": "x"}}}},
+                                  {"nodes": {"matchLabels": {"zone": "x"}}}))
+    assert compiler.all_specs()["n1"].pods[0].adminIngress
+    assert "n1" in _step(compiler, objects, {**pod_doc, "metadata": {**pod_doc["metadata"], "labels": {"app": "y"}}})
+    assert not compiler.all_specs()["n1"].pods[0].adminIngress
+    _step(compiler, objects, pod_doc)
+    (group,) = [g for g in compiler.all_specs()["n1"].peerGroups if "nodes" in g.selector]
+    assert group.cidrs == ["172.18.0.2/32"]
+    assert "n1" in _step(compiler, objects, {**node_doc, "metadata": {"name": "n1", "labels": {"zone": "y"}}})
+    (group,) = [g for g in compiler.all_specs()["n1"].peerGroups if "nodes" in g.selector]
+    assert group.cidrs == []

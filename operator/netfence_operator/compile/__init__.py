@@ -2,6 +2,7 @@
 
 from netfence_operator.compile.compiler import Compiler, compile_cluster  # noqa: F401
 from netfence_operator.compile.objects import (  # noqa: F401
+    ClusterNetworkPolicy,
     ClusterObjects,
     InputError,
     Namespace,

@@ -30,9 +30,11 @@ from netfence_api import (
     PeerPortGroup,
     PolicedPod,
     PortRange,
+    TierRule,
     short_hash,
 )
 from netfence_operator.compile.objects import (
+    ClusterNetworkPolicy,
     ClusterObjects,
     IPBlock,
     LabelSelector,
@@ -44,6 +46,7 @@ from netfence_operator.compile.objects import (
 )
 
 DIRECTIONS = ("ingress", "egress")
+TIER_FIELDS = tuple((tier, direction) for tier in ("Admin", "Baseline") for direction in DIRECTIONS)
 _ISOLATION = {(i, e): Isolation(ingress=i, egress=e) for i in (False, True) for e in (False, True)}
 _POLICY_TYPE = {"ingress": "Ingress", "egress": "Egress"}
 
@@ -112,27 +115,31 @@ class GroupDef:
     selectors: tuple[SelectorPeer, ...]
     blocks: tuple[BlockPeer, ...]
     # For peer-port groups: named ports resolved on each destination pod.
-    port_names: tuple[tuple[str, str], ...] = ()  # (name, protocol)
+    port_names: tuple[tuple[str, str | None], ...] = ()  # (name, protocol; None: the port's own)
     any_peer: bool = False  # a rule without peers: every pod is a candidate (named ports only)
+    # ClusterNetworkPolicy `nodes` peers: the IP addresses of the nodes these select.
+    node_selectors: tuple[LabelSelector, ...] = ()
 
     @cached_property
     def name(self) -> str:
         prefix = "pp-" if self.port_names else "pg-"
-        return prefix + short_hash(
-            {
-                "selectors": [s.as_data() for s in self.selectors],
-                "blocks": [b.as_data() for b in self.blocks],
-                "ports": [list(p) for p in self.port_names],
-                "any": self.any_peer,
-            }
-        )
+        data = {
+            "selectors": [s.as_data() for s in self.selectors],
+            "blocks": [b.as_data() for b in self.blocks],
+            "ports": [list(p) for p in self.port_names],
+            "any": self.any_peer,
+        }
+        if self.node_selectors:  # only then: the names of groups without stay as they were
+            data["nodes"] = [n.model_dump(exclude_none=True) for n in self.node_selectors]
+        return prefix + short_hash(data)
 
     def describe(self) -> str:
         parts = ["any peer"] if self.any_peer else []
         parts += [s.describe() for s in self.selectors] + [b.describe() for b in self.blocks]
+        parts += [f"nodes{{{n.describe()}}}" for n in self.node_selectors]
         text = " | ".join(parts)
         if self.port_names:
-            text += " ports " + ",".join(f"{n}/{p}" for n, p in self.port_names)
+            text += " ports " + ",".join(f"{n}/{p}" if p else n for n, p in self.port_names)
         return text
 
     def matches_pod(self, pod: Pod, ns: Namespace) -> bool:
@@ -214,11 +221,41 @@ def _peer_defs(peers: list[NetworkPolicyPeer], namespace: str) -> tuple[tuple[Se
     )
 
 
+def _cnp_peer_defs(peers: list) -> tuple[tuple[SelectorPeer, ...], tuple[BlockPeer, ...], tuple[LabelSelector, ...]]:
+    """ClusterNetworkPolicy peers as group parts: `namespaces` and `pods` are selector peers
+    (never bound to one namespace), `networks` blocks without excepts, `nodes` node selectors."""
+    selectors, blocks, nodes = [], [], []
+    for peer in peers:
+        if peer.namespaces is not None:
+            selectors.append(SelectorPeer(None, None, peer.namespaces))
+        elif peer.pods is not None:
+            pod_sel = peer.pods.podSelector
+            selectors.append(SelectorPeer(None, None if pod_sel.is_empty() else pod_sel, peer.pods.namespaceSelector))
+        elif getattr(peer, "networks", None) is not None:
+            blocks += [BlockPeer(cidr, ()) for cidr in peer.networks]
+        elif getattr(peer, "nodes", None) is not None:
+            nodes.append(peer.nodes)
+    unique_selectors = {short_hash(s.as_data()): s for s in selectors}
+    unique_nodes = {short_hash(n.model_dump(exclude_none=True)): n for n in nodes}
+    return (
+        tuple(unique_selectors[k] for k in sorted(unique_selectors)),
+        tuple(sorted(set(blocks), key=lambda b: (b.cidr, b.excepts))),
+        tuple(unique_nodes[k] for k in sorted(unique_nodes)),
+    )
+
+
+def cnp_owner(name: str) -> str:
+    """How a ClusterNetworkPolicy is keyed among policies (a NetworkPolicy key has no space)."""
+    return f"ClusterNetworkPolicy {name}"
+
+
 # --------------------------------------------------------------------------- compiler
 @dataclass
 class _GroupState:
     definition: GroupDef
     members: frozenset[str] = frozenset()  # pod keys matched by the selectors
+    # (node name, its addresses) of the nodes the node selectors match
+    node_members: frozenset[tuple[str, tuple[str, ...]]] = frozenset()
     nodes: set[str] = field(default_factory=set)  # nodes whose spec names this group
     published: PeerGroup | PeerPortGroup | None = None  # cache, dropped when members change
     owners: set[str] = field(default_factory=set)  # policies whose rules name this group
@@ -266,6 +303,18 @@ class Compiler:
         # cache of each node's pods and the groups they name, kept when only group members change
         self._node_pods: dict[str, tuple[list[PolicedPod], list[str], list[str]]] = {}
         self._problems: dict[str, list[str]] = {}  # cache of problems() per policy
+        # ClusterNetworkPolicies: they select pods of any namespace, so a change to one
+        # recompiles every pod; pods selected by the same ones still share their rules.
+        self.cluster_policies: dict[str, ClusterNetworkPolicy] = {}
+        self._cnp_rules: dict[str, list] = {}  # name -> (direction, index, rule, group definitions)
+        self._cnp_ingress_named: dict[str, bool] = {}
+        self._cnp_order: list[str] | None = None  # names in evaluation order
+        self._cnp_index: dict | None = None  # see _cnp_subject_index
+        # namespace -> (name, pod selector or None) of the ones whose subject's namespace part
+        # matches it, in evaluation order: a pod then checks only those.
+        self._cnps_by_namespace: dict[str, tuple[tuple[str, LabelSelector | None], ...]] = {}
+        self._tier_rules: dict[tuple[str, str, int], dict[tuple, list[TierRule]]] = {}
+        self._node_groups: set[str] = set()  # groups with `nodes` peers
         if objects is not None:
             for ns in objects.namespaces.values():
                 self.namespaces[ns.name] = ns
@@ -275,6 +324,8 @@ class Compiler:
                 self._index_pod(pod)
             for policy in objects.policies.values():
                 self._add_policy(policy)
+            for cnp in objects.cluster_policies.values():
+                self._add_cluster_policy(cnp)
 
     # ------------------------------------------------------------------ public API
     def upsert(self, obj: BaseModel) -> set[str]:
@@ -282,6 +333,8 @@ class Compiler:
             return self._upsert_pod(obj)
         if isinstance(obj, NetworkPolicy):
             return self._upsert_policy(obj)
+        if isinstance(obj, ClusterNetworkPolicy):
+            return self._upsert_cluster_policy(obj)
         if isinstance(obj, Namespace):
             return self._upsert_namespace(obj)
         if isinstance(obj, Node):
@@ -289,7 +342,7 @@ class Compiler:
             if self.nodes.get(obj.name) is None or self.nodes[obj.name].pod_cidrs != obj.pod_cidrs:
                 self._problems.clear()  # ipBlock notes depend on the pod CIDRs
             self.nodes[obj.name] = obj
-            return {obj.name} if new else set()
+            return ({obj.name} if new else set()) | self._nodes_changed()
         raise TypeError(f"cannot compile {type(obj).__name__}")
 
     def delete(self, kind: str, key: str) -> set[str]:
@@ -297,6 +350,8 @@ class Compiler:
             return self._delete_pod(key)
         if kind == "NetworkPolicy":
             return self._delete_policy(key)
+        if kind == "ClusterNetworkPolicy":
+            return self._delete_cluster_policy(key)
         if kind == "Namespace":
             if key not in self.namespaces:
                 return set()
@@ -305,7 +360,9 @@ class Compiler:
             self._specs.pop(key, None)
             self._node_pods.pop(key, None)
             self._problems.clear()
-            return {key} if self.nodes.pop(key, None) is not None else set()
+            if self.nodes.pop(key, None) is None:
+                return set()
+            return {key} | self._nodes_changed()
         raise TypeError(f"cannot compile {kind}")
 
     def node_names(self) -> set[str]:
@@ -427,7 +484,10 @@ class Compiler:
         return out
 
     def _register_group(self, d: GroupDef) -> None:
-        self._groups[d.name] = _GroupState(d, members=self._compute_members(d))
+        self._groups[d.name] = _GroupState(d, members=self._compute_members(d),
+                                           node_members=self._compute_node_members(d))
+        if d.node_selectors:
+            self._node_groups.add(d.name)
         if d.any_peer or d.blocks and d.port_names or any(s.namespace_selector is not None for s in d.selectors):
             self._groups_open.add(d.name)
         for s in d.selectors:
@@ -437,6 +497,7 @@ class Compiler:
     def _unregister_group(self, name: str) -> None:
         state = self._groups.pop(name)
         self._groups_open.discard(name)
+        self._node_groups.discard(name)
         for s in state.definition.selectors:
             if s.namespace_selector is None:
                 self._groups_by_namespace[s.namespace].discard(name)
@@ -455,6 +516,9 @@ class Compiler:
         else:
             self.namespaces[ns.name] = ns
         affected: set[str] = set()
+        self._cnps_by_namespace.pop(ns.name, None)
+        if self.cluster_policies:  # their subjects select by namespace labels
+            affected |= self._invalidate_namespace_pods(ns.name)
         for state in self._groups.values():
             if not any(s.namespace_selector is not None for s in state.definition.selectors):
                 continue
@@ -527,6 +591,157 @@ class Compiler:
             self._group_refs[name] += 1
         self._policy_groups[policy.key] = names
 
+    # ------------------------------------------------------------------ ClusterNetworkPolicies
+    def _upsert_cluster_policy(self, cnp: ClusterNetworkPolicy) -> set[str]:
+        old = self.cluster_policies.get(cnp.name)
+        if old == cnp:
+            return set()
+        if old is not None:
+            self._forget_cluster_policy(cnp.name)
+        self._add_cluster_policy(cnp)
+        return self._invalidate_all_pods()
+
+    def _delete_cluster_policy(self, name: str) -> set[str]:
+        if name not in self.cluster_policies:
+            return set()
+        self._forget_cluster_policy(name)
+        return self._invalidate_all_pods()
+
+    def _add_cluster_policy(self, cnp: ClusterNetworkPolicy) -> None:
+        self.cluster_policies[cnp.name] = cnp
+        self._cnp_order = self._cnp_index = None
+        self._cnp_rules[cnp.name] = list(self._cnp_rule_defs(cnp))
+        self._cnp_ingress_named[cnp.name] = any(
+            d == "ingress" and any(p.destinationNamedPort is not None for p in rule.protocols or ())
+            for d, _, rule, _ in self._cnp_rules[cnp.name])
+        owner = cnp_owner(cnp.name)
+        names = []
+        for _, _, _, definitions in self._cnp_rules[cnp.name]:
+            for d in definitions:
+                if d.name not in self._groups:
+                    self._register_group(d)
+                self._groups[d.name].owners.add(owner)
+                self._group_refs[d.name] += 1
+                names.append(d.name)
+        self._policy_groups[owner] = names
+
+    def _forget_cluster_policy(self, name: str) -> None:
+        self.cluster_policies.pop(name)
+        self._cnp_order = self._cnp_index = None
+        self._cnp_ingress_named.pop(name, None)
+        for direction, index, _, _ in self._cnp_rules.pop(name, ()):
+            self._tier_rules.pop((name, direction, index), None)
+        owner = cnp_owner(name)
+        for group in self._policy_groups.pop(owner, []):
+            self._groups[group].owners.discard(owner)
+            self._group_refs[group] -= 1
+            if self._group_refs[group] == 0:
+                del self._group_refs[group]
+                self._unregister_group(group)
+
+    def _invalidate_all_pods(self) -> set[str]:
+        """Every pod may be selected by a ClusterNetworkPolicy: drop every pod's rules."""
+        self._cnps_by_namespace.clear()
+        self._policed.clear()
+        self._shapes.clear()
+        self._node_pods.clear()
+        self._specs.clear()
+        return self.node_names()
+
+    @staticmethod
+    def _cnp_rule_defs(cnp: ClusterNetworkPolicy):
+        """(direction, index, rule, group definitions the rule needs) for every rule, in order."""
+        for direction in DIRECTIONS:
+            for index, rule in enumerate(getattr(cnp.spec, direction) or ()):
+                selectors, blocks, nodes = _cnp_peer_defs(rule.peers)
+                definitions = [GroupDef(selectors, blocks, node_selectors=nodes)]
+                names = tuple(sorted({p.destinationNamedPort for p in rule.protocols or ()
+                                      if p.destinationNamedPort is not None}))
+                if direction == "egress" and names:
+                    # Named ports resolve on each peer pod, in whatever protocol it declares.
+                    definitions.append(GroupDef(selectors, (), port_names=tuple((n, None) for n in names)))
+                yield direction, index, rule, definitions
+
+    def _cluster_policies_selecting(self, pod: Pod) -> tuple[str, ...]:
+        """Names of the ClusterNetworkPolicies whose subject is this pod, in evaluation order."""
+        if not self.cluster_policies:
+            return ()
+        ns = self._ns(pod)
+        candidates = self._cnps_by_namespace.get(ns.name)
+        if candidates is None:
+            index = self._cnp_subject_index()
+            found = set(index[None])
+            for item in ns.labels.items():
+                found |= index.get(item, set())
+            candidates = []
+            for rank in sorted(found):
+                name = self._cnp_order[rank]
+                subject = self.cluster_policies[name].spec.subject
+                if subject.namespaces is not None:
+                    if subject.namespaces.matches(ns.labels):
+                        candidates.append((name, None))
+                elif subject.pods.namespaceSelector.matches(ns.labels):
+                    candidates.append((name, subject.pods.podSelector))
+            candidates = self._cnps_by_namespace[ns.name] = tuple(candidates)
+        labels = pod.metadata.labels
+        return tuple(name for name, selector in candidates if selector is None or selector.matches(labels))
+
+    def _cnp_subject_index(self) -> dict:
+        """(label key, value) -> ranks (in evaluation order) of the policies whose subject's
+        namespace selector requires that label; None -> those that require none (checked for
+        every namespace). A namespace then checks only policies that can match it."""
+        if self._cnp_order is None or self._cnp_index is None:
+            self._cnp_order = sorted(self.cluster_policies, key=lambda n: self.cluster_policies[n].order_key())
+            index: dict = {None: set()}
+            for rank, name in enumerate(self._cnp_order):
+                subject = self.cluster_policies[name].spec.subject
+                selector = subject.namespaces if subject.namespaces is not None else subject.pods.namespaceSelector
+                first = min((selector.matchLabels or {}).items(), default=None)
+                index.setdefault(first, set()).add(rank)
+            self._cnp_index = index
+        return self._cnp_index
+
+    def _tier_rules_of(self, pod: Pod, cnp: ClusterNetworkPolicy, direction: str, index: int, rule,
+                       definitions: list[GroupDef]) -> list[TierRule]:
+        # Shared by every pod the rule applies to, except ingress named ports, which resolve
+        # on the pod itself: pods that number them alike share.
+        resolution: tuple = ()
+        if direction == "ingress":
+            resolution = tuple(tuple(pod.named_port_numbers(p.destinationNamedPort))
+                               for p in rule.protocols or () if p.destinationNamedPort is not None)
+        cache = self._tier_rules.setdefault((cnp.name, direction, index), {})
+        rules = cache.get(resolution)
+        if rules is None:
+            rules = cache[resolution] = self._build_tier_rules(pod, cnp, direction, index, rule, definitions)
+        return rules
+
+    @staticmethod
+    def _build_tier_rules(pod: Pod, cnp: ClusterNetworkPolicy, direction: str, index: int, rule,
+                          definitions: list[GroupDef]) -> list[TierRule]:
+        fields = dict(action=rule.action, policy=cnp.name, tier=cnp.spec.tier, priority=cnp.spec.priority,
+                      rule=f"{direction}[{index}]", name=rule.name)
+        peers = next(d.name for d in definitions if not d.port_names)
+        if not rule.protocols:
+            return [TierRule.model_construct(**fields, peers=peers, ports=None, peerPorts=None)]
+        numeric: list[PortRange] = []
+        for entry in rule.protocols:
+            numbered = entry.port_range()
+            if numbered is not None:
+                protocol, first, last = numbered
+                numeric.append(PortRange.model_construct(protocol=protocol, port=first,
+                                                         endPort=None if last == first else last))
+            elif direction == "ingress":
+                numeric += [PortRange.model_construct(protocol=protocol, port=number, endPort=None)
+                            for protocol, number in pod.named_port_numbers(entry.destinationNamedPort)]
+        out = []
+        if numeric:
+            out.append(TierRule.model_construct(**fields, peers=peers, ports=_unique(numeric), peerPorts=None))
+        per_peer = next((d.name for d in definitions if d.port_names), None)
+        if per_peer is not None:
+            out.append(TierRule.model_construct(**fields, peers=None, ports=None, peerPorts=per_peer))
+        # Nothing left (a named port no container declares): the rule matches no traffic.
+        return out
+
     def _invalidate_namespace_pods(self, namespace: str) -> set[str]:
         affected = set()
         for key in self._pods_by_ns.get(namespace, ()):
@@ -595,11 +810,35 @@ class Compiler:
             members |= {k for k in self._live_keys if any(b.contains(ip) for b in d.blocks for ip in self.pods[k].ips)}
         return frozenset(members)
 
+    def _compute_node_members(self, d: GroupDef) -> frozenset[tuple[str, tuple[str, ...]]]:
+        if not d.node_selectors:
+            return frozenset()
+        return frozenset(
+            (node.name, tuple(node.ip_addresses))
+            for node in self.nodes.values()
+            if any(sel.matches(node.metadata.labels) for sel in d.node_selectors)
+        )
+
+    def _nodes_changed(self) -> set[str]:
+        """Nodes whose specs name a `nodes` peer group whose nodes or their addresses changed."""
+        affected: set[str] = set()
+        for name in self._node_groups:
+            state = self._groups[name]
+            members = self._compute_node_members(state.definition)
+            if members != state.node_members:
+                state.node_members = members
+                affected |= self._group_changed(state)
+        for node in affected:
+            self._specs.pop(node, None)
+        return affected
+
     def _peer_group(self, d: GroupDef) -> PeerGroup:
         state = self._groups[d.name]
         if state.published is None:
             blocks = [net for block in d.blocks for net in block.networks()]
-            cidrs = merge_addresses([ip for key in state.members for ip in self.pods[key].ips], blocks)
+            addresses = [ip for key in state.members for ip in self.pods[key].ips]
+            addresses += [ip for _, ips in state.node_members for ip in ips]
+            cidrs = merge_addresses(addresses, blocks)
             state.published = PeerGroup.model_construct(name=d.name, selector=d.describe(), cidrs=cidrs)
         return state.published
 
@@ -614,9 +853,8 @@ class Compiler:
         for key in state.members:
             pod = self.pods[key]
             for name, protocol in d.port_names:
-                number = pod.named_port(name, protocol)
-                if number is not None:
-                    entries |= {(ip, protocol, number) for ip in pod.ips}
+                for resolved, number in pod.named_port_numbers(name, protocol):
+                    entries |= {(ip, resolved, number) for ip in pod.ips}
         ordered = sorted(entries, key=lambda e: (_address_key(e[0]), e[1], e[2]))
         return PeerPortGroup.model_construct(
             name=d.name,
@@ -638,12 +876,14 @@ class Compiler:
     def _compile_pod(self, pod: Pod) -> PolicedPod:
         ns, key = pod.metadata.namespace, pod.key
         selecting = tuple(k for k, selected in self._namespace_selections(ns) if key in selected)
-        named = tuple(pod.port_names()) if any(self._ingress_named[k] for k in selecting) else ()
+        cnps = self._cluster_policies_selecting(pod)
+        named = tuple(pod.port_names()) if (any(self._ingress_named[k] for k in selecting)
+                                            or any(self._cnp_ingress_named[c] for c in cnps)) else ()
         shapes = self._shapes.setdefault(ns, {})
-        shape = shapes.get((selecting, named))
+        shape = shapes.get((selecting, cnps, named))
         if shape is None:
-            shape = shapes[(selecting, named)] = self._compile_shape(pod, selecting)
-        isolation, ingress_policies, egress_policies, ingress, egress = shape
+            shape = shapes[(selecting, cnps, named)] = self._compile_shape(pod, selecting, cnps)
+        isolation, ingress_policies, egress_policies, ingress, egress, tiers = shape
         return PolicedPod.model_construct(
             namespace=ns,
             name=pod.metadata.name,
@@ -654,10 +894,12 @@ class Compiler:
             egressPolicies=egress_policies,
             ingress=ingress,
             egress=egress,
+            **tiers,
         )
 
-    def _compile_shape(self, pod: Pod, selecting: tuple[str, ...]) -> tuple:
-        """Isolation, isolating policies and merged rules of a pod that these policies select."""
+    def _compile_shape(self, pod: Pod, selecting: tuple[str, ...], cnps: tuple[str, ...] = ()) -> tuple:
+        """Isolation, isolating policies, merged rules and tier rules of a pod that these
+        policies and ClusterNetworkPolicies select."""
         isolating: dict[str, list[str]] = {"ingress": [], "egress": []}
         rules: dict[str, list[AllowRule]] = {"ingress": [], "egress": []}
         for key in selecting:
@@ -666,8 +908,15 @@ class Compiler:
             for (direction, _, rule, definitions), origin in zip(self._rules[key], self._origins[key]):
                 rules[direction] += self._allow_rules(pod, direction, origin, rule, definitions)
         isolation = _ISOLATION[(bool(isolating["ingress"]), bool(isolating["egress"]))]
+        tiers: dict[str, list[TierRule]] = {}
+        for name in cnps:  # already in evaluation order
+            cnp = self.cluster_policies[name]
+            for direction, index, rule, definitions in self._cnp_rules[name]:
+                field_name = f"{cnp.spec.tier.lower()}{direction.capitalize()}"
+                tiers.setdefault(field_name, []).extend(
+                    self._tier_rules_of(pod, cnp, direction, index, rule, definitions))
         return (isolation, isolating["ingress"], isolating["egress"],
-                self._merged(rules["ingress"]), self._merged(rules["egress"]))
+                self._merged(rules["ingress"]), self._merged(rules["egress"]), tiers)
 
     def _selected_by(self, policy_key: str) -> set[str]:
         selected = self._selected.get(policy_key)
@@ -753,6 +1002,7 @@ class Compiler:
                 if policed is not None:
                     pods.append(policed)
             rules = [rule for pod in pods for rule in pod.ingress + pod.egress]
+            rules += [rule for pod in pods for tier, direction in TIER_FIELDS for rule in pod.tier_rules(tier, direction)]
             group_names = sorted({r.peers for r in rules if r.peers is not None})
             port_group_names = sorted({r.peerPorts for r in rules if r.peerPorts is not None})
             # Which groups a node names changes only with its pods: kept for group-only changes.

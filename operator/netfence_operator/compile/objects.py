@@ -244,6 +244,194 @@ class NetworkPolicy(_Loose):
         return f"{self.metadata.namespace}/{self.metadata.name}"
 
 
+# --------------------------------------------------------------------------- ClusterNetworkPolicy
+# policy.networking.k8s.io/v1alpha2, read from the upstream types (apis/v1alpha2/
+# clusternetworkpolicy_types.go in kubernetes-sigs/network-policy-api). Strict like
+# NetworkPolicy; where upstream says "exactly one field must be set" so do we, so that a
+# peer from a newer CRD version we do not know is an error, never a rule matching nothing.
+CNP_GROUP = "policy.networking.k8s.io"
+CNP_API_VERSION = f"{CNP_GROUP}/v1alpha2"
+CNP_TIERS = ("Admin", "Baseline")
+_MAX_RULES = 25  # per direction, and peers/protocols/networks per rule (upstream MaxItems)
+
+
+def _exactly_one(model: BaseModel, fields: tuple[str, ...], what: str) -> None:
+    given = [f for f in fields if getattr(model, f) is not None]
+    if len(given) != 1:
+        names = ", ".join(fields)
+        raise ValueError(f"{what} needs exactly one of {names}" + (f" (got {', '.join(given)})" if given else ""))
+
+
+class CNPPortRange(_Strict):
+    start: int = Field(ge=1, le=65535)
+    end: int = Field(ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "CNPPortRange":
+        if not self.start < self.end:
+            raise ValueError(f"start {self.start} must be less than end {self.end}")
+        return self
+
+
+class CNPPort(_Strict):
+    number: int | None = Field(default=None, ge=1, le=65535)
+    range: CNPPortRange | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "CNPPort":
+        _exactly_one(self, ("number", "range"), "destinationPort")
+        return self
+
+
+class CNPProtocolPort(_Strict):
+    destinationPort: CNPPort
+
+
+class CNPProtocol(_Strict):
+    tcp: CNPProtocolPort | None = None
+    udp: CNPProtocolPort | None = None
+    sctp: CNPProtocolPort | None = None
+    destinationNamedPort: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "CNPProtocol":
+        _exactly_one(self, ("tcp", "udp", "sctp", "destinationNamedPort"), "a protocols entry")
+        name = self.destinationNamedPort
+        if name is not None and (len(name) > 15 or not _PORT_NAME.match(name)):
+            raise ValueError(f"destinationNamedPort {name!r} is not a valid port name (IANA service name)")
+        return self
+
+    def port_range(self) -> tuple[str, int, int] | None:
+        """(protocol, first, last) of a numeric entry; None for a named port."""
+        for protocol in ("tcp", "udp", "sctp"):
+            entry = getattr(self, protocol)
+            if entry is not None:
+                port = entry.destinationPort
+                if port.range is not None:
+                    return protocol.upper(), port.range.start, port.range.end
+                return protocol.upper(), port.number, port.number
+        return None
+
+
+class NamespacedPod(_Strict):
+    # Upstream: namespaceSelector empty (or left out) selects every namespace.
+    namespaceSelector: LabelSelector = LabelSelector()
+    podSelector: LabelSelector
+
+
+class CNPSubject(_Strict):
+    namespaces: LabelSelector | None = None
+    pods: NamespacedPod | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "CNPSubject":
+        _exactly_one(self, ("namespaces", "pods"), "subject")
+        return self
+
+    def selects(self, namespace_labels: dict[str, str], pod_labels: dict[str, str]) -> bool:
+        if self.namespaces is not None:
+            return self.namespaces.matches(namespace_labels)
+        return self.pods.namespaceSelector.matches(namespace_labels) and self.pods.podSelector.matches(pod_labels)
+
+
+def _valid_cidrs(values: list[str] | None) -> list[str] | None:
+    for i, text in enumerate(values or ()):
+        try:
+            parse_cidr(text)
+        except ValueError as e:
+            raise ValueError(f"networks[{i}]: {e}") from None
+    return values
+
+
+class CNPIngressPeer(_Strict):
+    namespaces: LabelSelector | None = None
+    pods: NamespacedPod | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> "CNPIngressPeer":
+        _exactly_one(self, ("namespaces", "pods"), "an ingress peer")
+        return self
+
+
+class CNPEgressPeer(_Strict):
+    namespaces: LabelSelector | None = None
+    pods: NamespacedPod | None = None
+    networks: list[str] | None = Field(default=None, min_length=1, max_length=_MAX_RULES)
+    nodes: LabelSelector | None = None
+    # Matching domain names needs the DNS answers the pod got; nftables sees addresses only.
+    domainNames: list[str] | None = None
+
+    _cidrs = field_validator("networks")(classmethod(lambda cls, v: _valid_cidrs(v)))
+
+    @model_validator(mode="after")
+    def _one(self) -> "CNPEgressPeer":
+        if self.domainNames is not None:
+            raise ValueError("domainNames peers are not supported by netfence: matching a domain needs the DNS "
+                             "answers the pod received, which nftables cannot see (use networks CIDRs instead)")
+        _exactly_one(self, ("namespaces", "pods", "networks", "nodes"), "an egress peer")
+        return self
+
+
+class _CNPRule(_Strict):
+    name: str = Field(default="", max_length=100)
+    action: Literal["Accept", "Deny", "Pass"]
+    protocols: list[CNPProtocol] | None = Field(default=None, min_length=1, max_length=_MAX_RULES)
+
+
+class CNPIngressRule(_CNPRule):
+    from_: list[CNPIngressPeer] = Field(alias="from", min_length=1, max_length=_MAX_RULES)
+
+    @property
+    def peers(self) -> list[CNPIngressPeer]:
+        return self.from_
+
+
+class CNPEgressRule(_CNPRule):
+    to: list[CNPEgressPeer] = Field(min_length=1, max_length=_MAX_RULES)
+
+    @property
+    def peers(self) -> list[CNPEgressPeer]:
+        return self.to
+
+    @model_validator(mode="after")
+    def _named_ports_need_pods(self) -> "CNPEgressRule":
+        if any(p.destinationNamedPort is not None for p in self.protocols or ()) and any(
+                p.networks is not None or p.nodes is not None for p in self.to):
+            raise ValueError("destinationNamedPort cannot be used with networks or nodes peers "
+                             "(they have no named ports)")
+        return self
+
+
+class ClusterNetworkPolicySpec(_Strict):
+    tier: Literal["Admin", "Baseline"]
+    priority: int = Field(ge=0, le=1000)
+    subject: CNPSubject
+    ingress: list[CNPIngressRule] | None = Field(default=None, max_length=_MAX_RULES)
+    egress: list[CNPEgressRule] | None = Field(default=None, max_length=_MAX_RULES)
+
+
+class ClusterNetworkPolicy(_Loose):
+    kind: Literal["ClusterNetworkPolicy"] = "ClusterNetworkPolicy"
+    apiVersion: Literal["policy.networking.k8s.io/v1alpha2"] = CNP_API_VERSION
+    metadata: NamespaceMetadata
+    spec: ClusterNetworkPolicySpec
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def key(self) -> str:
+        return self.metadata.name
+
+    def order_key(self) -> tuple[int, int, str]:
+        """Evaluation order: Admin before Baseline, lower priority first, then by name.
+
+        Upstream leaves the order of equal priorities to the implementation; netfence takes
+        the name so that it is deterministic and the same on every node and every run."""
+        return CNP_TIERS.index(self.spec.tier), self.spec.priority, self.metadata.name
+
+
 # --------------------------------------------------------------------------- Pod, Namespace, Node
 class ContainerPort(_Loose):
     containerPort: int = Field(ge=1, le=65535)
@@ -320,6 +508,17 @@ class Pod(_Loose):
                     return port.containerPort
         return None
 
+    def named_port_numbers(self, name: str, protocol: str | None = None) -> list[tuple[str, int]]:
+        """(protocol, number) of every container port called `name` (of `protocol` if given).
+
+        A ClusterNetworkPolicy's destinationNamedPort names no protocol: it is the port's own."""
+        return sorted({
+            (port.protocol, port.containerPort)
+            for container in self.spec.containers
+            for port in container.ports or ()
+            if port.name == name and (protocol is None or port.protocol == protocol)
+        })
+
     def port_names(self) -> list[tuple[str, str, int]]:
         return [
             (p.name, p.protocol, p.containerPort)
@@ -382,10 +581,25 @@ class Node(_Loose):
     def internal_ips(self) -> list[str]:
         return [a.address for a in self.status.addresses or () if a.type == "InternalIP"]
 
+    @property
+    def ip_addresses(self) -> list[str]:
+        """Every address in status.addresses that is an IP (InternalIP, ExternalIP), canonical:
+        what a ClusterNetworkPolicy `nodes` peer matches."""
+        out = []
+        for a in self.status.addresses or ():
+            try:
+                text = str(ipaddress.ip_address(a.address))
+            except ValueError:
+                continue  # Hostname, InternalDNS: not addresses
+            if text not in out:
+                out.append(text)
+        return out
+
 
 # --------------------------------------------------------------------------- parsing
 KINDS: dict[str, type[BaseModel]] = {
     "NetworkPolicy": NetworkPolicy,
+    "ClusterNetworkPolicy": ClusterNetworkPolicy,
     "Pod": Pod,
     "Namespace": Namespace,
     "Node": Node,
@@ -408,11 +622,21 @@ def _field_path(loc: tuple[Any, ...]) -> str:
     return path
 
 
+def reads_api_version(doc: dict[str, Any]) -> bool:
+    """False for a kind of the same name from another API group (Antrea and Calico have their
+    own ClusterNetworkPolicy kinds): those are not ours to read. A version of our group other
+    than v1alpha2 is read, and rejected by the model with a message naming apiVersion."""
+    if doc.get("kind") != "ClusterNetworkPolicy":
+        return True
+    version = doc.get("apiVersion")
+    return version is None or str(version).split("/")[0] == CNP_GROUP
+
+
 def describe_object(doc: dict[str, Any]) -> str:
     kind = doc.get("kind", "<no kind>")
     md = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
     name = md.get("name", "<no name>")
-    if kind in ("Namespace", "Node"):
+    if kind in ("Namespace", "Node", "ClusterNetworkPolicy"):
         return f"{kind} {name}"
     return f"{kind} {md.get('namespace') or 'default'}/{name}"
 
@@ -444,6 +668,7 @@ class ClusterObjects:
     pods: dict[str, Pod] = field(default_factory=dict)  # "ns/name"
     policies: dict[str, NetworkPolicy] = field(default_factory=dict)  # "ns/name"
     nodes: dict[str, Node] = field(default_factory=dict)
+    cluster_policies: dict[str, ClusterNetworkPolicy] = field(default_factory=dict)  # name
 
     def add(self, obj: BaseModel) -> None:
         if isinstance(obj, Namespace):
@@ -454,6 +679,8 @@ class ClusterObjects:
             self.policies[obj.key] = obj
         elif isinstance(obj, Node):
             self.nodes[obj.name] = obj
+        elif isinstance(obj, ClusterNetworkPolicy):
+            self.cluster_policies[obj.name] = obj
         else:  # pragma: no cover - parse_object returns only the kinds above
             raise TypeError(obj)
 
@@ -495,8 +722,9 @@ def parse_documents(
             continue
         for doc in docs:
             kind = doc.get("kind")
-            if kind not in KINDS:
-                skipped[str(kind)] = skipped.get(str(kind), 0) + 1
+            if kind not in KINDS or not reads_api_version(doc):
+                label = str(kind) if kind not in KINDS else f"{kind} ({doc.get('apiVersion')})"
+                skipped[label] = skipped.get(label, 0) + 1
                 continue
             try:
                 obj = parse_object(doc, source)
@@ -511,5 +739,6 @@ def parse_documents(
         raise InputError(problems)
     if notes is not None:
         for kind, count in sorted(skipped.items()):
-            notes.append(f"note: ignored {count} object(s) of kind {kind} (netfence reads Namespace, Pod, NetworkPolicy, Node)")
+            notes.append(f"note: ignored {count} object(s) of kind {kind} (netfence reads Namespace, Pod, "
+                         f"NetworkPolicy, Node, ClusterNetworkPolicy {CNP_API_VERSION})")
     return objects
