@@ -84,6 +84,7 @@ class HostLink:
     kind: str | None
     peer_index: int | None  # IFLA_LINK: for a veth, the peer's ifindex in the peer's namespace
     peer_nsid: int | None  # IFLA_LINK_NETNSID: our id for the peer's namespace
+    master: int | None = None  # IFLA_MASTER: the bridge (e.g. cni0) it is a port of
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,9 @@ class Snapshot:
     # Things that will probably become pods within milliseconds: a pod namespace peered with
     # one of our veths but without an IP yet, a veth peered into a namespace we cannot place.
     incomplete: list[str] = field(default_factory=list)
+    # Bridge-port veths (by our ifindex) leading into a pod namespace whose pod has no IP yet:
+    # the agent holds them closed from here on, so the pod's first packet finds them held.
+    unaddressed: dict[int, PodPort] = field(default_factory=dict)
 
     @property
     def ports(self) -> dict[str, PodPort]:
@@ -228,7 +232,7 @@ def _host_link(msg) -> HostLink:
     linkinfo = msg.get_attr("IFLA_LINKINFO")
     kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
     return HostLink(msg["index"], msg.get_attr("IFLA_IFNAME"), kind,
-                    msg.get_attr("IFLA_LINK"), msg.get_attr("IFLA_LINK_NETNSID"))
+                    msg.get_attr("IFLA_LINK"), msg.get_attr("IFLA_LINK_NETNSID"), msg.get_attr("IFLA_MASTER"))
 
 
 def read_pod_side(rtnl: Rtnl, our_netns_fd: int) -> PodSide | None:
@@ -250,6 +254,14 @@ def read_pod_side(rtnl: Rtnl, our_netns_fd: int) -> PodSide | None:
     )
     return PodSide(link["index"], link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_ADDRESS"),
                    tuple(str(ipaddress.ip_address(ip)) for ip in ips), link.get_attr("IFLA_LINK"))
+
+
+def _note_unaddressed(snapshot: Snapshot, link: HostLink, mac: str | None) -> None:
+    """Our veth into a pod namespace without a pod IP yet. Only bridge ports: the bridge hook
+    is where such a veth is held, and a veth that is no bridge port (e.g. a node's uplink in a
+    lab whose underlay namespace shares the netns directory) carries no pod traffic."""
+    if link.master is not None and link.index not in snapshot.unaddressed:
+        snapshot.unaddressed[link.index] = PodPort(link.ifname, mac, link.index)
 
 
 # --------------------------------------------------------------------------- CNI cache
@@ -424,6 +436,8 @@ class Discovery:
                 side = self._read_pod_side(path)
                 if side is None or not self._peers_match(side, nsid):
                     snapshot.incomplete.append(f"netns {name}")
+                    for link in peers:  # being wired (or unreadable): its pod has no known IP
+                        _note_unaddressed(snapshot, link, None)
                     continue
                 if side.ips:
                     self._pod_sides[key] = side
@@ -431,6 +445,7 @@ class Discovery:
             accounted.add(host.index)
             if not side.ips:
                 snapshot.incomplete.append(f"netns {name} (no IP yet)")
+                _note_unaddressed(snapshot, host, side.mac)
             for ip in side.ips:
                 snapshot.pods[ip] = DiscoveredPod(ip, host.ifname, host.index, side.mac, "netns")
         for key in set(self._pod_sides) - live:
@@ -516,8 +531,9 @@ class Discovery:
         for fd in (self._wake_r, self._wake_w, self._own_netns_fd):
             os.close(fd)
 
-    def _publish(self, snapshot: Snapshot, previous: dict[str, DiscoveredPod]) -> None:
-        if snapshot.pods != previous and self.on_change is not None:
+    def _publish(self, snapshot: Snapshot, previous: Snapshot) -> None:
+        changed = snapshot.pods != previous.pods or snapshot.unaddressed != previous.unaddressed
+        if changed and self.on_change is not None:
             self.on_change(snapshot)
 
     def _run(self) -> None:
@@ -550,7 +566,7 @@ class Discovery:
             if not evented and not due:
                 continue
             retries = [t for t in retries if t > now]
-            previous = self.last.pods
+            previous = self.last
             try:
                 snapshot = self.scan()
             except Exception:  # keep watching; the next event rescans
