@@ -11,6 +11,17 @@ import signal
 import sys
 
 from netfence_agent.discovery import DEFAULT_CNI_DIR, DEFAULT_NETNS_DIR
+from netfence_agent.hold import DEFAULT_HOLD_TIMEOUT
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number of seconds")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     agent.add_argument("--full-sync-period", type=float, default=3600.0, metavar="SECONDS",
                        help="reload the whole rule set this often, repairing edits others made to netfence's "
                             "tables (default 3600; 0: never)")
+    agent.add_argument("--new-pods", choices=("hold", "open"), default="hold",
+                       help="a local pod the rule set does not cover yet (new: the controller has not named it): "
+                            "hold it closed until its rules are in the kernel (default), or leave it open (unpoliced)")
+    agent.add_argument("--hold-new-pods-timeout", type=_positive_seconds, default=DEFAULT_HOLD_TIMEOUT, metavar="SECONDS",
+                       help="with --new-pods=hold: release a pod held this long unpoliced, with a warning and a "
+                            f"Degraded condition (default {DEFAULT_HOLD_TIMEOUT:g})")
     agent.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     agent.set_defaults(func=run_agent)
 
@@ -71,6 +88,8 @@ def run_agent(args: argparse.Namespace) -> int:
         log_drops=args.log_drops,
         nflog_group=args.nflog_group,
         full_sync_period=args.full_sync_period,
+        new_pods=args.new_pods,
+        hold_new_pods_timeout=args.hold_new_pods_timeout,
     )
     agent = Agent(config, source)
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -30,6 +30,8 @@ log = logging.getLogger("netfence.metrics")
 
 CounterKey = tuple[str, str, str]  # (family, table, counter name)
 APPLY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# A held pod waits for the controller: ~1 s normally, up to the hold timeout (120 s by default).
+HOLD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
 @dataclass
@@ -71,9 +73,12 @@ class CounterLedger:
 @dataclass
 class ApplyHistogram:
     buckets: tuple[float, ...] = APPLY_BUCKETS
-    counts: list[int] = field(default_factory=lambda: [0] * len(APPLY_BUCKETS))
+    counts: list[int] = field(default_factory=list)
     count: int = 0
     sum: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = self.counts or [0] * len(self.buckets)
 
     def observe(self, seconds: float) -> None:
         self.count += 1
@@ -94,6 +99,9 @@ class AgentMetrics:
         self.apply_failures = 0
         self.apply_duration = ApplyHistogram()
         self.generation = 0
+        self.held_pods = 0
+        self.hold_duration = ApplyHistogram(HOLD_BUCKETS)
+        self.hold_timeouts = 0
         self.lock = threading.RLock()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -122,6 +130,14 @@ class AgentMetrics:
             self.apply_duration.observe(seconds)
             self.generation = generation or 0
 
+    def holds(self, held: int, held_until_covered: Iterable[float], timed_out: int) -> None:
+        """After a sync: pods held now, holds that ended with rules (seconds), holds that timed out."""
+        with self.lock:
+            self.held_pods = held
+            for seconds in held_until_covered:
+                self.hold_duration.observe(seconds)
+            self.hold_timeouts += timed_out
+
     def failed(self, seconds: float) -> None:
         with self.lock:
             self.apply_failures += 1
@@ -140,8 +156,13 @@ class AgentMetrics:
             spoofed = CounterMetricFamily(
                 "netfence_spoofed_packets", "Frames from a pod's veth with a source address or MAC not the pod's.",
                 labels=("namespace", "pod"))
+            held = CounterMetricFamily(
+                "netfence_held_packets", "Packets refused because their local pod is held: new, not yet covered by "
+                "the rule set (egress includes frames from its veth).", labels=("direction",))
             for owner, total in sorted(self.ledger.totals.items(), key=lambda kv: (kv[0].namespace, kv[0].pod, kv[0].kind)):
-                if owner.kind == "spoof":
+                if owner.kind.startswith("held_"):
+                    held.add_metric((owner.kind.removeprefix("held_"),), total.packets)
+                elif owner.kind == "spoof":
                     spoofed.add_metric((owner.namespace, owner.pod), total.packets)
                 else:
                     dropped_packets.add_metric((owner.namespace, owner.pod, owner.kind), total.packets)
@@ -149,6 +170,18 @@ class AgentMetrics:
             yield dropped_packets
             yield dropped_bytes
             yield spoofed
+            yield held
+            yield GaugeMetricFamily("netfence_held_pods",
+                                    "Local pod veths held closed now: the applied rule set does not cover them yet.",
+                                    value=self.held_pods)
+            yield CounterMetricFamily("netfence_hold_timeouts",
+                                      "Held pods released unpoliced after --hold-new-pods-timeout without rules.",
+                                      value=self.hold_timeouts)
+            h = self.hold_duration
+            yield HistogramMetricFamily("netfence_pod_hold_duration_seconds",
+                                        "How long new pods were held until a rule set covering them was applied.",
+                                        buckets=[(str(b), c) for b, c in zip(h.buckets, h.counts)] + [("+Inf", h.count)],
+                                        sum_value=h.sum)
             yield CounterMetricFamily("netfence_rules_applied", "Rule sets loaded into the kernel.",
                                       value=self.rules_applied)
             yield CounterMetricFamily("netfence_rule_apply_failures", "Rule set loads the kernel rejected.",
