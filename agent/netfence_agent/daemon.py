@@ -30,6 +30,8 @@ from netfence_agent.metrics import AgentMetrics, serve
 from netfence_agent.nft.kernel import OWNED_TABLES, Kernel, NftError
 from netfence_agent.nft.transaction import Transaction, plan
 from netfence_agent.render import (
+    NO_HOLDS,
+    Holds,
     PodPort,
     RenderOptions,
     RenderResult,
@@ -91,7 +93,8 @@ class Agent:
         self._cond = threading.Condition()
         self._desired: netfence_api.NodeRuleSet | None = None
         self._ports: dict[str, PodPort] = {}
-        self._unaddressed: dict[int, PodPort] = {}  # veths into pod namespaces without an IP yet
+        self._unaddressed: dict[int, PodPort] = {}  # veths of pods without a known IP
+        self._other_ports: dict[int, PodPort] = {}  # veths on bridges without pods
         self._dirty = False
         self._stopping = False
         self._retry_at: float | None = None
@@ -103,6 +106,7 @@ class Agent:
         self.applied_object: netfence_api.NodeRuleSet | None = None
         self._applied_ports: dict[str, PodPort] = {}
         self.hold = HoldBook()  # the holds the kernel enforces
+        self._applied_holds = NO_HOLDS
         self._hold_ends: float | None = None  # when the oldest of them times out
         self.last_error: str | None = None
         self.br_state = br_netfilter.BrNetfilterState(False, "not checked yet")
@@ -119,12 +123,14 @@ class Agent:
             self._dirty = True
             self._cond.notify()
 
-    def set_ports(self, ports: dict[str, PodPort], unaddressed: dict[int, PodPort] | None = None) -> None:
-        unaddressed = {} if unaddressed is None else unaddressed
+    def set_ports(self, ports: dict[str, PodPort], unaddressed: dict[int, PodPort] | None = None,
+                  other_ports: dict[int, PodPort] | None = None) -> None:
+        unaddressed, other_ports = unaddressed or {}, other_ports or {}
         with self._cond:
-            if ports != self._ports or unaddressed != self._unaddressed:
+            if ports != self._ports or unaddressed != self._unaddressed or other_ports != self._other_ports:
                 self._ports = dict(ports)
                 self._unaddressed = dict(unaddressed)
+                self._other_ports = dict(other_ports)
                 self._dirty = True
                 self._cond.notify()
 
@@ -134,7 +140,7 @@ class Agent:
         if added or gone:
             log.info("pods on this node: +%s -%s",
                      [f"{ip} on {snapshot.pods[ip].ifname}" for ip in added], gone)
-        self.set_ports(snapshot.ports, snapshot.unaddressed)
+        self.set_ports(snapshot.ports, snapshot.unaddressed, snapshot.other_ports)
 
     # ------------------------------------------------------------------ health
     def readiness(self) -> tuple[bool, str]:
@@ -159,7 +165,8 @@ class Agent:
 
     def sync_once(self) -> SyncOutcome:
         with self._cond:
-            rule_set, ports, unaddressed = self._desired, dict(self._ports), dict(self._unaddressed)
+            rule_set, ports = self._desired, dict(self._ports)
+            unaddressed, other_ports = dict(self._unaddressed), dict(self._other_ports)
             self._dirty = False
             self._retry_at = None  # a failure below schedules the next attempt again
             periodic, self._full_sync_due = self._full_sync_due, False
@@ -171,13 +178,14 @@ class Agent:
             return self._failed(rule_set, started, f"rule set is for node {rule_set.spec.nodeName!r}, "
                                                    f"this agent is node {self.config.node!r}", "WrongNode", retry=False)
         hold = self._next_hold(rule_set, ports, unaddressed)
+        holds = self._holds(hold, other_ports)
         try:
             if (self.applied is not None and self.applied_object is not None and ports == self._applied_ports
-                    and hold.held == self.hold.held
+                    and holds == self._applied_holds
                     and only_group_members_changed(self.applied_object.spec, rule_set.spec)):
                 result = render_group_members(self.applied, self.applied_object.spec, rule_set.spec)
             else:
-                result = render(rule_set.spec, ports, self.config.render_options, held=hold.held)
+                result = render(rule_set.spec, ports, self.config.render_options, holds=holds)
         except ValueError as exc:  # e.g. an address that is none: nothing sensible to load
             return self._failed(rule_set, started, f"cannot render: {exc}", "InvalidRuleSet", retry=False)
         if self.applied is not None and not set(OWNED_TABLES) <= self.kernel.tables():
@@ -207,6 +215,7 @@ class Agent:
         seconds = time.perf_counter() - started
         self.applied, self.applied_object, self._applied_ports = result, rule_set, ports
         self._holds_applied(hold)
+        self._applied_holds = holds
         self.last_error = None
         self._failures_in_row = 0
         self.metrics.set_labels(result.counters)
@@ -229,6 +238,12 @@ class Agent:
             return HoldBook()
         return next_book(self.hold, rule_set.spec, ports, unaddressed, time.monotonic(),
                          self.config.hold_new_pods_timeout)
+
+    def _holds(self, hold: HoldBook, other_ports: dict[int, PodPort]) -> Holds:
+        if self.config.new_pods != "hold":
+            return NO_HOLDS
+        passed = [entry.port for entry in hold.released.values()] + list(other_ports.values())
+        return Holds(True, hold.held, tuple(sorted(passed, key=lambda p: p.ifname)))
 
     def _holds_applied(self, hold: HoldBook) -> None:
         """The kernel now enforces `hold`: say what changed."""

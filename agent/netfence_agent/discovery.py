@@ -126,9 +126,12 @@ class Snapshot:
     # Things that will probably become pods within milliseconds: a pod namespace peered with
     # one of our veths but without an IP yet, a veth peered into a namespace we cannot place.
     incomplete: list[str] = field(default_factory=list)
-    # Bridge-port veths (by our ifindex) leading into a pod namespace whose pod has no IP yet:
-    # the agent holds them closed from here on, so the pod's first packet finds them held.
+    # Bridge-port veths (by our ifindex) of pods without a known IP: leading into a pod
+    # namespace whose pod has no IP yet, or on a bridge of pods without a pod we can place.
+    # The agent holds them closed (with a time limit), as it holds pods the rule set lacks.
     unaddressed: dict[int, PodPort] = field(default_factory=dict)
+    # Veths on bridges without pods (e.g. docker0 beside cni0): no pod's, let through.
+    other_ports: dict[int, PodPort] = field(default_factory=dict)
 
     @property
     def ports(self) -> dict[str, PodPort]:
@@ -397,8 +400,22 @@ class Discovery:
             if link.kind == "veth" and link.peer_nsid is not None and link.ifname not in placed
             and link.index not in walked
         ]
+        self._sort_other_bridge_ports(snapshot, placed)
         self.last = snapshot
         return snapshot
+
+    def _sort_other_bridge_ports(self, snapshot: Snapshot, placed: set[str]) -> None:
+        """Every other veth that is a bridge port: on a bridge of pods, a pod we cannot place
+        (held like a new one, then released: say, its namespace is not visible to us); else
+        no pod's at all."""
+        pod_bridges = {self._links[p.ifindex].master for p in snapshot.pods.values() if p.ifindex in self._links}
+        pod_bridges |= {self._links[i].master for i in snapshot.unaddressed if i in self._links}
+        for link in self._links.values():
+            if (link.kind != "veth" or link.master is None or link.ifname in placed
+                    or link.index in snapshot.unaddressed):
+                continue
+            side = snapshot.unaddressed if link.master in pod_bridges else snapshot.other_ports
+            side[link.index] = PodPort(link.ifname, None, link.index)
 
     def _walk_netns(self, snapshot: Snapshot) -> set[int]:
         """Pods found through their namespace files; returns our veth ifindexes accounted for."""
@@ -532,7 +549,8 @@ class Discovery:
             os.close(fd)
 
     def _publish(self, snapshot: Snapshot, previous: Snapshot) -> None:
-        changed = snapshot.pods != previous.pods or snapshot.unaddressed != previous.unaddressed
+        changed = (snapshot.pods != previous.pods or snapshot.unaddressed != previous.unaddressed
+                   or snapshot.other_ports != previous.other_ports)
         if changed and self.on_change is not None:
             self.on_change(snapshot)
 

@@ -19,7 +19,7 @@ in the bridge family, keyed on the veth the frame came in on (DESIGN.md §4):
 
     prerouting_hook (bridge, hook prerouting)
       iif . ether saddr . ip saddr @pod_addresses_v4 accept      (the common frame: one lookup)
-      iifname vmap @pod_ports ──jump──> pod_<id>_spoof: own ARP, own IPv6 link-local: return
+      iifname vmap @pod_ports ──jump──> pod_<id>_spoof: own ARP, own IPv6 link-local: accept
                                                         counter + drop
 
 An established packet thus costs one rule in each of the two hooks, whatever the number of
@@ -28,15 +28,20 @@ pods and policies.
 New pods are held closed until the rule set covers them (DESIGN.md §3: a pod whose rules are
 not yet in the kernel is held, not left open). The agent sees a pod's veth and IP long before
 the controller's rule set names the pod; what it sees but the rule set does not cover comes in
-as `held`, and rides the dispatch that is there anyway, so holding costs no rule on any path:
+as `holds`, and rides the dispatch that is there anyway:
 
     forward_hook:      ip saddr vmap @egress_v4  ──jump──> held_egress:  counter + drop
     ingress_dispatch:  ip daddr vmap @ingress_v4 ──jump──> held_ingress: counter + drop
     prerouting_hook:   its own MAC and IP on its veth accept (to and from the node, as for
                        every pod; other pods and the world are refused in the forward hook)
-                       iifname vmap @pod_ports ──jump──> held_veth: own ARP, link-local: return
+                       iifname vmap @pod_ports ──jump──> held_veth: own ARP, link-local: accept
                                                                     counter + drop
+                       meta iifkind "veth" counter + drop      (a veth not known at all yet)
 
+The last rule holds a pod before the agent has even seen it: from its veth's first frame, not
+from when discovery and a sync get there (measured: the real CNI plugin sets a pod's IP and
+answers connections tens of milliseconds before that). Known veths never reach it (their own
+addresses are accepted first, and every known veth is in @pod_ports, pods' or let through).
 A veth whose pod has no IP yet has no own addresses, so every frame from it is dropped.
 """
 
@@ -84,7 +89,7 @@ SPOOF_CHAIN = "prerouting_hook"
 _PROTO = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 _FAMILY = {4: ("ip", "ipv4_addr", "v4"), 6: ("ip6", "ipv6_addr", "v6")}
 # Expressions and verdicts are immutable; sharing them saves most of render's allocations.
-_ACCEPT, _DROP, _RETURN = Verdict("accept"), Verdict("drop"), Verdict("return")
+_ACCEPT, _DROP = Verdict("accept"), Verdict("drop")
 _GOTO_INGRESS = Verdict("goto", INGRESS_DISPATCH)
 _ETHER_SADDR = Payload("ether", "saddr")
 _IIF = Meta("iif")
@@ -119,6 +124,21 @@ class HeldPort:
 
     port: PodPort
     ips: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Holds:
+    """New pods held closed (the agent's --new-pods=hold). The default holds nothing: the
+    offline views, and --new-pods=open."""
+
+    enabled: bool = False  # drop frames from veths nothing is known about (a pod being born)
+    held: tuple[HeldPort, ...] = ()
+    # Veths let through unchecked: a pod released when its hold timed out, and bridge ports
+    # that are no pod's (veths on a bridge without pods, e.g. docker0 next to cni0).
+    passed: tuple[PodPort, ...] = ()
+
+
+NO_HOLDS = Holds()
 
 
 @dataclass(frozen=True)
@@ -226,11 +246,11 @@ def log_prefix(counter: str) -> str:
 
 
 def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderOptions = RenderOptions(),
-           memo: RenderMemo | None = None, held: Sequence[HeldPort] = ()) -> RenderResult:
+           memo: RenderMemo | None = None, holds: Holds = NO_HOLDS) -> RenderResult:
     """The node's nftables model. Pass one `memo` to the renders of many nodes of one compile.
-    `held`: local veths and IPs the spec does not cover, to be held closed."""
+    `holds`: local veths and IPs the spec does not cover, to be held closed."""
     memo = RenderMemo() if memo is None else memo
-    families = _families(spec, held)
+    families = _families(spec, holds.held)
     result = RenderResult(Ruleset(), families=families)
     inet = Table("inet", TABLE_NAME, comment=f"netfence: NetworkPolicy of node {spec.nodeName}")
     bridge = Table("bridge", TABLE_NAME, comment=f"netfence: anti-spoofing on pod veths of node {spec.nodeName}")
@@ -279,8 +299,8 @@ def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderO
                 address = _address(ip)
                 dispatch[(direction, address.version)].elements.append((address, jump))
 
-    _render_held_policy(inet, held, dispatch, result, options)
-    _render_anti_spoofing(bridge, spec, ports, result, options, families, held)
+    _render_held_policy(inet, holds.held, dispatch, result, options)
+    _render_anti_spoofing(bridge, spec, ports, result, options, families, holds)
     return result
 
 
@@ -477,8 +497,8 @@ def _log_sample(options: RenderOptions, counter: str, comment: str) -> Rule:
 # --------------------------------------------------------------------------- bridge
 def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[str, PodPort],
                           result: RenderResult, options: RenderOptions, families: tuple[int, ...],
-                          held: Sequence[HeldPort]) -> None:
-    dispatch = bridge.add(Map("pod_ports", ("ifname",), comment="host-side veths of local pods"))
+                          holds: Holds) -> None:
+    dispatch = bridge.add(Map("pod_ports", ("ifname",), comment="host-side veths of local pods, and veths let through"))
     hook = bridge.add(Chain(SPOOF_CHAIN, hook="prerouting", priority=-200, policy="accept",
                             comment="frames leaving a pod must carry its own addresses"))
     # Keyed on the veth's ifindex, not its name: a shorter key is measurably cheaper on this
@@ -505,15 +525,16 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
     ]
     hook.rules.append(Rule((VMap(Meta("iifname"), dispatch.name),), "other frames entering the bridge from a pod veth"))
     # Every pod chain holds the same rules, looking up the frame's (port, MAC, source) in
-    # node-wide sets; only the counter differs per pod. A veth's addresses are set elements,
+    # node-wide sets; only the counter differs per pod. They accept rather than return: with
+    # new pods held, the hook's last rule drops what comes back from a veth's chain. A veth's addresses are set elements,
     # and the rules are shared objects, so render and the kernel carry little per pod.
     shared = (
         # Link-local IPv6 (router solicitation, MLD, DAD) leaves every pod with IPv6 up, even an
         # IPv4-only one; it is never routed, so allowing it from the pod's MAC opens nothing and
         # keeps the spoofing counter for real spoofing.
-        Rule((Match(Concat((_IIF, _ETHER_SADDR, _ADDR[("ip6", "saddr")])), SetRef(own["v6"].name)), _RETURN),
+        Rule((Match(Concat((_IIF, _ETHER_SADDR, _ADDR[("ip6", "saddr")])), SetRef(own["v6"].name)), _ACCEPT),
              "its own MAC and IPv6 address, link-local or unspecified"),
-        Rule((Match(Concat((_IIF, _ETHER_SADDR, _ARP_SADDR_IP)), SetRef(own["arp"].name)), _RETURN),
+        Rule((Match(Concat((_IIF, _ETHER_SADDR, _ARP_SADDR_IP)), SetRef(own["arp"].name)), _ACCEPT),
              "ARP from its own MAC and address, or 0.0.0.0 for duplicate address detection"),
     )
     for pod in spec.pods:
@@ -533,13 +554,13 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
         else:
             # MAC or ifindex unknown (a port given without them): check the source address alone.
             comment = f"{key}: its own address (MAC unknown)"
-            chain.rules += [Rule((Match(_ADDR[(_FAMILY[a.version][0], "saddr")], a), _RETURN), comment)
+            chain.rules += [Rule((Match(_ADDR[(_FAMILY[a.version][0], "saddr")], a), _ACCEPT), comment)
                             for a in addresses]
         if options.log_drops:
             chain.rules.append(_log_sample(options, name, f"{key}: log a sample of spoofed frames"))
         chain.rules.append(Rule((CounterRef(name), _DROP), f"{key}: source address or MAC is not the pod's"))
         dispatch.elements.append((port.ifname, Verdict("jump", name)))
-    _render_held_veths(bridge, held, own, shared, dispatch, result, options)
+    _render_held_veths(bridge, holds, hook, own, shared, dispatch, result, options)
 
 
 def _add_own_addresses(own: dict[str, Set], port: PodPort, addresses: list) -> None:
@@ -555,17 +576,18 @@ def _add_own_addresses(own: dict[str, Set], port: PodPort, addresses: list) -> N
         own["arp"].elements.append((veth, mac, _UNSPECIFIED4))
 
 
-def _render_held_veths(bridge: Table, held: Sequence[HeldPort], own: dict[str, Set], shared: tuple[Rule, ...],
+def _render_held_veths(bridge: Table, holds: Holds, hook: Chain, own: dict[str, Set], shared: tuple[Rule, ...],
                        dispatch: Map, result: RenderResult, options: RenderOptions) -> None:
     """Held veths are anti-spoofed like any pod's, into one node-wide chain and counter.
 
     Their own MAC and IPs pass the bridge (the forward hook refuses them towards other pods and
     the world), so the node still reaches a held pod (kubelet's probes: DESIGN.md §3, a pod and
     its node always talk) and a deleted pod's open connections drain while its veth lingers. A
-    veth whose pod has no IP yet has no own addresses: everything it sends is dropped here.
+    veth whose pod has no IP yet has no own addresses: everything it sends is dropped here, as
+    everything from a veth not known at all (the hook's last rule).
     """
     result.counters[HELD_VETH] = HELD_LABELS["egress"]
-    bridge.add(Counter(HELD_VETH, comment="frames from held veths that are not their own addresses"))
+    bridge.add(Counter(HELD_VETH, comment="frames from held or unknown veths, other than their own addresses"))
     chain = bridge.add(Chain(HELD_VETH, comment="veths of local pods held closed until the rule set covers them"))
     chain.rules += shared
     if options.log_drops:
@@ -574,7 +596,7 @@ def _render_held_veths(bridge: Table, held: Sequence[HeldPort], own: dict[str, S
                             "held: no IP of this pod known yet, or not its own address or MAC"))
     taken = {ifname for ifname, _ in dispatch.elements}
     jump = Verdict("jump", HELD_VETH)
-    for entry in held:
+    for entry in holds.held:
         port = entry.port
         if port.ifname in taken:
             continue  # a pod of the rule set has this veth: only the uncovered IPs are held
@@ -582,6 +604,13 @@ def _render_held_veths(bridge: Table, held: Sequence[HeldPort], own: dict[str, S
         if port.mac and port.ifindex is not None and entry.ips:
             _add_own_addresses(own, port, [_address(ip) for ip in entry.ips])
         dispatch.elements.append((port.ifname, jump))
+    for port in holds.passed:
+        if port.ifname not in taken:
+            taken.add(port.ifname)
+            dispatch.elements.append((port.ifname, _ACCEPT))
+    if holds.enabled:
+        hook.rules.append(Rule((Match(Meta("iifkind"), "veth"), CounterRef(HELD_VETH), _DROP),
+                               "held: a veth no local pod is known on yet, a pod being born"))
 
 
 def _veth_of(pod: PolicedPod, ports: Mapping[str, PodPort]) -> PodPort | None:

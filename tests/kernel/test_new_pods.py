@@ -59,14 +59,16 @@ class NewPod:
     """A pod wired step by step in the CNI bridge plugin's order, its server already listening
     (the harshest case: on a real node the containers start after the CNI is done)."""
 
-    def __init__(self, node: Node, namespace: str, name: str, index: int):
+    def __init__(self, node: Node, namespace: str, name: str, index: int, bridge: str = "cni0", visible: bool = True):
         self.node = node
+        self.bridge = bridge
         self.netns = node.netns_factory("pod")
         in_netns(self.netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1", "net.ipv6.conf.default.disable_ipv6=1")
         self.pod = Pod(namespace, name, self.netns, f"{node.prefix}.{index}", f"02:42:0a:f4:01:{index:02x}",
                        f"veth{os.urandom(4).hex()}")
         node.pods[name] = self.pod  # node.close() stops its server
-        (node.netns_dir / self.netns).symlink_to(f"/var/run/netns/{self.netns}")  # containerd makes the netns first
+        if visible:  # containerd makes the netns first
+            (node.netns_dir / self.netns).symlink_to(f"/var/run/netns/{self.netns}")
         self.pod.servers.append(subprocess.Popen(
             ["ip", "netns", "exec", self.netns, PYTHON, str(HELPERS / "netprobe.py"), "serve", "--port", "80", "--port", "81"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
@@ -76,7 +78,7 @@ class NewPod:
         """The bridge plugin's setupVeth: the pair, the host end on cni0 and up, no IP yet."""
         run_ip("link", "add", "eth0", "address", self.pod.mac, "type", "veth", "peer", "name", self.pod.veth,
                "netns", self.node.netns, netns=self.netns)
-        run_ip("link", "set", self.pod.veth, "master", "cni0", "up", netns=self.node.netns)
+        run_ip("link", "set", self.pod.veth, "master", self.bridge, "up", netns=self.node.netns)
         run_ip("link", "set", "eth0", "up", netns=self.netns)
 
     def set_ip(self) -> None:
@@ -97,13 +99,13 @@ def test_a_new_pod_accepts_no_connection_until_the_rule_set_covering_it_is_appli
     prober = start_prober(a, [], [f"{target}:80"] * 4 + [f"{target}:81/udp"] * 2)
     try:
         late.attach_veth()
-        wait_until(lambda: veth_held(node, late.pod.veth), "the IP-less veth held", node)
-        late.set_ip()
+        late.set_ip()  # at once: the veth is held from its first frame, before the agent knows it
         wait_until(lambda: ip_held(node, target), "the new IP held", node)
         time.sleep(1.5)  # the window seen on a real node: ~1.2 s until the controller names the pod
         text = node.http("/metrics")[1]
         assert metric(text, "netfence_held_pods") == 1
-        assert (metric(text, "netfence_held_packets_total", direction="ingress") or 0) > 0, "a's SYNs were refused"
+        held_packets = sum(metric(text, "netfence_held_packets_total", direction=d) or 0 for d in ("ingress", "egress"))
+        assert held_packets > 0, "a's SYNs (or late's answers to its ARP) were refused"
         covered_at = time.time()
         rs = rule_set(node, base + [policed(late.pod, ingress=[allow("from-a", TCP80)])], [group("from-a", a)], 2)
         node.wait_applied(node.write_rules(rs))
@@ -166,25 +168,47 @@ def test_a_held_pod_is_released_unpoliced_after_the_timeout_and_says_so(node: No
     base = [policed(a), policed(b), policed(c)]
     started(node, rule_set(node, base, [], 1), "--hold-new-pods-timeout", "2")
     late = NewPod(node, "x", "late", 62)
-    late.attach_veth()
-    late.set_ip()
-    held_at = wait_until(lambda: ip_held(node, late.pod.ip), "the new IP held", node)
-    assert not probe(a, late.pod, 80, timeout=0.5)
-    assert time.monotonic() - held_at < 1.5, "the probe ran within the hold"
+    # A pod whose namespace the agent cannot see (its mount of the netns directory missed it)
+    # is held as well, from its veth's first frame, and released with the same bound.
+    unseen = NewPod(node, "x", "unseen", 65, visible=False)
+    for pod in (late, unseen):
+        pod.attach_veth()
+        pod.set_ip()
+    held_at = wait_until(lambda: ip_held(node, late.pod.ip) and veth_held(node, unseen.pod.veth), "both held", node)
+    assert not probe(a, late.pod, 80, timeout=0.5) and not probe(a, unseen.pod, 80, timeout=0.5)
+    assert time.monotonic() - held_at < 1.5, "the probes ran within the hold"
     status = node.wait_status(lambda s: any(c["type"] == "Degraded" and c["status"] == "True" for c in s["conditions"]))
     released_at = time.monotonic()
     degraded = next(c for c in status["conditions"] if c["type"] == "Degraded")
     assert degraded["reason"] == "NewPodsReleasedUnpoliced" and late.pod.veth in degraded["message"], degraded
     assert 1.5 <= released_at - held_at < 4.0, "released at the bound, not before"
-    assert probe(a, late.pod, 80), "released: unpoliced, as with --new-pods=open"
+    status = node.wait_status(lambda s: unseen.pod.veth in next(c["message"] for c in s["conditions"]
+                                                                 if c["type"] == "Degraded"), timeout=5)
+    assert probe(a, late.pod, 80) and probe(a, unseen.pod, 80), "released: unpoliced, as with --new-pods=open"
     assert not ip_held(node, late.pod.ip) and not veth_held(node, late.pod.veth)
     text = node.http("/metrics")[1]
-    assert metric(text, "netfence_hold_timeouts_total") == 1 and metric(text, "netfence_held_pods") == 0
+    assert metric(text, "netfence_hold_timeouts_total") == 2 and metric(text, "netfence_held_pods") == 0
     assert "UNPOLICED" in node.agent_log()
     # Once the rule set covers it, the condition clears.
-    node.wait_applied(node.write_rules(rule_set(node, base + [policed(late.pod)], [], 2)))
-    status = node.wait_status(lambda s: any(c["type"] == "Degraded" and c["status"] == "False" for c in s["conditions"]))
-    assert metric(node.http("/metrics")[1], "netfence_hold_timeouts_total") == 1
+    node.wait_applied(node.write_rules(rule_set(node, base + [policed(late.pod), policed(unseen.pod)], [], 2)))
+    node.wait_status(lambda s: any(c["type"] == "Degraded" and c["status"] == "False" for c in s["conditions"]))
+    assert metric(node.http("/metrics")[1], "netfence_hold_timeouts_total") == 2
+
+
+def test_veths_on_a_bridge_without_pods_are_let_through(node: Node):
+    """E.g. docker0 beside cni0 on a k3s host: no pods there, nothing to hold."""
+    a, b, c = three_pods(node)
+    run_ip("link", "add", "docker0", "type", "bridge", netns=node.netns)
+    run_ip("link", "set", "docker0", "up", netns=node.netns)
+    started(node, rule_set(node, [policed(a), policed(b), policed(c)], [], 1))
+    one, two = (NewPod(node, "docker", name, index, bridge="docker0", visible=False)
+                for name, index in (("one", 70), ("two", 71)))
+    for container in (one, two):
+        container.attach_veth()
+        container.set_ip()
+    wait_until(lambda: probe(one.pod, two.pod, 80, timeout=0.3), "containers on docker0 talk", node, timeout=5)
+    assert metric(node.http("/metrics")[1], "netfence_held_pods") == 0
+    assert "holding" not in node.agent_log()
 
 
 def test_new_pods_open_leaves_an_uncovered_pod_unpoliced(node: Node):
