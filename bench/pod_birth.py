@@ -14,8 +14,8 @@ CNI ADD returns, the bench waits --delay seconds (the controller: ~1.2 s on a re
 the agent's own share) and writes the rule set naming the pod, unisolated, as the controller
 would.
 
-Per pod:  ip_to_connect_s  from CNI ADD's return (the IP is set a few ms before it) to the start
-                           of the first accepted connection attempt (resolution --interval)
+Per pod:  ip_to_connect_s  from CNI ADD's return (the IP is set a few ms before it) to the first
+                           connection established (negative: before CNI ADD returned)
           early            a connection was accepted before the rule set naming the pod was written
           held_before_ip   (hold) the agent held the veth before the pod had an IP (from its log)
 Prints p50/p99/max per mode as JSON, with the machine. Root; everything is made in namespaces
@@ -50,8 +50,9 @@ CNI_BIN = Path("/usr/lib/cni")
 PREFIX = {"hold": "10.244.0", "open": "10.244.1"}
 
 # Runs in the client pod. Reads "IP PORT" lines; probes that address until the first connection
-# is accepted (or 20 s pass) and prints one JSON line: {"ip", "first_ok" (monotonic start of the
-# first accepted attempt, or null), "attempts"}.
+# is accepted (or 20 s pass) and prints one JSON line: {"ip", "first_ok" (monotonic time the
+# first connection was established, or null), "attempts"}. An attempt started before the IP
+# existed can still connect later (its SYN waits for ARP): what counts is when it connected.
 PROBER = r"""
 import asyncio, json, socket, sys, time
 interval = float(sys.argv[1])
@@ -60,29 +61,24 @@ async def attempt(loop, ip, port):
     s.setblocking(False)
     try:
         await asyncio.wait_for(loop.sock_connect(s, (ip, port)), 0.25)
-        return True
+        return time.monotonic()  # when the handshake completed: the connection was accepted
     except (asyncio.TimeoutError, OSError):
-        return False
+        return None
     finally:
         s.close()
 async def probe(loop, ip, port):
-    first, attempts, tasks = None, 0, set()
+    accepted, attempts, tasks = [], 0, set()
     deadline = time.monotonic() + 20
-    while first is None and time.monotonic() < deadline:
-        started = time.monotonic()
+    while not accepted and time.monotonic() < deadline:
         attempts += 1
-        t = loop.create_task(attempt(loop, ip, port))
-        t.started = started
-        tasks.add(t)
+        tasks.add(loop.create_task(attempt(loop, ip, port)))
         await asyncio.sleep(interval)
         for t in [t for t in tasks if t.done()]:
             tasks.discard(t)
-            if t.result() and (first is None or t.started < first):
-                first = t.started
-    for t in tasks:
-        if await t and (first is None or t.started < first):
-            first = t.started
-    print(json.dumps({"ip": ip, "first_ok": first, "attempts": attempts}), flush=True)
+            if t.result() is not None:
+                accepted.append(t.result())
+    accepted += [at for at in await asyncio.gather(*tasks) if at is not None]
+    print(json.dumps({"ip": ip, "first_ok": min(accepted, default=None), "attempts": attempts}), flush=True)
 async def main():
     loop = asyncio.get_running_loop()
     for line in sys.stdin:
@@ -223,6 +219,8 @@ class Bench:
         log = self.nodes["hold"]["agent_log"].read_text()
         out: dict = {"command": " ".join(sys.argv), "machine": machine(), "pods_per_mode": self.args.pods,
                      "controller_delay_s": self.args.delay, "probe_interval_s": self.args.interval}
+        if self.args.rows:
+            out["rows"] = results
         for mode, rows in results.items():
             times = sorted(r["ip_to_connect_s"] for r in rows if r["ip_to_connect_s"] is not None)
             out[mode] = {
@@ -257,6 +255,7 @@ def main() -> int:
     p.add_argument("--pods", type=int, default=40, help="new pods per mode (default 40)")
     p.add_argument("--delay", type=float, default=0.0, help="seconds from CNI ADD to the rule set naming the pod")
     p.add_argument("--interval", type=float, default=0.005, help="seconds between connection attempts")
+    p.add_argument("--rows", action="store_true", help="print every pod's figures too")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench/pod_birth.py needs root (network namespaces)", file=sys.stderr)

@@ -405,17 +405,18 @@ class Discovery:
         return snapshot
 
     def _sort_other_bridge_ports(self, snapshot: Snapshot, placed: set[str]) -> None:
-        """Every other veth that is a bridge port: on a bridge of pods, a pod we cannot place
-        (held like a new one, then released: say, its namespace is not visible to us); else
-        no pod's at all."""
+        """Every other bridge port: a veth on a bridge of pods is a pod we cannot place (held
+        like a new one, then released: say, its namespace is not visible to us); the rest is no
+        pod's. A port of unknown kind is let through rather than held without end (the kernel
+        holds every veth it is not told about): a physical port, or a veth whose last link
+        message came from the bridge and named no kind."""
         pod_bridges = {self._links[p.ifindex].master for p in snapshot.pods.values() if p.ifindex in self._links}
         pod_bridges |= {self._links[i].master for i in snapshot.unaddressed if i in self._links}
         for link in self._links.values():
-            if (link.kind != "veth" or link.master is None or link.ifname in placed
-                    or link.index in snapshot.unaddressed):
+            if link.master is None or link.ifname in placed or link.index in snapshot.unaddressed:
                 continue
-            side = snapshot.unaddressed if link.master in pod_bridges else snapshot.other_ports
-            side[link.index] = PodPort(link.ifname, None, link.index)
+            held = link.kind == "veth" and link.master in pod_bridges
+            (snapshot.unaddressed if held else snapshot.other_ports)[link.index] = PodPort(link.ifname, None, link.index)
 
     def _walk_netns(self, snapshot: Snapshot) -> set[int]:
         """Pods found through their namespace files; returns our veth ifindexes accounted for."""

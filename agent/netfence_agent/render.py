@@ -498,7 +498,7 @@ def _log_sample(options: RenderOptions, counter: str, comment: str) -> Rule:
 def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[str, PodPort],
                           result: RenderResult, options: RenderOptions, families: tuple[int, ...],
                           holds: Holds) -> None:
-    dispatch = bridge.add(Map("pod_ports", ("ifname",), comment="host-side veths of local pods, and veths let through"))
+    dispatch = bridge.add(Map("pod_ports", ("ifname",), comment="host-side veths of local pods, and bridge ports let through"))
     hook = bridge.add(Chain(SPOOF_CHAIN, hook="prerouting", priority=-200, policy="accept",
                             comment="frames leaving a pod must carry its own addresses"))
     # Keyed on the veth's ifindex, not its name: a shorter key is measurably cheaper on this

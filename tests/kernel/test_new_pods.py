@@ -254,3 +254,20 @@ def test_a_veth_into_a_pod_namespace_that_is_no_bridge_port_is_not_reported(node
     run_ip("link", "set", "uplink0", "up", netns=node.netns)
     snapshot = found.scan()
     assert snapshot.unaddressed == {} and any("uplink" in i for i in snapshot.incomplete)
+
+
+def test_discovery_sorts_the_other_bridge_ports(node: Node, discovery_in):  # noqa: F811
+    """On a bridge of pods, a veth we cannot place is held like a new pod; ports of other kinds
+    and veths on bridges without pods are let through."""
+    pod = node.add_pod("x", "a", serve=False)
+    unseen = NewPod(node, "x", "unseen", 66, visible=False)
+    unseen.attach_veth()
+    run_ip("link", "add", "docker0", "type", "bridge", netns=node.netns)
+    container = NewPod(node, "docker", "c", 67, bridge="docker0", visible=False)
+    container.attach_veth()
+    run_ip("link", "add", "vx0", "type", "vxlan", "id", "42", "dstport", "4789", netns=node.netns)
+    run_ip("link", "set", "vx0", "master", "cni0", netns=node.netns)
+    snapshot = discovery_in(node).scan()
+    assert set(snapshot.pods) == {pod.ip}
+    assert {p.ifname for p in snapshot.unaddressed.values()} == {unseen.pod.veth}
+    assert {p.ifname for p in snapshot.other_ports.values()} == {container.pod.veth, "vx0"}
