@@ -323,6 +323,7 @@ class Discovery:
         self._events = Rtnl.here(groups=RTMGRP_LINK)  # subscribe before the first dump: no gap
         self._host = Rtnl.here()
         self._links: dict[int, HostLink] = {}
+        self._pod_bridges: set[int] = set()  # ifindexes of bridges that have had pods as ports
         self._pod_sides: dict[tuple[str, int], PodSide] = {}  # (file name, inode) -> complete pod side
         self._cni: dict[str, tuple[tuple[int, int], CniRecord | None]] = {}  # file -> ((mtime, size), record)
         self._inotify = inotify.Inotify()
@@ -410,12 +411,15 @@ class Discovery:
         pod's. A port of unknown kind is let through rather than held without end (the kernel
         holds every veth it is not told about): a physical port, or a veth whose last link
         message came from the bridge and named no kind."""
-        pod_bridges = {self._links[p.ifindex].master for p in snapshot.pods.values() if p.ifindex in self._links}
-        pod_bridges |= {self._links[i].master for i in snapshot.unaddressed if i in self._links}
+        # A bridge that had pods stays one for as long as it exists: the next pod's veth may
+        # reach it before anything tells that veth is a pod's (its namespace file, say).
+        self._pod_bridges |= {self._links[p.ifindex].master for p in snapshot.pods.values() if p.ifindex in self._links}
+        self._pod_bridges |= {self._links[i].master for i in snapshot.unaddressed if i in self._links}
+        self._pod_bridges &= self._links.keys()
         for link in self._links.values():
             if link.master is None or link.ifname in placed or link.index in snapshot.unaddressed:
                 continue
-            held = link.kind == "veth" and link.master in pod_bridges
+            held = link.kind == "veth" and link.master in self._pod_bridges
             (snapshot.unaddressed if held else snapshot.other_ports)[link.index] = PodPort(link.ifname, None, link.index)
 
     def _walk_netns(self, snapshot: Snapshot) -> set[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 
@@ -125,6 +126,28 @@ def test_a_new_pod_accepts_no_connection_until_the_rule_set_covering_it_is_appli
     log = node.agent_log()
     assert f"holding new pod veth {late.pod.veth}" in log and f"released {late.pod.veth} ({target})" in log, log
     assert "elements sync" in log, "holding a pod changes set elements only"
+
+
+def test_a_pod_born_while_the_agent_is_not_looking_is_held_by_the_kernel_alone(node: Node):
+    """The hold does not wait for the agent to notice the pod: the agent is stopped (SIGSTOP)
+    while the pod is wired, and its first frames are dropped all the same."""
+    a, b, c = three_pods(node)
+    base = [policed(a), policed(b), policed(c)]
+    agent = started(node, rule_set(node, base, [], 1))
+    late = NewPod(node, "x", "late", 68)
+    agent.send_signal(signal.SIGSTOP)
+    try:
+        late.attach_veth()
+        late.set_ip()
+        assert not probe(a, late.pod, 80, timeout=1.0), "accepted while nothing but the kernel looked"
+        assert not probe(a, late.pod, 81, udp=True, timeout=0.5)
+        assert not probe(late.pod, b, 80, timeout=0.5)
+        assert held_veth_drops(node) > 0
+    finally:
+        agent.send_signal(signal.SIGCONT)
+    wait_until(lambda: ip_held(node, late.pod.ip), "the agent holds it once it looks", node)
+    node.wait_applied(node.write_rules(rule_set(node, base + [policed(late.pod)], [], 2)))
+    assert probe(a, late.pod, 80, timeout=3), "covered: open (no policy selects it)"
 
 
 def test_a_held_pod_cannot_spoof_and_still_talks_to_its_node(node: Node):
