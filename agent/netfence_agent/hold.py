@@ -4,8 +4,9 @@ A pod's veth and IP exist about a second before the controller's rule set names 
 (kubelet status -> controller -> API -> agent); a pod left open in that window takes connections
 that its policies refuse. So a veth that discovery reports and the applied rule set does not
 cover is held: its uncovered IPs are refused both ways, and frames from its veth other than its
-own addresses are dropped (render.HeldPort). That includes a veth whose pod has no IP yet, so
-the first packet after the IP appears already finds it held.
+own addresses are dropped (render.HeldPort). That includes a veth whose pod has no IP yet. Before
+discovery has seen a veth at all, the kernel holds it (render.Holds.enabled): the book only
+decides how long, and what the agent says about it.
 
 A hold ends when a rule set covering the veth's IPs is applied, when the veth goes away, or
 after `timeout` seconds: then the pod is released unpoliced, as it was before holds existed
