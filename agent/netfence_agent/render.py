@@ -498,7 +498,8 @@ def _log_sample(options: RenderOptions, counter: str, comment: str) -> Rule:
 def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[str, PodPort],
                           result: RenderResult, options: RenderOptions, families: tuple[int, ...],
                           holds: Holds) -> None:
-    dispatch = bridge.add(Map("pod_ports", ("ifname",), comment="host-side veths of local pods, and bridge ports let through"))
+    dispatch = bridge.add(Map("pod_ports", ("ifname",),
+                              comment="host-side veths of local pods, and bridge ports let through"))
     hook = bridge.add(Chain(SPOOF_CHAIN, hook="prerouting", priority=-200, policy="accept",
                             comment="frames leaving a pod must carry its own addresses"))
     # Keyed on the veth's ifindex, not its name: a shorter key is measurably cheaper on this
@@ -525,9 +526,9 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
     ]
     hook.rules.append(Rule((VMap(Meta("iifname"), dispatch.name),), "other frames entering the bridge from a pod veth"))
     # Every pod chain holds the same rules, looking up the frame's (port, MAC, source) in
-    # node-wide sets; only the counter differs per pod. They accept rather than return: with
-    # new pods held, the hook's last rule drops what comes back from a veth's chain. A veth's addresses are set elements,
-    # and the rules are shared objects, so render and the kernel carry little per pod.
+    # node-wide sets; only the counter differs per pod. A veth's addresses are set elements,
+    # and the rules are shared objects, so render and the kernel carry little per pod. They
+    # accept rather than return: with new pods held, the hook's last rule would drop a return.
     shared = (
         # Link-local IPv6 (router solicitation, MLD, DAD) leaves every pod with IPv6 up, even an
         # IPv4-only one; it is never routed, so allowing it from the pod's MAC opens nothing and
