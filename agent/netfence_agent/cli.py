@@ -11,6 +11,17 @@ import signal
 import sys
 
 from netfence_agent.discovery import DEFAULT_CNI_DIR, DEFAULT_NETNS_DIR
+from netfence_agent.hold import DEFAULT_HOLD_TIMEOUT
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive number of seconds")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +51,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     agent.add_argument("--unprotected-grace", type=float, default=10.0, metavar="SECONDS",
                        help="how long a local pod of the rule set may have no veth before it counts as "
                             "unprotected (default 10)")
+    agent.add_argument("--new-pods", choices=("hold", "open"), default="hold",
+                       help="a local pod the rule set does not cover yet (new: the controller has not named it): "
+                            "hold it closed until its rules are in the kernel (default), or leave it open (unpoliced)")
+    agent.add_argument("--hold-new-pods-timeout", type=_positive_seconds, default=DEFAULT_HOLD_TIMEOUT, metavar="SECONDS",
+                       help="with --new-pods=hold: release a pod held this long unpoliced, with a warning and a "
+                            f"Degraded condition (default {DEFAULT_HOLD_TIMEOUT:g})")
     agent.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     agent.set_defaults(func=run_agent)
 
@@ -79,6 +96,8 @@ def run_agent(args: argparse.Namespace) -> int:
         full_sync_period=args.full_sync_period,
         anti_spoofing_check_period=args.anti_spoofing_check_period,
         unprotected_grace=args.unprotected_grace,
+        new_pods=args.new_pods,
+        hold_new_pods_timeout=args.hold_new_pods_timeout,
     )
     agent = Agent(config, source)
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -3,7 +3,8 @@
 One sync loop owns the kernel. Everything else only tells it that something changed:
   - the rule-set source (API watch or file) delivers the latest NodeRuleSet;
   - discovery delivers the latest pod -> veth map (a veth appeared or went away);
-  - a failed apply schedules a retry with backoff.
+  - a failed apply schedules a retry with backoff;
+  - a held new pod reaches its hold timeout (netfence_agent.hold).
 The loop then renders the latest of both and applies the difference in one transaction. Changes
 arriving while it applies are coalesced into the next round.
 
@@ -19,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
+from typing import Literal
 
 import netfence_api
 from netfence_agent import br_netfilter, netns
@@ -32,11 +34,14 @@ from netfence_agent.coverage import (
     needed_families,
 )
 from netfence_agent.discovery import DEFAULT_CNI_DIR, DEFAULT_NETNS_DIR, Discovery, Snapshot
+from netfence_agent.hold import DEFAULT_HOLD_TIMEOUT, HoldBook, describe, next_book
 from netfence_agent.metrics import AgentMetrics, serve
 from netfence_agent.nft.kernel import OWNED_TABLES, Kernel, NftError
 from netfence_agent.nft.transaction import Transaction, plan
 from netfence_agent.render import (
     BRIDGE_TABLE,
+    NO_HOLDS,
+    Holds,
     PodPort,
     RenderOptions,
     RenderResult,
@@ -70,6 +75,10 @@ class AgentConfig:
     # unprotected_grace seconds before it counts (its veth is being created or deleted).
     anti_spoofing_check_period: float = 30.0
     unprotected_grace: float = 10.0
+    # "hold": a pod the rule set does not cover yet is held closed, at most hold_new_pods_timeout
+    # seconds; "open": it is left unpoliced until covered (fail-open, as before holds existed).
+    new_pods: Literal["hold", "open"] = "hold"
+    hold_new_pods_timeout: float = DEFAULT_HOLD_TIMEOUT
 
     @property
     def render_options(self) -> RenderOptions:
@@ -103,6 +112,8 @@ class Agent:
         self._cond = threading.Condition()
         self._desired: netfence_api.NodeRuleSet | None = None
         self._ports: dict[str, PodPort] = {}
+        self._unaddressed: dict[int, PodPort] = {}  # veths of pods without a known IP
+        self._other_ports: dict[int, PodPort] = {}  # veths on bridges without pods
         self._dirty = False
         self._stopping = False
         self._retry_at: float | None = None
@@ -113,6 +124,9 @@ class Agent:
         self.applied: RenderResult | None = None
         self.applied_object: netfence_api.NodeRuleSet | None = None
         self._applied_ports: dict[str, PodPort] = {}
+        self.hold = HoldBook()  # the holds the kernel enforces
+        self._applied_holds = NO_HOLDS
+        self._hold_ends: float | None = None  # when the oldest of them times out
         self.last_error: str | None = None
         self.br_state = br_netfilter.BrNetfilterState(False, "not checked yet")
         self.netns_problem: str | None = None  # the pod netns mount does not propagate (checked at start)
@@ -136,10 +150,14 @@ class Agent:
             self._dirty = True
             self._cond.notify()
 
-    def set_ports(self, ports: dict[str, PodPort]) -> None:
+    def set_ports(self, ports: dict[str, PodPort], unaddressed: dict[int, PodPort] | None = None,
+                  other_ports: dict[int, PodPort] | None = None) -> None:
+        unaddressed, other_ports = unaddressed or {}, other_ports or {}
         with self._cond:
-            if ports != self._ports:
+            if ports != self._ports or unaddressed != self._unaddressed or other_ports != self._other_ports:
                 self._ports = dict(ports)
+                self._unaddressed = dict(unaddressed)
+                self._other_ports = dict(other_ports)
                 self._dirty = True
                 self._cond.notify()
 
@@ -149,7 +167,7 @@ class Agent:
         if added or gone:
             log.info("pods on this node: +%s -%s",
                      [f"{ip} on {snapshot.pods[ip].ifname}" for ip in added], gone)
-        self.set_ports(snapshot.ports)
+        self.set_ports(snapshot.ports, snapshot.unaddressed, snapshot.other_ports)
 
     # ------------------------------------------------------------------ health
     def readiness(self) -> tuple[bool, str]:
@@ -179,6 +197,7 @@ class Agent:
     def sync_once(self) -> SyncOutcome:
         with self._cond:
             rule_set, ports = self._desired, dict(self._ports)
+            unaddressed, other_ports = dict(self._unaddressed), dict(self._other_ports)
             self._dirty = False
             self._retry_at = None  # a failure below schedules the next attempt again
             periodic, self._full_sync_due = self._full_sync_due, False
@@ -190,12 +209,15 @@ class Agent:
         if rule_set.spec.nodeName != self.config.node:
             return self._failed(rule_set, started, f"rule set is for node {rule_set.spec.nodeName!r}, "
                                                    f"this agent is node {self.config.node!r}", "WrongNode", retry=False)
+        hold = self._next_hold(rule_set, ports, unaddressed)
+        holds = self._holds(hold, other_ports)
         try:
             if (self.applied is not None and self.applied_object is not None and ports == self._applied_ports
+                    and holds == self._applied_holds
                     and only_group_members_changed(self.applied_object.spec, rule_set.spec)):
                 result = render_group_members(self.applied, self.applied_object.spec, rule_set.spec)
             else:
-                result = render(rule_set.spec, ports, self.config.render_options)
+                result = render(rule_set.spec, ports, self.config.render_options, holds=holds)
         except ValueError as exc:  # e.g. an address that is none: nothing sensible to load
             return self._failed(rule_set, started, f"cannot render: {exc}", "InvalidRuleSet", retry=False)
         if self.applied is not None and not set(OWNED_TABLES) <= self.kernel.tables():
@@ -224,6 +246,8 @@ class Agent:
                 return self._failed(rule_set, started, str(second))
         seconds = time.perf_counter() - started
         self.applied, self.applied_object, self._applied_ports = result, rule_set, ports
+        self._holds_applied(hold)
+        self._applied_holds = holds
         self.last_error = None
         self._failures_in_row = 0
         self.metrics.set_labels({**result.counters, **result.rule_counters})
@@ -241,6 +265,33 @@ class Agent:
         self.check_anti_spoofing(transaction.kind)
         self._report(rule_set, force=transaction.kind != "noop")
         return SyncOutcome(transaction.kind, seconds)
+
+    def _next_hold(self, rule_set: netfence_api.NodeRuleSet, ports: dict[str, PodPort],
+                   unaddressed: dict[int, PodPort]) -> HoldBook:
+        if self.config.new_pods != "hold":
+            return HoldBook()
+        return next_book(self.hold, rule_set.spec, ports, unaddressed, time.monotonic(),
+                         self.config.hold_new_pods_timeout)
+
+    def _holds(self, hold: HoldBook, other_ports: dict[int, PodPort]) -> Holds:
+        if self.config.new_pods != "hold":
+            return NO_HOLDS
+        passed = [entry.port for entry in hold.released.values()] + list(other_ports.values())
+        return Holds(True, hold.held, tuple(sorted(passed, key=lambda p: p.ifname)))
+
+    def _holds_applied(self, hold: HoldBook) -> None:
+        """The kernel now enforces `hold`: say what changed."""
+        for entry in hold.started:
+            log.info("holding new pod veth %s closed: the rule set does not cover it (yet)", describe(entry))
+        for entry, held_for in hold.covered:
+            log.info("released %s: its rules are in the kernel after %.3f s held", describe(entry), held_for)
+        for entry in hold.timed_out:
+            log.warning("released %s UNPOLICED: held %g s (--hold-new-pods-timeout) and the rule set still does "
+                        "not cover it; is the controller running?", describe(entry), hold.timeout)
+        self.metrics.holds(len(hold.held), [held_for for _, held_for in hold.covered], len(hold.timed_out))
+        self.hold = hold
+        with self._cond:
+            self._hold_ends = hold.next_deadline
 
     def _apply(self, transaction: Transaction) -> None:
         if transaction.kind == "noop":
@@ -346,7 +397,8 @@ class Agent:
             chains = sum(len(t.chains) for t in self.applied.ruleset.tables)
             applied_cond = self._condition("Applied", "True", "Applied",
                                            f"{len(rule_set.spec.pods)} local pods, {chains} chains, "
-                                           f"{len(self._ports)} pod veths")
+                                           f"{len(self._ports)} pod veths"
+                                           + (f", {len(self.hold.held)} held new" if self.hold.held else ""))
         else:
             kept = (f"kept rules of generation {applied.metadata.generation} ({applied.spec.content_hash()})"
                     if applied is not None else "no rules loaded by this agent")
@@ -359,6 +411,12 @@ class Agent:
             degraded = self._condition("Degraded", "True", "PodNetnsNotPropagated", self.netns_problem)
         elif self.unprotected:
             degraded = self._condition("Degraded", "True", "PodsUnprotected", self._unprotected_message())
+        elif self.hold.released:
+            released = sorted(self.hold.released.values(), key=describe)
+            degraded = self._condition(
+                "Degraded", "True", "NewPodsReleasedUnpoliced",
+                f"{len(released)} local pod veths were held {self.hold.timeout:g} s without a rule set covering them "
+                f"and are now unpoliced until it does: {', '.join(map(describe, released))}")
         else:
             degraded = self._condition("Degraded", "False", "AsExpected", "")
         previous = self._last_status
@@ -426,9 +484,13 @@ class Agent:
                         # Again after a period even if this one fails; a success pushes it on.
                         self._next_full_sync = now + self.config.full_sync_period
                         self._full_sync_due = True
+                    if self._hold_ends is not None and now >= self._hold_ends:
+                        self._hold_ends = None  # armed again by the sync that releases the pod
+                        self._dirty = True
                     return (self._dirty or self._full_sync_due or self._repair_why is not None
                             or (self._retry_at is not None and now >= self._retry_at))
-                deadline = min(t for t in (next_check, self._retry_at, self._next_full_sync, self._next_coverage_check)
+                deadline = min(t for t in (next_check, self._retry_at, self._next_full_sync, self._next_coverage_check,
+                                           self._hold_ends)
                                if t is not None)
                 self._cond.wait_for(lambda: self._stopping or due(), timeout=max(0.0, deadline - time.monotonic()))
                 if self._stopping:

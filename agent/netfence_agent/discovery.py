@@ -85,6 +85,7 @@ class HostLink:
     kind: str | None
     peer_index: int | None  # IFLA_LINK: for a veth, the peer's ifindex in the peer's namespace
     peer_nsid: int | None  # IFLA_LINK_NETNSID: our id for the peer's namespace
+    master: int | None = None  # IFLA_MASTER: the bridge (e.g. cni0) it is a port of
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,12 @@ class Snapshot:
     # Things that will probably become pods within milliseconds: a pod namespace peered with
     # one of our veths but without an IP yet, a veth peered into a namespace we cannot place.
     incomplete: list[str] = field(default_factory=list)
+    # Bridge-port veths (by our ifindex) of pods without a known IP: leading into a pod
+    # namespace whose pod has no IP yet, or on a bridge of pods without a pod we can place.
+    # The agent holds them closed (with a time limit), as it holds pods the rule set lacks.
+    unaddressed: dict[int, PodPort] = field(default_factory=dict)
+    # Veths on bridges without pods (e.g. docker0 beside cni0): no pod's, let through.
+    other_ports: dict[int, PodPort] = field(default_factory=dict)
 
     @property
     def ports(self) -> dict[str, PodPort]:
@@ -244,9 +251,9 @@ def _host_link(msg, known: HostLink | None = None) -> HostLink:
     if known is None or linkinfo is not None:
         kind = linkinfo.get_attr("IFLA_INFO_KIND") if linkinfo is not None else None
         return HostLink(msg["index"], msg.get_attr("IFLA_IFNAME"), kind,
-                        msg.get_attr("IFLA_LINK"), msg.get_attr("IFLA_LINK_NETNSID"))
+                        msg.get_attr("IFLA_LINK"), msg.get_attr("IFLA_LINK_NETNSID"), msg.get_attr("IFLA_MASTER"))
     carried = {"ifname": msg.get_attr("IFLA_IFNAME"), "peer_index": msg.get_attr("IFLA_LINK"),
-               "peer_nsid": msg.get_attr("IFLA_LINK_NETNSID")}
+               "peer_nsid": msg.get_attr("IFLA_LINK_NETNSID"), "master": msg.get_attr("IFLA_MASTER")}
     return replace(known, **{k: v for k, v in carried.items() if v is not None})
 
 
@@ -296,6 +303,14 @@ def read_pod_side(rtnl: Rtnl, our_netns_fd: int) -> PodSide | None:
     )
     return PodSide(link["index"], link.get_attr("IFLA_IFNAME"), link.get_attr("IFLA_ADDRESS"),
                    tuple(str(ipaddress.ip_address(ip)) for ip in ips), link.get_attr("IFLA_LINK"))
+
+
+def _note_unaddressed(snapshot: Snapshot, link: HostLink, mac: str | None) -> None:
+    """Our veth into a pod namespace without a pod IP yet. Only bridge ports: the bridge hook
+    is where such a veth is held, and a veth that is no bridge port (e.g. a node's uplink in a
+    lab whose underlay namespace shares the netns directory) carries no pod traffic."""
+    if link.master is not None and link.index not in snapshot.unaddressed:
+        snapshot.unaddressed[link.index] = PodPort(link.ifname, mac, link.index)
 
 
 # --------------------------------------------------------------------------- CNI cache
@@ -354,6 +369,7 @@ class Discovery:
         self._events = Rtnl.here(groups=RTMGRP_LINK)  # subscribe before the first dump: no gap
         self._host = Rtnl.here()
         self._links: dict[int, HostLink] = {}
+        self._pod_bridges: set[int] = set()  # ifindexes of bridges that have had pods as ports
         self._pod_sides: dict[tuple[str, int], PodSide] = {}  # (file name, inode) -> complete pod side
         self._cni: dict[str, tuple[tuple[int, int], CniRecord | None]] = {}  # file -> ((mtime, size), record)
         self._inotify = inotify.Inotify()
@@ -428,8 +444,26 @@ class Discovery:
             if link.kind == "veth" and link.peer_nsid is not None and link.ifname not in placed
             and link.index not in walked
         ]
+        self._sort_other_bridge_ports(snapshot, placed)
         self.last = snapshot
         return snapshot
+
+    def _sort_other_bridge_ports(self, snapshot: Snapshot, placed: set[str]) -> None:
+        """Every other bridge port: a veth on a bridge of pods is a pod we cannot place (held
+        like a new one, then released: say, its namespace is not visible to us); the rest is no
+        pod's. A port of unknown kind is let through rather than held without end (the kernel
+        holds every veth it is not told about): a physical port, or a veth whose last link
+        message came from the bridge and named no kind."""
+        # A bridge that had pods stays one for as long as it exists: the next pod's veth may
+        # reach it before anything tells that veth is a pod's (its namespace file, say).
+        self._pod_bridges |= {self._links[p.ifindex].master for p in snapshot.pods.values() if p.ifindex in self._links}
+        self._pod_bridges |= {self._links[i].master for i in snapshot.unaddressed if i in self._links}
+        self._pod_bridges &= self._links.keys()
+        for link in self._links.values():
+            if link.master is None or link.ifname in placed or link.index in snapshot.unaddressed:
+                continue
+            held = link.kind == "veth" and link.master in self._pod_bridges
+            (snapshot.unaddressed if held else snapshot.other_ports)[link.index] = PodPort(link.ifname, None, link.index)
 
     def _walk_netns(self, snapshot: Snapshot) -> set[int]:
         """Pods found through their namespace files; returns our veth ifindexes accounted for."""
@@ -467,6 +501,8 @@ class Discovery:
                 side = self._read_pod_side(path)
                 if side is None or not self._peers_match(side, nsid):
                     snapshot.incomplete.append(f"netns {name}")
+                    for link in peers:  # being wired (or unreadable): its pod has no known IP
+                        _note_unaddressed(snapshot, link, None)
                     continue
                 if side.ips:
                     self._pod_sides[key] = side
@@ -474,6 +510,7 @@ class Discovery:
             accounted.add(host.index)
             if not side.ips:
                 snapshot.incomplete.append(f"netns {name} (no IP yet)")
+                _note_unaddressed(snapshot, host, side.mac)
             for ip in side.ips:
                 snapshot.pods[ip] = DiscoveredPod(ip, host.ifname, host.index, side.mac, "netns")
         for key in set(self._pod_sides) - live:
@@ -568,8 +605,10 @@ class Discovery:
         except OSError:  # the pipe is full: a wake-up is pending anyway
             pass
 
-    def _publish(self, snapshot: Snapshot, previous: dict[str, DiscoveredPod]) -> None:
-        if snapshot.pods != previous and self.on_change is not None:
+    def _publish(self, snapshot: Snapshot, previous: Snapshot) -> None:
+        changed = (snapshot.pods != previous.pods or snapshot.unaddressed != previous.unaddressed
+                   or snapshot.other_ports != previous.other_ports)
+        if changed and self.on_change is not None:
             self.on_change(snapshot)
 
     def _run(self) -> None:
@@ -605,7 +644,7 @@ class Discovery:
             if not evented and not due:
                 continue
             retries = [t for t in retries if t > now]
-            previous = self.last.pods
+            previous = self.last
             try:
                 snapshot = self.scan()
             except Exception:  # keep watching; the next event rescans

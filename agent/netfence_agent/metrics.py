@@ -47,6 +47,10 @@ def trigger_seconds(annotations: Mapping[str, str] | None) -> float | None:
         return None
 
 
+# A held pod waits for the controller: ~1 s normally, up to the hold timeout (120 s by default).
+HOLD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
 @dataclass
 class _Total:
     packets: int = 0
@@ -117,6 +121,9 @@ class AgentMetrics:
         self.generation = 0
         self.unprotected_pods = 0
         self.anti_spoofing_repairs = 0
+        self.held_pods = 0
+        self.hold_duration = ApplyHistogram(HOLD_BUCKETS)
+        self.hold_timeouts = 0
         self.lock = threading.RLock()
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
@@ -157,6 +164,14 @@ class AgentMetrics:
             self._programmed = (uid, generation)
             self.programming_duration.observe(max(0.0, time.time() - trigger))
 
+    def holds(self, held: int, held_until_covered: Iterable[float], timed_out: int) -> None:
+        """After a sync: pods held now, holds that ended with rules (seconds), holds that timed out."""
+        with self.lock:
+            self.held_pods = held
+            for seconds in held_until_covered:
+                self.hold_duration.observe(seconds)
+            self.hold_timeouts += timed_out
+
     def failed(self, seconds: float) -> None:
         with self.lock:
             self.apply_failures += 1
@@ -189,6 +204,9 @@ class AgentMetrics:
                 "netfence_policy_rule_dropped_bytes",
                 "Bytes dropped by a ClusterNetworkPolicy Deny rule, per policy, tier, rule and direction.",
                 labels=("policy", "tier", "rule", "direction"))
+            held = CounterMetricFamily(
+                "netfence_held_packets", "Packets refused because their local pod is held: new, not yet covered by "
+                "the rule set (egress includes frames from its veth).", labels=("direction",))
             pod_totals = [(o, t) for o, t in self.ledger.totals.items() if isinstance(o, CounterLabels)]
             rule_totals: dict[tuple[str, str, str, str], _Total] = {}
             for owner, total in self.ledger.totals.items():
@@ -201,7 +219,9 @@ class AgentMetrics:
                 rule_packets.add_metric(labels, total.packets)
                 rule_bytes.add_metric(labels, total.bytes)
             for owner, total in sorted(pod_totals, key=lambda kv: (kv[0].namespace, kv[0].pod, kv[0].kind)):
-                if owner.kind == "spoof":
+                if owner.kind.startswith("held_"):
+                    held.add_metric((owner.kind.removeprefix("held_"),), total.packets)
+                elif owner.kind == "spoof":
                     spoofed.add_metric((owner.namespace, owner.pod), total.packets)
                 else:
                     dropped_packets.add_metric((owner.namespace, owner.pod, owner.kind), total.packets)
@@ -211,6 +231,18 @@ class AgentMetrics:
             yield spoofed
             yield rule_packets
             yield rule_bytes
+            yield held
+            yield GaugeMetricFamily("netfence_held_pods",
+                                    "Local pod veths held closed now: the applied rule set does not cover them yet.",
+                                    value=self.held_pods)
+            yield CounterMetricFamily("netfence_hold_timeouts",
+                                      "Held pods released unpoliced after --hold-new-pods-timeout without rules.",
+                                      value=self.hold_timeouts)
+            h = self.hold_duration
+            yield HistogramMetricFamily("netfence_pod_hold_duration_seconds",
+                                        "How long new pods were held until a rule set covering them was applied.",
+                                        buckets=[(str(b), c) for b, c in zip(h.buckets, h.counts)] + [("+Inf", h.count)],
+                                        sum_value=h.sum)
             yield CounterMetricFamily("netfence_rules_applied", "Rule sets loaded into the kernel.",
                                       value=self.rules_applied)
             yield CounterMetricFamily("netfence_rule_apply_failures", "Rule set loads the kernel rejected.",

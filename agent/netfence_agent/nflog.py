@@ -134,8 +134,9 @@ def drop_record(packet: LoggedPacket, labels: Mapping[str, CounterLabels]) -> di
         "namespace": owner.namespace if owner else None,
         "pod": owner.pod if owner else None,
         # A spoofed frame is one the pod sent: it is the pod's egress, dropped for its source.
-        "direction": "egress" if kind == "spoof" else kind,
-        "reason": "spoofed-source" if kind == "spoof" else "policy" if kind else None,
+        "direction": "egress" if kind == "spoof" else kind.removeprefix("held_") if kind else None,
+        "reason": ("spoofed-source" if kind == "spoof" else "held-new-pod" if kind and kind.startswith("held_")
+                   else "policy" if kind else None),
     }
     record.update(asdict(five_tuple(packet.payload, packet.hw_protocol)))
     if owner is None:

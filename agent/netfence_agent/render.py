@@ -19,11 +19,30 @@ in the bridge family, keyed on the veth the frame came in on (DESIGN.md §4):
 
     prerouting_hook (bridge, hook prerouting)
       iif . ether saddr . ip saddr @pod_addresses_v4 accept      (the common frame: one lookup)
-      iifname vmap @pod_ports ──jump──> pod_<id>_spoof: own ARP, own IPv6 link-local: return
+      iifname vmap @pod_ports ──jump──> pod_<id>_spoof: own ARP, own IPv6 link-local: accept
                                                         counter + drop
 
 An established packet thus costs one rule in each of the two hooks, whatever the number of
 pods and policies.
+
+New pods are held closed until the rule set covers them (DESIGN.md §3: a pod whose rules are
+not yet in the kernel is held, not left open). The agent sees a pod's veth and IP long before
+the controller's rule set names the pod; what it sees but the rule set does not cover comes in
+as `holds`, and rides the dispatch that is there anyway:
+
+    forward_hook:      ip saddr vmap @egress_v4  ──jump──> held_egress:  counter + drop
+    ingress_dispatch:  ip daddr vmap @ingress_v4 ──jump──> held_ingress: counter + drop
+    prerouting_hook:   its own MAC and IP on its veth accept (to and from the node, as for
+                       every pod; other pods and the world are refused in the forward hook)
+                       iifname vmap @pod_ports ──jump──> held_veth: own ARP, link-local: accept
+                                                                    counter + drop
+                       meta iifkind "veth" counter + drop      (a veth not known at all yet)
+
+The last rule holds a pod before the agent has even seen it: from its veth's first frame, not
+from when discovery and a sync get there (measured: the real CNI plugin sets a pod's IP and
+answers connections tens of milliseconds before that). Known veths never reach it (their own
+addresses are accepted first, and every known veth is in @pod_ports, pods' or let through).
+A veth whose pod has no IP yet has no own addresses, so every frame from it is dropped.
 """
 
 from __future__ import annotations
@@ -31,7 +50,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Callable, Literal, NamedTuple, TypeVar
@@ -71,7 +90,7 @@ SPOOF_CHAIN = "prerouting_hook"
 _PROTO = {"TCP": "tcp", "UDP": "udp", "SCTP": "sctp"}
 _FAMILY = {4: ("ip", "ipv4_addr", "v4"), 6: ("ip6", "ipv6_addr", "v6")}
 # Expressions and verdicts are immutable; sharing them saves most of render's allocations.
-_ACCEPT, _DROP, _RETURN = Verdict("accept"), Verdict("drop"), Verdict("return")
+_ACCEPT, _DROP = Verdict("accept"), Verdict("drop")
 _GOTO_INGRESS = Verdict("goto", INGRESS_DISPATCH)
 _ETHER_SADDR = Payload("ether", "saddr")
 _IIF = Meta("iif")
@@ -97,6 +116,33 @@ class PodPort:
 
 
 @dataclass(frozen=True)
+class HeldPort:
+    """A local pod's veth, or IPs on it, that the rule set does not cover (yet): held closed.
+
+    `ips` are the pod's IPs the rule set does not list (empty while the pod has none). The veth
+    itself is held unless a pod of the rule set has it (then only those IPs are).
+    """
+
+    port: PodPort
+    ips: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Holds:
+    """New pods held closed (the agent's --new-pods=hold). The default holds nothing: the
+    offline views, and --new-pods=open."""
+
+    enabled: bool = False  # drop frames from veths nothing is known about (a pod being born)
+    held: tuple[HeldPort, ...] = ()
+    # Veths let through unchecked: a pod released when its hold timed out, and bridge ports
+    # that are no pod's (veths on a bridge without pods, e.g. docker0 next to cni0).
+    passed: tuple[PodPort, ...] = ()
+
+
+NO_HOLDS = Holds()
+
+
+@dataclass(frozen=True)
 class RenderOptions:
     log_drops: bool = False
     nflog_group: int = 100
@@ -107,7 +153,12 @@ class RenderOptions:
 class CounterLabels:
     namespace: str
     pod: str
-    kind: Literal["ingress", "egress", "spoof"]
+    kind: Literal["ingress", "egress", "spoof", "held_ingress", "held_egress"]
+
+
+HELD_INGRESS, HELD_EGRESS, HELD_VETH = "held_ingress", "held_egress", "held_veth"
+# The node-wide counters of held traffic: no pod name to give (the rule set does not know it).
+HELD_LABELS = {direction: CounterLabels("", "", f"held_{direction}") for direction in ("ingress", "egress")}
 
 
 @dataclass(frozen=True)
@@ -125,6 +176,7 @@ class RenderResult:
     ruleset: Ruleset
     counters: dict[str, CounterLabels] = field(default_factory=dict)
     rule_counters: dict[str, RuleCounterLabels] = field(default_factory=dict)
+    families: tuple[int, ...] = (4,)  # IP versions rendered (the spec's, and held IPs')
 
 
 # Parsing addresses dominates render time; the same pod IPs recur in every group and sync.
@@ -212,11 +264,12 @@ def log_prefix(counter: str) -> str:
 
 
 def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderOptions = RenderOptions(),
-           memo: RenderMemo | None = None) -> RenderResult:
-    """The node's nftables model. Pass one `memo` to the renders of many nodes of one compile."""
+           memo: RenderMemo | None = None, holds: Holds = NO_HOLDS) -> RenderResult:
+    """The node's nftables model. Pass one `memo` to the renders of many nodes of one compile.
+    `holds`: local veths and IPs the spec does not cover, to be held closed."""
     memo = RenderMemo() if memo is None else memo
-    families = _families(spec)
-    result = RenderResult(Ruleset())
+    families = _families(spec, holds.held)
+    result = RenderResult(Ruleset(), families=families)
     inet = Table("inet", TABLE_NAME, comment=f"netfence: NetworkPolicy of node {spec.nodeName}")
     bridge = Table("bridge", TABLE_NAME, comment=f"netfence: anti-spoofing on pod veths of node {spec.nodeName}")
     result.ruleset.tables += [inet, bridge]
@@ -224,7 +277,8 @@ def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderO
     _render_groups(inet, spec, families, memo)
     dispatch = {
         (direction, fam): inet.add(
-            Map(f"{direction}_{_FAMILY[fam][2]}", (_FAMILY[fam][1],), comment=f"local pods isolated for {direction}")
+            Map(f"{direction}_{_FAMILY[fam][2]}", (_FAMILY[fam][1],),
+                comment=f"local pods isolated for {direction}, and held ones")
         )
         for direction in ("egress", "ingress")
         for fam in families
@@ -292,7 +346,8 @@ def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderO
     if own_node_egress:
         _render_input_hook(inet, families, own_node_egress)
 
-    _render_anti_spoofing(bridge, spec, ports, result, options, families)
+    _render_held_policy(inet, holds.held, dispatch, result, options)
+    _render_anti_spoofing(bridge, spec, ports, result, options, families, holds)
     return result
 
 
@@ -319,7 +374,7 @@ def render_group_members(previous: RenderResult, old: NodeRuleSetSpec, new: Node
     render of `new` with the same ports and options (tested), at the cost of the groups that
     changed instead of the whole node.
     """
-    families = _families(new)
+    families = previous.families  # the spec's families are unchanged; held IPs may add IPv6
     old_inet = previous.ruleset.table(*INET_TABLE)
     inet = Table(old_inet.family, old_inet.name, comment=old_inet.comment, chains=old_inet.chains,
                  sets=dict(old_inet.sets), maps=old_inet.maps, counters=old_inet.counters)
@@ -333,7 +388,7 @@ def render_group_members(previous: RenderResult, old: NodeRuleSetSpec, new: Node
     _render_groups(fresh, changed, families, RenderMemo())
     inet.sets.update(fresh.sets)
     tables = [inet if t is old_inet else t for t in previous.ruleset.tables]
-    return RenderResult(Ruleset(tables), previous.counters, previous.rule_counters)
+    return RenderResult(Ruleset(tables), previous.counters, previous.rule_counters, families)
 
 
 # --------------------------------------------------------------------------- ClusterNetworkPolicy tiers
@@ -413,11 +468,12 @@ def _render_input_hook(inet: Table, families: tuple[int, ...], pods: list[tuple[
 
 
 # --------------------------------------------------------------------------- inet
-def _families(spec: NodeRuleSetSpec) -> tuple[int, ...]:
+def _families(spec: NodeRuleSetSpec, held: Sequence[HeldPort] = ()) -> tuple[int, ...]:
     # An IPv6 address or CIDR is the only kind of text here holding a colon.
     # Joined per list, the search runs in C: this runs on every sync, over every group member.
     has_v6 = (
         any(":" in "".join(p.ips) for p in spec.pods)
+        or any(":" in "".join(h.ips) for h in held)
         or any(":" in "".join(g.cidrs) for g in spec.peerGroups)
         or any(":" in e.address for g in spec.peerPortGroups for e in g.entries)
     )
@@ -478,7 +534,7 @@ def _forward_chain(families: tuple[int, ...]) -> Chain:
     for fam in families:
         proto, _, suffix = _FAMILY[fam]
         chain.rules.append(Rule((VMap(Payload(proto, "saddr"), f"egress_{suffix}"),),
-                                "egress policy of the source pod, if it is local and isolated"))
+                                "egress policy of the source pod, if it is local and isolated (or held)"))
     chain.rules.append(Rule((Verdict("goto", INGRESS_DISPATCH),), "then ingress policy of the destination"))
     return chain
 
@@ -488,9 +544,28 @@ def _ingress_dispatch_chain(families: tuple[int, ...]) -> Chain:
     for fam in families:
         proto, _, suffix = _FAMILY[fam]
         chain.rules.append(Rule((VMap(Payload(proto, "daddr"), f"ingress_{suffix}"),),
-                                "destination is a local pod isolated for ingress"))
+                                "destination is a local pod isolated for ingress (or held)"))
     chain.rules.append(Rule((Verdict("accept"),), "destination not isolated for ingress"))
     return chain
+
+
+def _render_held_policy(inet: Table, held: Sequence[HeldPort], dispatch: dict[tuple[str, int], Map],
+                        result: RenderResult, options: RenderOptions) -> None:
+    """Held pod IPs dispatch to a drop, both ways. The chains and counters are there even when
+    nothing is held, so holding and releasing a pod change map elements only (milliseconds)."""
+    for direction, name in (("egress", HELD_EGRESS), ("ingress", HELD_INGRESS)):
+        result.counters[name] = HELD_LABELS[direction]
+        inet.add(Counter(name, comment=f"{direction} of held pods: new pods the rule set does not cover yet"))
+        chain = inet.add(Chain(name, comment=f"{direction} of a local pod held closed until the rule set covers it"))
+        if options.log_drops:
+            chain.rules.append(_log_sample(options, name, f"held pods {direction}: log a sample of drops"))
+        chain.rules.append(Rule((CounterRef(name), _DROP),
+                                f"held: a local pod the rule set does not cover yet, {direction} refused"))
+        jump = Verdict("jump", name)
+        for entry in held:
+            for ip in entry.ips:
+                address = _address(ip)
+                dispatch[(direction, address.version)].elements.append((address, jump))
 
 
 def _derive_allow_rules(rule: AllowRule, direction: str,
@@ -544,8 +619,10 @@ def _log_sample(options: RenderOptions, counter: str, comment: str) -> Rule:
 
 # --------------------------------------------------------------------------- bridge
 def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[str, PodPort],
-                          result: RenderResult, options: RenderOptions, families: tuple[int, ...]) -> None:
-    dispatch = bridge.add(Map("pod_ports", ("ifname",), comment="host-side veths of local pods"))
+                          result: RenderResult, options: RenderOptions, families: tuple[int, ...],
+                          holds: Holds) -> None:
+    dispatch = bridge.add(Map("pod_ports", ("ifname",),
+                              comment="host-side veths of local pods, and bridge ports let through"))
     hook = bridge.add(Chain(SPOOF_CHAIN, hook="prerouting", priority=-200, policy="accept",
                             comment="frames leaving a pod must carry its own addresses"))
     # Keyed on the veth's ifindex, not its name: a shorter key is measurably cheaper on this
@@ -573,14 +650,15 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
     hook.rules.append(Rule((VMap(Meta("iifname"), dispatch.name),), "other frames entering the bridge from a pod veth"))
     # Every pod chain holds the same rules, looking up the frame's (port, MAC, source) in
     # node-wide sets; only the counter differs per pod. A veth's addresses are set elements,
-    # and the rules are shared objects, so render and the kernel carry little per pod.
+    # and the rules are shared objects, so render and the kernel carry little per pod. They
+    # accept rather than return: with new pods held, the hook's last rule would drop a return.
     shared = (
         # Link-local IPv6 (router solicitation, MLD, DAD) leaves every pod with IPv6 up, even an
         # IPv4-only one; it is never routed, so allowing it from the pod's MAC opens nothing and
         # keeps the spoofing counter for real spoofing.
-        Rule((Match(Concat((_IIF, _ETHER_SADDR, _ADDR[("ip6", "saddr")])), SetRef(own["v6"].name)), _RETURN),
+        Rule((Match(Concat((_IIF, _ETHER_SADDR, _ADDR[("ip6", "saddr")])), SetRef(own["v6"].name)), _ACCEPT),
              "its own MAC and IPv6 address, link-local or unspecified"),
-        Rule((Match(Concat((_IIF, _ETHER_SADDR, _ARP_SADDR_IP)), SetRef(own["arp"].name)), _RETURN),
+        Rule((Match(Concat((_IIF, _ETHER_SADDR, _ARP_SADDR_IP)), SetRef(own["arp"].name)), _ACCEPT),
              "ARP from its own MAC and address, or 0.0.0.0 for duplicate address detection"),
     )
     for pod in spec.pods:
@@ -595,25 +673,68 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
         chain = bridge.add(Chain(name, comment=f"{key} on {port.ifname}"))
         addresses = [_address(ip) for ip in pod.ips]
         if port.mac and port.ifindex is not None:
-            mac, veth = port.mac.lower(), port.ifindex
-            v4 = [(veth, mac, a) for a in addresses if a.version == 4]
-            own["v4"].elements += v4
-            if len(v4) < len(addresses):
-                own["v6"].elements += [(veth, mac, _network(f"{a}/128")) for a in addresses if a.version == 6]
-            own["v6"].elements += [(veth, mac, _LINK_LOCAL6), (veth, mac, _UNSPECIFIED6_NET)]
-            if v4:
-                own["arp"].elements += v4
-                own["arp"].elements.append((veth, mac, _UNSPECIFIED4))
+            _add_own_addresses(own, port, addresses)
             chain.rules += shared
         else:
             # MAC or ifindex unknown (a port given without them): check the source address alone.
             comment = f"{key}: its own address (MAC unknown)"
-            chain.rules += [Rule((Match(_ADDR[(_FAMILY[a.version][0], "saddr")], a), _RETURN), comment)
+            chain.rules += [Rule((Match(_ADDR[(_FAMILY[a.version][0], "saddr")], a), _ACCEPT), comment)
                             for a in addresses]
         if options.log_drops:
             chain.rules.append(_log_sample(options, name, f"{key}: log a sample of spoofed frames"))
         chain.rules.append(Rule((CounterRef(name), _DROP), f"{key}: source address or MAC is not the pod's"))
         dispatch.elements.append((port.ifname, Verdict("jump", name)))
+    _render_held_veths(bridge, holds, hook, own, shared, dispatch, result, options)
+
+
+def _add_own_addresses(own: dict[str, Set], port: PodPort, addresses: list) -> None:
+    """A veth's own (ifindex, MAC, address) elements: its IPs, link-local IPv6 and ARP."""
+    mac, veth = port.mac.lower(), port.ifindex
+    v4 = [(veth, mac, a) for a in addresses if a.version == 4]
+    own["v4"].elements += v4
+    if len(v4) < len(addresses):
+        own["v6"].elements += [(veth, mac, _network(f"{a}/128")) for a in addresses if a.version == 6]
+    own["v6"].elements += [(veth, mac, _LINK_LOCAL6), (veth, mac, _UNSPECIFIED6_NET)]
+    if v4:
+        own["arp"].elements += v4
+        own["arp"].elements.append((veth, mac, _UNSPECIFIED4))
+
+
+def _render_held_veths(bridge: Table, holds: Holds, hook: Chain, own: dict[str, Set], shared: tuple[Rule, ...],
+                       dispatch: Map, result: RenderResult, options: RenderOptions) -> None:
+    """Held veths are anti-spoofed like any pod's, into one node-wide chain and counter.
+
+    Their own MAC and IPs pass the bridge (the forward hook refuses them towards other pods and
+    the world), so the node still reaches a held pod (kubelet's probes: DESIGN.md §3, a pod and
+    its node always talk) and a deleted pod's open connections drain while its veth lingers. A
+    veth whose pod has no IP yet has no own addresses: everything it sends is dropped here, as
+    everything from a veth not known at all (the hook's last rule).
+    """
+    result.counters[HELD_VETH] = HELD_LABELS["egress"]
+    bridge.add(Counter(HELD_VETH, comment="frames from held or unknown veths, other than their own addresses"))
+    chain = bridge.add(Chain(HELD_VETH, comment="veths of local pods held closed until the rule set covers them"))
+    chain.rules += shared
+    if options.log_drops:
+        chain.rules.append(_log_sample(options, HELD_VETH, "held veths: log a sample of drops"))
+    chain.rules.append(Rule((CounterRef(HELD_VETH), _DROP),
+                            "held: no IP of this pod known yet, or not its own address or MAC"))
+    taken = {ifname for ifname, _ in dispatch.elements}
+    jump = Verdict("jump", HELD_VETH)
+    for entry in holds.held:
+        port = entry.port
+        if port.ifname in taken:
+            continue  # a pod of the rule set has this veth: only the uncovered IPs are held
+        taken.add(port.ifname)
+        if port.mac and port.ifindex is not None and entry.ips:
+            _add_own_addresses(own, port, [_address(ip) for ip in entry.ips])
+        dispatch.elements.append((port.ifname, jump))
+    for port in holds.passed:
+        if port.ifname not in taken:
+            taken.add(port.ifname)
+            dispatch.elements.append((port.ifname, _ACCEPT))
+    if holds.enabled:
+        hook.rules.append(Rule((Match(Meta("iifkind"), "veth"), CounterRef(HELD_VETH), _DROP),
+                               "held: a veth no local pod is known on yet, a pod being born"))
 
 
 def _veth_of(pod: PolicedPod, ports: Mapping[str, PodPort]) -> PodPort | None:
