@@ -1,10 +1,12 @@
-"""The publisher: the one place that writes to the API (NodeRuleSets and Events).
+"""The publisher: the one place that writes to the API (NodeRuleSets, their slices, Events).
 
 It waits until the initial listing of every watched kind is in the state (so it never
 publishes a half-known cluster), loads what is already published, then loops: collect dirty
 nodes, wait a short quiet period (many events become one write), compute each dirty node's
-spec, and write only where the content hash differs from what the API holds. Nodes that no
-longer exist lose their NodeRuleSet. A periodic resync re-reads the published NodeRuleSets
+spec, split it into bounded objects (netfence_api.slices: the NodeRuleSet, its PodRuleSlices,
+the PeerGroupSlices of the groups it names) and write only the objects whose content hash
+differs from what the API holds, referenced objects before referencing ones; slices nothing
+references any more are deleted last. Nodes that no longer exist lose their NodeRuleSet. A periodic resync re-reads the published NodeRuleSets
 (repairing manual edits and deletions) and a relist of a watched kind triggers a check for
 objects whose deletion was missed.
 """
@@ -21,10 +23,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
-from pydantic import ValidationError
 
-from netfence_api import NodeRuleSetSpec, short_hash
-from netfence_api.crd import HASH_ANNOTATION, PODS_ANNOTATION, RULES_ANNOTATION
+from netfence_api import PLURAL, short_hash
+from netfence_api.slices import (
+    GROUP_LABEL,
+    GROUP_SLICE_KIND,
+    GROUP_SLICE_PLURAL,
+    HASH_ANNOTATION,
+    PODS_ANNOTATION,
+    POD_SLICE_KIND,
+    POD_SLICE_PLURAL,
+    RULES_ANNOTATION,
+    NodeObjects,
+    Splitter,
+    canonical_size,
+    slice_hash,
+)
 from netfence_operator.kube import KubeApi, conflict_or_missing
 from netfence_operator.metrics import ControllerMetrics
 from netfence_operator.state import ClusterState, PolicyProblem
@@ -37,25 +51,12 @@ _EVENT_MESSAGE_LIMIT = 1024
 
 
 def published_hash(obj: dict[str, Any]) -> str:
-    """Content hash of a stored NodeRuleSet's spec ('invalid' if it does not parse)."""
-    try:
-        return NodeRuleSetSpec.model_validate(obj.get("spec") or {}).content_hash()
-    except ValidationError:
-        return "invalid"
+    """Content hash of a stored object's spec, as the split objects carry it (slice_hash).
 
-
-def ruleset_metadata(spec: NodeRuleSetSpec, digest: str) -> dict[str, Any]:
-    rules = sum(len(p.ingress) + len(p.egress) for p in spec.pods)
-    return {
-        "labels": dict(MANAGED_BY),
-        "annotations": {PODS_ANNOTATION: str(len(spec.pods)), RULES_ANNOTATION: str(rules), HASH_ANNOTATION: digest},
-    }
-
-
-def spec_body(spec: NodeRuleSetSpec) -> dict[str, Any]:
-    # Every top-level spec field is always present (none is optional), so a merge patch of
-    # this body replaces the stored spec exactly: lists are replaced whole, no key lingers.
-    return spec.model_dump(mode="json", exclude_none=True)
+    Every top-level field of a split object's spec is always sent, so a merge patch of the
+    spec replaces the stored one exactly (lists are replaced whole, no key lingers) and an
+    equal hash means an equal spec."""
+    return slice_hash(obj.get("spec") or {})
 
 
 def event_body(problem: PolicyProblem, instance: str) -> dict[str, Any]:
@@ -130,8 +131,17 @@ class Publisher:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _relisted: dict[str, float] = field(default_factory=dict)  # kind -> monotonic time of its last listing event
     _reported: set[tuple[str, str, str]] = field(default_factory=set)  # (uid, reason, message) posted
-    # node -> (content hash, reason, message) of a spec the API refused; not sent again unchanged
+    # node -> (content hash, reason, message) of a node with an object the API refused
     refused: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    write_concurrency: int = 8
+    splitter: Splitter = field(default_factory=Splitter)
+    # (plural, name) -> content hash held by the API, and the node (pod slice) or group it is of
+    published_slices: dict[tuple[str, str], str] = field(default_factory=dict)
+    slice_owner: dict[tuple[str, str], str] = field(default_factory=dict)
+    _owned: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (plural, owner) -> names
+    node_groups: dict[str, set[str]] = field(default_factory=dict)  # node -> groups its rules name
+    # (plural, name) -> (content hash, refusal) of an object the API refused; not sent again unchanged
+    refused_objects: dict[tuple[str, str], tuple[str, Any]] = field(default_factory=dict)
     _failures: int = 0
     instance: str = field(default_factory=socket.gethostname)
 
@@ -185,13 +195,42 @@ class Publisher:
         delay = iter(self.retry_backoff)
         while True:
             try:
-                stored = await asyncio.to_thread(self.api.list_rulesets)
+                stored = {plural: await asyncio.to_thread(self.api.list_objects, plural)
+                          for plural in (PLURAL, POD_SLICE_PLURAL, GROUP_SLICE_PLURAL)}
                 break
             except Exception as e:  # noqa: BLE001 - any API trouble: retry, the loop must survive
                 wait = next(delay, self.retry_backoff[-1])
-                log.warning("listing NodeRuleSets failed (%s); retrying in %ss", _short(e), wait)
+                log.warning("listing NodeRuleSets and their slices failed (%s); retrying in %ss", _short(e), wait)
                 await asyncio.sleep(wait)
-        self.published = {name: published_hash(obj) for name, obj in stored.items()}
+        self.published = {name: published_hash(obj) for name, obj in stored[PLURAL].items()}
+        self.published_slices, self.slice_owner, self._owned = {}, {}, {}
+        for plural in (POD_SLICE_PLURAL, GROUP_SLICE_PLURAL):
+            for name, obj in stored[plural].items():
+                self._stored_slice(plural, name, obj)
+
+    def _stored_slice(self, plural: str, name: str, obj: dict[str, Any]) -> None:
+        """Remember a slice the API holds: its content hash and the node or group it belongs to."""
+        spec = obj.get("spec") or {}
+        if plural == POD_SLICE_PLURAL:
+            owner = str(spec.get("nodeName") or "")
+        else:
+            owner = ((obj.get("metadata") or {}).get("labels") or {}).get(GROUP_LABEL, "")
+        self._forget_slice(plural, name)
+        self.published_slices[(plural, name)] = slice_hash(spec)
+        self.slice_owner[(plural, name)] = owner
+        self._owned.setdefault((plural, owner), set()).add(name)
+
+    def _forget_slice(self, plural: str, name: str) -> None:
+        self.published_slices.pop((plural, name), None)
+        owner = self.slice_owner.pop((plural, name), None)
+        if owner is not None:
+            names = self._owned.get((plural, owner), set())
+            names.discard(name)
+            if not names:
+                self._owned.pop((plural, owner), None)
+
+    def _slices_of(self, plural: str, owner: str) -> set[str]:
+        return set(self._owned.get((plural, owner), ()))
 
     async def _round(self) -> bool:
         """One publish round; False if something failed and must be retried."""
@@ -202,77 +241,189 @@ class Publisher:
             self.metrics.objects_watched.labels(kind).set(count)
         dirty = self.state.take_dirty()
         if dirty:
-            names = self.state.compiler.node_names()
-            for node in sorted(dirty):
-                if node in names:
-                    try:
-                        with self.metrics.compile_duration.labels("publish").time():
-                            spec = self.state.compiler.node_spec(node)
-                    except Exception:  # noqa: BLE001 - a compiler bug: keep the published rules, say so loudly
-                        log.exception("compiling node %s failed; its published rules stay", node)
-                        self.metrics.publish_failures.inc()
-                        continue
-                    written = await self._write(node, spec)
-                elif node in self.published:
-                    written = await self._delete(node)
-                else:
-                    written = True
-                if not written:
-                    self.state.dirty.add(node)
-                    ok = False
+            ok = await self._publish(dirty)
         ok = await self._report_problems() and ok
         self._failures = 0 if ok else self._failures + 1
         return ok
 
-    async def _write(self, node: str, spec: NodeRuleSetSpec) -> bool:
-        digest = spec.content_hash()
-        if self.published.get(node) == digest:
-            return True
-        if self.refused.get(node, ("",))[0] == digest:
-            return True  # the API would refuse it again; the node's Degraded condition says so
-        metadata = ruleset_metadata(spec, digest)
-        try:
-            if node in self.published:
+    # ------------------------------------------------------------------ publishing the split objects
+    async def _publish(self, dirty: set[str]) -> bool:
+        """Write what the dirty nodes' specs need, referenced objects first: group slices, then
+        pod slices, then NodeRuleSets; delete what nothing references any more last. A node whose
+        objects did not all get through keeps its last NodeRuleSet (and so its last rules)."""
+        names = self.state.compiler.node_names()
+        plans: dict[str, NodeObjects | None] = {}
+        digests: dict[str, str] = {}
+        for node in sorted(dirty):
+            if node in names:
                 try:
-                    stored = await asyncio.to_thread(self.api.patch_ruleset, node, {"metadata": metadata, "spec": spec_body(spec)})
-                    action = "patch"
+                    with self.metrics.compile_duration.labels("publish").time():
+                        spec = self.state.compiler.node_spec(node)
+                        plans[node] = self.splitter.node_objects(spec)
+                    digests[node] = spec.content_hash()
+                except Exception:  # noqa: BLE001 - a compiler bug: keep the published rules, say so loudly
+                    log.exception("compiling node %s failed; its published rules stay", node)
+                    self.metrics.publish_failures.inc()
+            elif node in self.published or self._slices_of(POD_SLICE_PLURAL, node):
+                plans[node] = None
+        for node, objects in plans.items():
+            if objects is None:
+                self.node_groups.pop(node, None)
+            else:
+                self.node_groups[node] = {g.name for g in objects.groups}
+        groups = {g.name: g for objects in plans.values() if objects is not None for g in objects.groups}
+        failed: set[str] = set()  # nodes to publish again next round
+        refused: dict[str, tuple[str, str, int]] = {}  # node -> (reason, message, size) of a refused object
+
+        # 1. group slices (shared): a group none of whose slices failed may lose its stale ones
+        group_objects = {name: self.splitter.group_objects(g) for name, g in groups.items()}
+        results = await self._put_all(GROUP_SLICE_PLURAL, [o for objs in group_objects.values() for o in objs])
+        whole_groups = set()
+        for name, objs in group_objects.items():
+            bad = [results[o["metadata"]["name"]] for o in objs if results[o["metadata"]["name"]] is not None]
+            if not bad:
+                whole_groups.add(name)
+                continue
+            users = {n for n, used in self.node_groups.items() if name in used}
+            for outcome in bad:
+                if outcome == "failed":
+                    failed |= users & set(plans)
+                else:
+                    refused.update({n: outcome for n in users})  # type: ignore[misc]
+
+        # 2. pod slices, 3. NodeRuleSets of nodes whose slices all got through
+        pod_results = await self._put_all(POD_SLICE_PLURAL, [o for objs in plans.values() if objs is not None
+                                                             for o in objs.pod_slices])
+        rulesets = []
+        for node, objects in plans.items():
+            if objects is None:
+                continue
+            outcomes = [pod_results[o["metadata"]["name"]] for o in objects.pod_slices]
+            if "failed" in outcomes:
+                failed.add(node)
+            refused.update({node: o for o in outcomes if o not in (None, "failed")})  # type: ignore[misc]
+            if node not in failed and node not in refused:
+                rulesets.append(objects.ruleset)
+        for node, outcome in (await self._put_all(PLURAL, rulesets)).items():
+            if outcome == "failed":
+                failed.add(node)
+            elif outcome is not None:
+                refused[node] = outcome  # type: ignore[assignment]
+
+        # 4. deletions: NodeRuleSets of gone nodes, then slices nothing references
+        doomed: list[tuple[str, str]] = []
+        for node, objects in plans.items():
+            if objects is None:
+                if node in self.published and not await self._delete(PLURAL, node):
+                    failed.add(node)
+                    continue
+                doomed += [(POD_SLICE_PLURAL, n) for n in self._slices_of(POD_SLICE_PLURAL, node)]
+            elif node not in failed and node not in refused:
+                keep = {o["metadata"]["name"] for o in objects.pod_slices}
+                doomed += [(POD_SLICE_PLURAL, n) for n in self._slices_of(POD_SLICE_PLURAL, node) - keep]
+        for name in whole_groups:
+            keep = {o["metadata"]["name"] for o in group_objects[name]}
+            doomed += [(GROUP_SLICE_PLURAL, n) for n in self._slices_of(GROUP_SLICE_PLURAL, name) - keep]
+        if set(self.node_groups) >= names:  # every node's groups are known: the others are garbage
+            used = set().union(*self.node_groups.values()) if self.node_groups else set()
+            for name in {o for (p, o) in self._owned if p == GROUP_SLICE_PLURAL} - used:
+                doomed += [(GROUP_SLICE_PLURAL, n) for n in self._slices_of(GROUP_SLICE_PLURAL, name)]
+                self.splitter.forget_group(name)
+        for plural, name in doomed:
+            if not await self._delete(plural, name):
+                failed.add(self.slice_owner.get((plural, name), "") if plural == POD_SLICE_PLURAL else "")
+        for node in plans:
+            if plans[node] is None:
+                self.splitter.forget_node(node)
+
+        for node in set(plans) - failed:
+            if node in refused:
+                reason, message, size = refused[node]
+                await self._refused(node, digests.get(node, ""), reason, message, size)
+            elif self.refused.pop(node, None) is not None:
+                self.metrics.rulesets_refused.remove(node)
+                log.info("the objects of node %s are accepted by the API again", node)
+        failed.discard("")
+        self.state.dirty |= failed
+        return not failed
+
+    async def _put_all(self, plural: str, objects: list[dict[str, Any]]) -> dict[str, Any]:
+        """Write the objects whose content the API does not hold yet, a few at a time. Per name:
+        None (stored), "failed" (retry) or (reason, message, size) of a refusal."""
+        results: dict[str, Any] = {}
+        todo = []
+        for obj in objects:
+            name = obj["metadata"]["name"]
+            digest = obj["metadata"]["annotations"][HASH_ANNOTATION]
+            key = (plural, name)
+            held = self.published.get(name) if plural == PLURAL else self.published_slices.get(key)
+            if held == digest:
+                results[name] = None
+            elif self.refused_objects.get(key, (None,))[0] == digest:
+                results[name] = self.refused_objects[key][1]  # the API would refuse it again
+            else:
+                todo.append(obj)
+        semaphore = asyncio.Semaphore(self.write_concurrency)
+
+        async def put(obj: dict[str, Any]) -> None:
+            async with semaphore:
+                results[obj["metadata"]["name"]] = await self._put(plural, obj)
+
+        await asyncio.gather(*(put(o) for o in todo))
+        return results
+
+    async def _put(self, plural: str, obj: dict[str, Any]) -> Any:
+        name = obj["metadata"]["name"]
+        key = (plural, name)
+        digest = obj["metadata"]["annotations"][HASH_ANNOTATION]
+        held = name in self.published if plural == PLURAL else key in self.published_slices
+        patch = {"metadata": {k: obj["metadata"][k] for k in ("labels", "annotations")}, "spec": obj["spec"]}
+        try:
+            if held:
+                try:
+                    stored, action = await asyncio.to_thread(self.api.patch_object, plural, name, patch), "patch"
                 except ApiException as e:
                     if e.status != 404:
                         raise
-                    stored, action = await asyncio.to_thread(self.api.create_ruleset, self._new(node, metadata, spec)), "create"
+                    stored, action = await asyncio.to_thread(self.api.create_object, plural, obj), "create"
             else:
                 try:
-                    stored = await asyncio.to_thread(self.api.create_ruleset, self._new(node, metadata, spec))
-                    action = "create"
+                    stored, action = await asyncio.to_thread(self.api.create_object, plural, obj), "create"
                 except ApiException as e:
                     if e.status != 409:
                         raise
-                    stored = await asyncio.to_thread(self.api.patch_ruleset, node, {"metadata": metadata, "spec": spec_body(spec)})
-                    action = "patch"
+                    stored, action = await asyncio.to_thread(self.api.patch_object, plural, name, patch), "patch"
         except Exception as e:  # noqa: BLE001
             self.metrics.publish_failures.inc()
             reason = refusal(e)
             if reason is None:
-                log.warning("writing NodeRuleSet %s failed: %s", node, _short(e))
-                return False
-            await self._refused(node, digest, reason, _api_message(e), len(json.dumps(spec_body(spec))))
-            return True
-        if self.refused.pop(node, None) is not None:
-            self.metrics.rulesets_refused.remove(node)
-            log.info("NodeRuleSet %s is accepted by the API again", node)
-        self.published[node] = published_hash(stored)
-        if self.published[node] != digest:
-            log.error("NodeRuleSet %s was stored differently from what was sent (CRD schema out of date?)", node)
-        self.metrics.rulesets_published.labels(action).inc()
-        log.info("%s NodeRuleSet %s: %s pods, %s rules, generation %s", action, node,
-                 metadata["annotations"][PODS_ANNOTATION], metadata["annotations"][RULES_ANNOTATION],
-                 (stored.get("metadata") or {}).get("generation"))
-        return True
+                log.warning("writing %s %s failed: %s", obj["kind"], name, _short(e))
+                return "failed"
+            outcome = (reason, f"{obj['kind']} {name} ({canonical_size(obj)} bytes): {_api_message(e)}",
+                       canonical_size(obj))
+            self.refused_objects[key] = (digest, outcome)
+            return outcome
+        self.refused_objects.pop(key, None)
+        if plural == PLURAL:
+            self.published[name] = published_hash(stored)
+            self.metrics.rulesets_published.labels(action).inc()
+            log.info("%s NodeRuleSet %s: %s pods, %s rules, %d pod slices, generation %s", action, name,
+                     obj["metadata"]["annotations"][PODS_ANNOTATION], obj["metadata"]["annotations"][RULES_ANNOTATION],
+                     len(obj["spec"]["podSlices"]), (stored.get("metadata") or {}).get("generation"))
+            now = self.published[name]
+        else:
+            self._stored_slice(plural, name, stored)
+            self.metrics.slices_published.labels(obj["kind"], action).inc()
+            log.debug("%s %s %s", action, obj["kind"], name)
+            now = self.published_slices[key]
+        if now != digest:
+            log.error("%s %s was stored differently from what was sent (CRD schema out of date?)", obj["kind"], name)
+        return None
 
     async def _refused(self, node: str, digest: str, reason: str, api_message: str, size: int) -> None:
         """Never silent: the node keeps its last rules, and the metric, an Event on the Node and
         a Degraded condition on its NodeRuleSet say that they are out of date and why."""
-        message = (f"the API refused NodeRuleSet {node} ({size} bytes of spec): {api_message}; "
+        message = (f"the API refused an object of node {node}'s rules: {api_message}; "
                    f"node {node} keeps enforcing the rules it was last given")
         already = self.refused.get(node)
         self.refused[node] = (digest, reason, message)
@@ -295,22 +446,22 @@ class Publisher:
             if conflict_or_missing(e) != 404:
                 log.warning("marking NodeRuleSet %s Degraded failed: %s", node, _short(e))
 
-    @staticmethod
-    def _new(node: str, metadata: dict[str, Any], spec: NodeRuleSetSpec) -> dict[str, Any]:
-        return {"apiVersion": "netfence.io/v1alpha1", "kind": "NodeRuleSet",
-                "metadata": {"name": node, **metadata}, "spec": spec_body(spec)}
-
-    async def _delete(self, node: str) -> bool:
+    async def _delete(self, plural: str, name: str) -> bool:
         try:
-            await asyncio.to_thread(self.api.delete_ruleset, node)
+            await asyncio.to_thread(self.api.delete_object, plural, name)
         except Exception as e:  # noqa: BLE001
             if conflict_or_missing(e) != 404:
-                log.warning("deleting NodeRuleSet %s failed: %s", node, _short(e))
+                log.warning("deleting %s %s failed: %s", plural, name, _short(e))
                 self.metrics.publish_failures.inc()
                 return False
-        self.published.pop(node, None)
-        self.metrics.rulesets_published.labels("delete").inc()
-        log.info("deleted NodeRuleSet %s: the node is gone", node)
+        if plural == PLURAL:
+            self.published.pop(name, None)
+            self.metrics.rulesets_published.labels("delete").inc()
+            log.info("deleted NodeRuleSet %s: the node is gone", name)
+        else:
+            self._forget_slice(plural, name)
+            self.metrics.slices_published.labels(
+                POD_SLICE_KIND if plural == POD_SLICE_PLURAL else GROUP_SLICE_KIND, "delete").inc()
         return True
 
     async def _check_relists(self) -> None:
