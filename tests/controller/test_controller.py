@@ -23,7 +23,7 @@ from controller.harness import (
     wait_synced,
 )
 from netfence_api import NodeRuleSetSpec
-from netfence_api.slices import Incomplete, assemble_from_objects, slice_hash
+from netfence_api.slices import Incomplete, assemble_from_objects, slice_hash, split
 
 SLICES_PATH = "/apis/netfence.io/v1alpha1"
 from netfence_operator.compile import ClusterObjects, compile_cluster, parse_object
@@ -80,6 +80,11 @@ def ruleset_writes(api: FakeApiServer, since: int = 0) -> list[tuple[str, str]]:
     return [(r.method, r.path.removeprefix(NRS_PATH).strip("/")) for r in api.writes(NRS_PATH)[since:]]
 
 
+def api_objects(api: FakeApiServer) -> dict[tuple[str, str], dict]:
+    return {(o["kind"], o["metadata"]["name"]): o["spec"]
+            for plural in ("noderulesets", "podruleslices", "peergroupslices") for o in api.list(plural)}
+
+
 def slice_writes(api: FakeApiServer, since: int = 0, plural: str = "") -> list[tuple[str, str]]:
     """(method, "plural/name") of the controller's writes of slices."""
     out = []
@@ -120,6 +125,9 @@ def test_policies_and_pods_become_node_rule_sets(api_server, kubeconfig):
         assert stored["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "netfence-controller"}
         assert stored["metadata"]["annotations"]["netfence.io/pods"] == str(len(specs["n2"].pods))
         assert stored["metadata"]["annotations"]["netfence.io/spec-hash"] == slice_hash(stored["spec"])
+        # exactly the objects `netfence compile -o json` prints for the same input
+        assert api_objects(api_server) == {(o["kind"], o["metadata"]["name"]): o["spec"]
+                                           for o in split(expected(api_server).values())}
         # each slice and each group written once
         assert [m for m, _ in slice_writes(api_server)] == ["POST"] * (len(api_server.list("podruleslices"))
                                                                       + len(api_server.list("peergroupslices")))
@@ -212,6 +220,9 @@ def test_restart_repairs_what_changed_while_down(api_server, kubeconfig):
         assert published(api_server) == expected(api_server)
         assert set(published(api_server)) == {"n1", "n2"}
         assert sorted(ruleset_writes(api_server, mark)) == [("DELETE", "n3"), ("PATCH", "n2"), ("POST", "")]
+        # n3's slices and the groups nobody names any more are gone; nothing else is left behind
+        assert api_objects(api_server) == {(o["kind"], o["metadata"]["name"]): o["spec"]
+                                           for o in split(expected(api_server).values())}
 
 
 def events_for(api: FakeApiServer, name: str) -> list[dict]:
