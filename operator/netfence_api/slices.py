@@ -206,11 +206,38 @@ def _envelope(kind: str, name: str, labels: dict[str, str], annotations: dict[st
 
 # --------------------------------------------------------------------------- split
 @dataclass
+class PodSlice:
+    """One PodRuleSlice of a node, its object built when it is needed (to be written): the
+    Splitter keeps only the pods and the content hash of each slice, not their JSON."""
+
+    node: str
+    prefix: str
+    digest: str
+    pods: tuple[PolicedPod, ...]
+    _body: dict[str, Any] | None = None
+
+    @property
+    def name(self) -> str:
+        return pod_slice_name(self.node, self.prefix)
+
+    def object(self) -> dict[str, Any]:
+        body = self._body if self._body is not None else _pod_slice_body(self.node, self.prefix, self.pods)
+        rules = sum(len(p.ingress) + len(p.egress) for p in self.pods)
+        return _envelope(POD_SLICE_KIND, self.name, {NODE_LABEL: node_label_value(self.node)},
+                         {HASH_ANNOTATION: self.digest, PODS_ANNOTATION: str(len(self.pods)),
+                          RULES_ANNOTATION: str(rules)}, body)
+
+
+def _pod_slice_body(node: str, prefix: str, pods: Iterable[PolicedPod]) -> dict[str, Any]:
+    return {"nodeName": node, "prefix": prefix, "pods": [p.model_dump(mode="json", exclude_none=True) for p in pods]}
+
+
+@dataclass
 class NodeObjects:
     """What one node's spec publishes besides its groups."""
 
     ruleset: dict[str, Any]
-    pod_slices: list[dict[str, Any]]
+    pod_slices: list[PodSlice]
     groups: list[PeerGroup | PeerPortGroup]  # the groups its rules name (published as their slices)
 
 
@@ -222,8 +249,10 @@ class Splitter:
     bounds: Bounds = DEFAULT_BOUNDS
     # group name -> (the group model split last, its slice objects)
     _groups: dict[str, tuple[Any, list[dict[str, Any]]]] = field(default_factory=dict)
-    # node -> {pod key: (PolicedPod, its JSON data, JSON size, trie key)}
-    _pods: dict[str, dict[str, tuple[PolicedPod, dict, int, int]]] = field(default_factory=dict)
+    # node -> {pod key: (PolicedPod, JSON size, trie key)}
+    _pods: dict[str, dict[str, tuple[PolicedPod, int, int]]] = field(default_factory=dict)
+    # node -> {prefix: (pods of the slice, content hash)}
+    _slices: dict[str, dict[str, tuple[tuple[PolicedPod, ...], str]]] = field(default_factory=dict)
     _member_keys: dict[str, int] = field(default_factory=dict)
 
     def _key(self, text: str) -> int:
@@ -271,29 +300,29 @@ class Splitter:
     def node_objects(self, spec: NodeRuleSetSpec) -> NodeObjects:
         node = spec.nodeName
         before = self._pods.get(node, {})
-        entries: dict[str, tuple[PolicedPod, dict, int, int]] = {}
+        entries: dict[str, tuple[PolicedPod, int, int]] = {}
         for pod in spec.pods:
             key = _pod_key(pod)
             old = before.get(key)
             if old is not None and old[0] is pod:
                 entries[key] = old
             else:
-                data = pod.model_dump(mode="json", exclude_none=True)
-                entries[key] = (pod, data, _compact_size(data) + 1, self._key(key))
+                entries[key] = (pod, _compact_size(pod.model_dump(mode="json", exclude_none=True)) + 1, self._key(key))
         self._pods[node] = entries
         ordered = list(entries.values())
-        refs, slices = [], []
-        for prefix, indexes in partition([e[3] for e in ordered], [e[2] for e in ordered], self.bounds.pod_slice_bytes):
-            body = {"nodeName": node, "prefix": prefix, "pods": [ordered[i][1] for i in indexes]}
-            digest = slice_hash(body)
-            name = pod_slice_name(node, prefix)
-            rules = sum(len(ordered[i][0].ingress) + len(ordered[i][0].egress) for i in indexes)
-            slices.append(_envelope(POD_SLICE_KIND, name, {NODE_LABEL: node_label_value(node)},
-                                    {HASH_ANNOTATION: digest, PODS_ANNOTATION: str(len(indexes)),
-                                     RULES_ANNOTATION: str(rules)}, body))
-            refs.append({"name": name, "hash": digest})
+        known = self._slices.get(node, {})
+        slices: list[PodSlice] = []
+        for prefix, indexes in partition([e[2] for e in ordered], [e[1] for e in ordered], self.bounds.pod_slice_bytes):
+            pods = tuple(ordered[i][0] for i in indexes)
+            old_slice = known.get(prefix)
+            if old_slice is not None and len(old_slice[0]) == len(pods) and all(a is b for a, b in zip(old_slice[0], pods)):
+                slices.append(PodSlice(node, prefix, old_slice[1], pods))
+            else:
+                body = _pod_slice_body(node, prefix, pods)
+                slices.append(PodSlice(node, prefix, slice_hash(body), pods, body))
+        self._slices[node] = {s.prefix: (s.pods, s.digest) for s in slices}
         groups = _referenced_groups(spec)
-        ruleset_spec = {"nodeName": node, "podSlices": refs}
+        ruleset_spec = {"nodeName": node, "podSlices": [{"name": s.name, "hash": s.digest} for s in slices]}
         rules = sum(len(p.ingress) + len(p.egress) for p in spec.pods)
         ruleset = {"apiVersion": API, "kind": KIND,
                    "metadata": {"name": node, "labels": dict(MANAGED_BY),
@@ -304,6 +333,7 @@ class Splitter:
 
     def forget_node(self, node: str) -> None:
         self._pods.pop(node, None)
+        self._slices.pop(node, None)
 
 
 def _referenced_groups(spec: NodeRuleSetSpec) -> list[PeerGroup | PeerPortGroup]:
@@ -333,7 +363,7 @@ def split(specs: Iterable[NodeRuleSetSpec], bounds: Bounds = DEFAULT_BOUNDS) -> 
     for name in sorted(groups):
         out += splitter.group_objects(groups[name])
     for objects in nodes:
-        out += objects.pod_slices
+        out += [s.object() for s in objects.pod_slices]
         out.append(objects.ruleset)
     return out
 

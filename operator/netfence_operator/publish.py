@@ -20,7 +20,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from kubernetes.client.exceptions import ApiException
 
@@ -277,7 +277,7 @@ class Publisher:
 
         # 1. group slices (shared): a group none of whose slices failed may lose its stale ones
         group_objects = {name: self.splitter.group_objects(g) for name, g in groups.items()}
-        results = await self._put_all(GROUP_SLICE_PLURAL, [o for objs in group_objects.values() for o in objs])
+        results = await self._put_all(GROUP_SLICE_PLURAL, [_outgoing(o) for objs in group_objects.values() for o in objs])
         whole_groups = set()
         for name, objs in group_objects.items():
             bad = [results[o["metadata"]["name"]] for o in objs if results[o["metadata"]["name"]] is not None]
@@ -292,18 +292,18 @@ class Publisher:
                     refused.update({n: outcome for n in users})  # type: ignore[misc]
 
         # 2. pod slices, 3. NodeRuleSets of nodes whose slices all got through
-        pod_results = await self._put_all(POD_SLICE_PLURAL, [o for objs in plans.values() if objs is not None
-                                                             for o in objs.pod_slices])
+        pod_results = await self._put_all(POD_SLICE_PLURAL, [(s.name, s.digest, s.object) for objs in plans.values()
+                                                             if objs is not None for s in objs.pod_slices])
         rulesets = []
         for node, objects in plans.items():
             if objects is None:
                 continue
-            outcomes = [pod_results[o["metadata"]["name"]] for o in objects.pod_slices]
+            outcomes = [pod_results[s.name] for s in objects.pod_slices]
             if "failed" in outcomes:
                 failed.add(node)
             refused.update({node: o for o in outcomes if o not in (None, "failed")})  # type: ignore[misc]
             if node not in failed and node not in refused:
-                rulesets.append(objects.ruleset)
+                rulesets.append(_outgoing(objects.ruleset))
         for node, outcome in (await self._put_all(PLURAL, rulesets)).items():
             if outcome == "failed":
                 failed.add(node)
@@ -319,7 +319,7 @@ class Publisher:
                     continue
                 doomed += [(POD_SLICE_PLURAL, n) for n in self._slices_of(POD_SLICE_PLURAL, node)]
             elif node not in failed and node not in refused:
-                keep = {o["metadata"]["name"] for o in objects.pod_slices}
+                keep = {s.name for s in objects.pod_slices}
                 doomed += [(POD_SLICE_PLURAL, n) for n in self._slices_of(POD_SLICE_PLURAL, node) - keep]
         for name in whole_groups:
             keep = {o["metadata"]["name"] for o in group_objects[name]}
@@ -347,14 +347,13 @@ class Publisher:
         self.state.dirty |= failed
         return not failed
 
-    async def _put_all(self, plural: str, objects: list[dict[str, Any]]) -> dict[str, Any]:
-        """Write the objects whose content the API does not hold yet, a few at a time. Per name:
-        None (stored), "failed" (retry) or (reason, message, size) of a refusal."""
+    async def _put_all(self, plural: str, items: list[tuple[str, str, Callable[[], dict[str, Any]]]]) -> dict[str, Any]:
+        """Write the objects (name, content hash, how to build it) whose content the API does not
+        hold yet, a few at a time. Per name: None (stored), "failed" (retry) or (reason, message,
+        size) of a refusal."""
         results: dict[str, Any] = {}
         todo = []
-        for obj in objects:
-            name = obj["metadata"]["name"]
-            digest = obj["metadata"]["annotations"][HASH_ANNOTATION]
+        for name, digest, build in items:
             key = (plural, name)
             held = self.published.get(name) if plural == PLURAL else self.published_slices.get(key)
             if held == digest:
@@ -362,7 +361,7 @@ class Publisher:
             elif self.refused_objects.get(key, (None,))[0] == digest:
                 results[name] = self.refused_objects[key][1]  # the API would refuse it again
             else:
-                todo.append(obj)
+                todo.append(build())
         semaphore = asyncio.Semaphore(self.write_concurrency)
 
         async def put(obj: dict[str, Any]) -> None:
@@ -504,6 +503,10 @@ class Publisher:
         # What is no longer a problem is forgotten, so that it is reported again if it comes back.
         self._reported = reported
         return ok
+
+
+def _outgoing(obj: dict[str, Any]) -> tuple[str, str, Callable[[], dict[str, Any]]]:
+    return obj["metadata"]["name"], obj["metadata"]["annotations"][HASH_ANNOTATION], lambda: obj
 
 
 def _short(e: Exception) -> str:

@@ -174,7 +174,7 @@ def test_a_splitter_with_memory_gives_what_a_fresh_split_gives(rounds):
         remembered = []
         for spec in specs:
             objects = splitter.node_objects(spec)
-            remembered += [*objects.pod_slices, objects.ruleset]
+            remembered += [*(s.object() for s in objects.pod_slices), objects.ruleset]
             for group in objects.groups:
                 remembered += splitter.group_objects(group)
         assert by_name(remembered) == by_name(split(specs, SMALL))
