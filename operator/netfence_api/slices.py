@@ -321,7 +321,7 @@ class Splitter:
                 body = _pod_slice_body(node, prefix, pods)
                 slices.append(PodSlice(node, prefix, slice_hash(body), pods, body))
         self._slices[node] = {s.prefix: (s.pods, s.digest) for s in slices}
-        groups = _referenced_groups(spec)
+        groups = [*spec.peerGroups, *spec.peerPortGroups]
         ruleset_spec = {"nodeName": node, "podSlices": [{"name": s.name, "hash": s.digest} for s in slices]}
         rules = sum(len(p.ingress) + len(p.egress) for p in spec.pods)
         ruleset = {"apiVersion": API, "kind": KIND,
@@ -353,6 +353,7 @@ def split(specs: Iterable[NodeRuleSetSpec], bounds: Bounds = DEFAULT_BOUNDS) -> 
     splitter = Splitter(bounds)
     nodes, groups = [], {}
     for spec in specs:
+        _referenced_groups(spec)
         objects = splitter.node_objects(spec)
         nodes.append(objects)
         for group in objects.groups:

@@ -143,6 +143,10 @@ class Publisher:
     # (plural, name) -> (content hash, refusal) of an object the API refused; not sent again unchanged
     refused_objects: dict[tuple[str, str], tuple[str, Any]] = field(default_factory=dict)
     _failures: int = 0
+    _counted: float = float("-inf")  # monotonic time objects_watched was last set
+    problems_interval: float = 1.0
+    _problems_at: float = float("-inf")  # monotonic time policy problems were last reported
+    _problems_due: bool = False
     instance: str = field(default_factory=socket.gethostname)
 
     # ------------------------------------------------------------------ signals from handlers
@@ -178,6 +182,8 @@ class Publisher:
             if not self.state.dirty:  # the dirty set, not the wake flag, is the truth
                 try:
                     wait = min(self._relist_wait(), max(0.0, next_resync - time.monotonic()))
+                    if self._problems_due:
+                        wait = min(wait, max(0.0, self._problems_at + self.problems_interval - time.monotonic()))
                     await asyncio.wait_for(self._wake.wait(), wait)
                 except asyncio.TimeoutError:
                     pass
@@ -237,12 +243,21 @@ class Publisher:
         await self._check_relists()
         self.state.rebuild_if_broken()
         ok = True
-        for kind, count in self.state.counts().items():
-            self.metrics.objects_watched.labels(kind).set(count)
+        if time.monotonic() - self._counted >= 1.0:  # counting walks every object: not on every event
+            self._counted = time.monotonic()
+            for kind, count in self.state.counts().items():
+                self.metrics.objects_watched.labels(kind).set(count)
         dirty = self.state.take_dirty()
         if dirty:
             ok = await self._publish(dirty)
-        ok = await self._report_problems() and ok
+        # Finding the policies' problems walks every policy: during a burst of pod events, once
+        # a second (the rules are published first either way).
+        if not dirty or time.monotonic() - self._problems_at >= self.problems_interval:
+            self._problems_at = time.monotonic()
+            self._problems_due = False
+            ok = await self._report_problems() and ok
+        else:
+            self._problems_due = True
         self._failures = 0 if ok else self._failures + 1
         return ok
 
@@ -253,14 +268,12 @@ class Publisher:
         objects did not all get through keeps its last NodeRuleSet (and so its last rules)."""
         names = self.state.compiler.node_names()
         plans: dict[str, NodeObjects | None] = {}
-        digests: dict[str, str] = {}
         for node in sorted(dirty):
             if node in names:
                 try:
                     with self.metrics.compile_duration.labels("publish").time():
                         spec = self.state.compiler.node_spec(node)
                         plans[node] = self.splitter.node_objects(spec)
-                    digests[node] = spec.content_hash()
                 except Exception:  # noqa: BLE001 - a compiler bug: keep the published rules, say so loudly
                     log.exception("compiling node %s failed; its published rules stay", node)
                     self.metrics.publish_failures.inc()
@@ -273,42 +286,54 @@ class Publisher:
                 self.node_groups[node] = {g.name for g in objects.groups}
         groups = {g.name: g for objects in plans.values() if objects is not None for g in objects.groups}
         failed: set[str] = set()  # nodes to publish again next round
-        refused: dict[str, tuple[str, str, int]] = {}  # node -> (reason, message, size) of a refused object
+        refused: dict[str, Any] = {}  # node -> (reason, message, size) of a refused object
 
-        # 1. group slices (shared): a group none of whose slices failed may lose its stale ones
+        # 1. slices of groups the API does not hold at all: the pod slices below may name them.
+        # 2. then together: slices of groups the API holds (their members changed) and pod slices.
+        # A group none of whose slices failed may lose its stale slices (step 4).
         group_objects = {name: self.splitter.group_objects(g) for name, g in groups.items()}
-        results = await self._put_all(GROUP_SLICE_PLURAL, [_outgoing(o) for objs in group_objects.values() for o in objs])
-        whole_groups = set()
-        for name, objs in group_objects.items():
-            bad = [results[o["metadata"]["name"]] for o in objs if results[o["metadata"]["name"]] is not None]
-            if not bad:
-                whole_groups.add(name)
-                continue
-            users = {n for n, used in self.node_groups.items() if name in used}
-            for outcome in bad:
-                if outcome == "failed":
-                    failed |= users & set(plans)
-                else:
-                    refused.update({n: outcome for n in users})  # type: ignore[misc]
+        new_groups = [name for name in group_objects if not self._owned.get((GROUP_SLICE_PLURAL, name))]
+        whole_groups: set[str] = set()
 
-        # 2. pod slices, 3. NodeRuleSets of nodes whose slices all got through
-        pod_results = await self._put_all(POD_SLICE_PLURAL, [(s.name, s.digest, s.object) for objs in plans.values()
-                                                             if objs is not None for s in objs.pod_slices])
+        def settle_groups(names: list[str], results: dict[str, Any]) -> None:
+            for name in names:
+                bad = [results[o["metadata"]["name"]] for o in group_objects[name]
+                       if results[o["metadata"]["name"]] is not None]
+                if not bad:
+                    whole_groups.add(name)
+                    continue
+                users = {n for n, used in self.node_groups.items() if name in used}
+                for outcome in bad:
+                    if outcome == "failed":
+                        failed.update(users & set(plans))
+                    else:
+                        refused.update({n: outcome for n in users})
+
+        if new_groups:
+            settle_groups(new_groups, await self._put_all(
+                GROUP_SLICE_PLURAL, [_outgoing(o) for name in new_groups for o in group_objects[name]]))
+        old_groups = [name for name in group_objects if name not in new_groups]
+        ready = [(node, objects) for node, objects in plans.items()
+                 if objects is not None and node not in failed and node not in refused]
+        group_results, pod_results = await asyncio.gather(
+            self._put_all(GROUP_SLICE_PLURAL, [_outgoing(o) for name in old_groups for o in group_objects[name]]),
+            self._put_all(POD_SLICE_PLURAL, [(s.name, s.digest, s.object) for _, objs in ready for s in objs.pod_slices]))
+        settle_groups(old_groups, group_results)
+
+        # 3. NodeRuleSets of nodes whose objects all got through
         rulesets = []
-        for node, objects in plans.items():
-            if objects is None:
-                continue
+        for node, objects in ready:
             outcomes = [pod_results[s.name] for s in objects.pod_slices]
             if "failed" in outcomes:
                 failed.add(node)
-            refused.update({node: o for o in outcomes if o not in (None, "failed")})  # type: ignore[misc]
+            refused.update({node: o for o in outcomes if o not in (None, "failed")})
             if node not in failed and node not in refused:
                 rulesets.append(_outgoing(objects.ruleset))
         for node, outcome in (await self._put_all(PLURAL, rulesets)).items():
             if outcome == "failed":
                 failed.add(node)
             elif outcome is not None:
-                refused[node] = outcome  # type: ignore[assignment]
+                refused[node] = outcome
 
         # 4. deletions: NodeRuleSets of gone nodes, then slices nothing references
         doomed: list[tuple[str, str]] = []
@@ -339,7 +364,9 @@ class Publisher:
         for node in set(plans) - failed:
             if node in refused:
                 reason, message, size = refused[node]
-                await self._refused(node, digests.get(node, ""), reason, message, size)
+                objects = plans[node]
+                digest = objects.ruleset["metadata"]["annotations"][HASH_ANNOTATION] if objects is not None else ""
+                await self._refused(node, digest, reason, message, size)
             elif self.refused.pop(node, None) is not None:
                 self.metrics.rulesets_refused.remove(node)
                 log.info("the objects of node %s are accepted by the API again", node)

@@ -103,6 +103,7 @@ class ClusterState:
     compiler: Compiler = field(init=False)
     dirty: set[str] = field(default_factory=set)
     _live: dict[tuple[str, str], dict[str, Version]] = field(default_factory=dict)
+    _policy_keys: set[str] = field(default_factory=set)  # NetworkPolicy keys in _live: problems are looked up per round
     _compiled: dict[tuple[str, str], BaseModel] = field(default_factory=dict)
     _gone: collections.OrderedDict = field(default_factory=collections.OrderedDict)
     _broken: bool = False
@@ -119,6 +120,8 @@ class ClusterState:
             return  # a late event of an object already deleted
         key = object_key(kind, body)
         versions = self._live.setdefault((kind, key), {})
+        if kind == "NetworkPolicy":
+            self._policy_keys.add(key)
         previous = versions.pop(uid, None)  # re-inserted last: the most recently seen
         try:
             model, errors = parse_object(dict(body), _SOURCE), []
@@ -151,6 +154,7 @@ class ClusterState:
             versions.pop(uid, None)
             if not versions:
                 del self._live[(kind, key)]
+                self._policy_keys.discard(key)
         self._sync(kind, key)
 
     def known_uids(self, kind: str) -> dict[str, str]:
@@ -226,9 +230,8 @@ class ClusterState:
         """Every problem a user should see on a NetworkPolicy: invalid input, compiler warnings."""
         out: list[PolicyProblem] = []
         warnings = self.compiler.problems()
-        for (kind, key), versions in sorted(self._live.items()):
-            if kind != "NetworkPolicy":
-                continue
+        for key in sorted(self._policy_keys):
+            versions = self._live[("NetworkPolicy", key)]
             chosen = self._choose(versions)
             if chosen is None:
                 continue
