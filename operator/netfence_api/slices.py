@@ -253,6 +253,8 @@ class Splitter:
     _pods: dict[str, dict[str, tuple[PolicedPod, int, int]]] = field(default_factory=dict)
     # node -> {prefix: (pods of the slice, content hash)}
     _slices: dict[str, dict[str, tuple[tuple[PolicedPod, ...], str]]] = field(default_factory=dict)
+    # node -> (the pods list split last, what it gave)
+    _last: dict[str, tuple[list, NodeObjects]] = field(default_factory=dict)
     _member_keys: dict[str, int] = field(default_factory=dict)
 
     def _key(self, text: str) -> int:
@@ -299,6 +301,11 @@ class Splitter:
     # ------------------------------------------------------------------ nodes
     def node_objects(self, spec: NodeRuleSetSpec) -> NodeObjects:
         node = spec.nodeName
+        last = self._last.get(node)
+        if last is not None and last[0] is spec.pods:
+            # The very same pods (the compiler hands over its list again when only group
+            # members moved, which is most events for most nodes): nothing of the node's own.
+            return NodeObjects(last[1].ruleset, last[1].pod_slices, [*spec.peerGroups, *spec.peerPortGroups])
         before = self._pods.get(node, {})
         entries: dict[str, tuple[PolicedPod, int, int]] = {}
         for pod in spec.pods:
@@ -329,11 +336,14 @@ class Splitter:
                                 "annotations": {PODS_ANNOTATION: str(len(spec.pods)), RULES_ANNOTATION: str(rules),
                                                 HASH_ANNOTATION: slice_hash(ruleset_spec)}},
                    "spec": ruleset_spec}
+        objects = NodeObjects(ruleset, [PodSlice(s.node, s.prefix, s.digest, s.pods) for s in slices], groups)
+        self._last[node] = (spec.pods, objects)  # (the slices without their JSON: built again when written)
         return NodeObjects(ruleset, slices, groups)
 
     def forget_node(self, node: str) -> None:
         self._pods.pop(node, None)
         self._slices.pop(node, None)
+        self._last.pop(node, None)
 
 
 def _referenced_groups(spec: NodeRuleSetSpec) -> list[PeerGroup | PeerPortGroup]:

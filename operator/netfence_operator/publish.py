@@ -25,6 +25,7 @@ from typing import Any, Callable
 from kubernetes.client.exceptions import ApiException
 
 from netfence_api import PLURAL, short_hash
+from netfence_api.runtime import freeze_heap
 from netfence_api.slices import (
     GROUP_LABEL,
     GROUP_SLICE_KIND,
@@ -170,10 +171,12 @@ class Publisher:
             if ok and not self.synced:
                 self.synced = True
                 log.info("initial sync published: %d node rule sets", len(self.published))
+                freeze_heap()
             if time.monotonic() >= next_resync:
                 await self._load_published()
                 self.state.mark_all_dirty(self.published)
                 next_resync = time.monotonic() + self.resync_interval
+                freeze_heap()  # what the cluster built up since is long-lived too
                 continue
             if not ok:
                 await asyncio.sleep(self._retry_delay())
