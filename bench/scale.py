@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import random
-import resource
 import signal
 import statistics
 import subprocess
@@ -137,10 +136,10 @@ class NullKernel:
         pass
 
 
-def cluster_documents(args) -> tuple[list[dict], list[dict], list[dict]]:
-    """(every object, node-0's pods, node-1's pods): node-0 keeps its first --local-pods pods,
-    the others move to the other nodes."""
-    docs, local = [], []
+def cluster_documents(args, local: list[dict], remote: list[dict]):
+    """Every object, one at a time as a watch delivers them (the controller never holds them
+    all as JSON); node-0's and node-1's pods are also collected into `local` and `remote`.
+    node-0 keeps its first --local-pods pods, the others move to the other nodes."""
     moved = 0
     for doc in synthetic_documents(args.pods, args.policies, args.namespaces, args.nodes):
         if doc["kind"] == "Pod" and doc["spec"]["nodeName"] == LOCAL:
@@ -151,8 +150,17 @@ def cluster_documents(args) -> tuple[list[dict], list[dict], list[dict]]:
                 doc["spec"]["nodeName"] = f"node-{node}"
                 doc["status"]["podIP"] = f"10.{100 + node}.{200 + moved // 250 // (args.nodes - 1)}.{moved % 250 + 2}"
                 moved += 1
-        docs.append(doc)
-    return docs, local, [d for d in docs if d["kind"] == "Pod" and d["spec"]["nodeName"] == REMOTE]
+        if doc["kind"] == "Pod" and doc["spec"]["nodeName"] == REMOTE:
+            remote.append(doc)
+        yield doc
+
+
+def memory_mb(field: str = "VmHWM") -> float:
+    """This process's peak (VmHWM) or current (VmRSS) resident memory."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
 
 
 def pct(values: list[float], q: float) -> float:
@@ -278,7 +286,7 @@ def agent_main(node: str, kubeconfig: str, netns: str, workdir: str) -> int:
         outcomes.clear()
         source.assembled_in.clear()
         answer = {"bytes": source.bytes_received - last, "seconds": seconds, "assembling": assembling, "syncs": syncs,
-                  "pods": len(agent.applied_object.spec.pods), "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+                  "pods": len(agent.applied_object.spec.pods), "rss": memory_mb()}
         last = source.bytes_received
         print(json.dumps(answer), flush=True)
     if agent is not None:
@@ -341,12 +349,12 @@ def main() -> int:
 
 async def run(args, kubeconfig: str, netns: str, workdir: str) -> int:
     rnd = random.Random(11)
-    docs, local, remote = cluster_documents(args)
+    local: list[dict] = []
+    remote: list[dict] = []
     t0 = time.perf_counter()
     state = ClusterState()
-    for doc in docs:
+    for doc in cluster_documents(args, local, remote):
         state.observe(doc["kind"], doc)
-    del docs
     t_observe = time.perf_counter() - t0
     client = kubernetes.config.new_client_from_config_dict(json.loads(Path(kubeconfig).read_text()))
     client.configuration.connection_pool_maxsize = 16
@@ -358,6 +366,7 @@ async def run(args, kubeconfig: str, netns: str, workdir: str) -> int:
     assert await publisher._round(), "the initial publish failed"
     t_publish = time.perf_counter() - t0
     freeze_heap()  # as Publisher.run does after its initial sync
+    rss_synced = memory_mb("VmRSS")
     pauses: list[float] = []
     started_gc: list[float] = []
 
@@ -397,6 +406,7 @@ async def run(args, kubeconfig: str, netns: str, workdir: str) -> int:
     t_agents = time.perf_counter() - t0
 
     published_at: list[float] = []
+    published_cpu: list[float] = []
     publish = publisher._publish
 
     async def timed_publish(dirty):
@@ -404,6 +414,7 @@ async def run(args, kubeconfig: str, netns: str, workdir: str) -> int:
             return await publish(dirty)
         finally:
             published_at.append(time.perf_counter())
+            published_cpu.append(time.process_time())
 
     publisher._publish = timed_publish  # type: ignore[method-assign]
     rows: dict[str, dict[str, list[float]]] = {}
@@ -414,13 +425,14 @@ async def run(args, kubeconfig: str, netns: str, workdir: str) -> int:
     for kind, body in events:
         w0, o0 = api.bytes_written, api.objects_written
         published_at.clear()
+        published_cpu.clear()
         for process in agents.values():  # agents run on other machines: not on the controller's 2 CPUs
             process.process.send_signal(signal.SIGSTOP)
         cpu0, t0 = time.process_time(), time.perf_counter()
         state.observe("Pod", body)
         assert await publisher._round(), "a publish round failed"
         controller_s = (published_at[0] if published_at else time.perf_counter()) - t0  # no node changed: nothing to write
-        controller_cpu = time.process_time() - cpu0
+        controller_cpu = (published_cpu[0] if published_cpu else time.process_time()) - cpu0
         for process in agents.values():
             process.process.send_signal(signal.SIGCONT)
         measured = await asyncio.to_thread(ask_all, hashes())
@@ -438,7 +450,7 @@ async def run(args, kubeconfig: str, netns: str, workdir: str) -> int:
         row["syncs"].append(measured[LOCAL]["syncs"])
     for process in agents.values():
         process.close()
-    controller_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    controller_rss = memory_mb()
     local_pods = started[LOCAL]["pods"]
     start_bytes = (started[LOCAL]["bytes"], started[REMOTE]["bytes"])
     agents_rss = (started[LOCAL]["rss"], started[REMOTE]["rss"])
@@ -454,12 +466,13 @@ async def run(args, kubeconfig: str, netns: str, workdir: str) -> int:
     print("largest object: " + ", ".join(f"{p} {v:.1f} KiB" for p, v in largest.items())
           + f"   (target <= 512 KiB)")
     print(f"controller: state fed in {t_observe:.1f} s, initial publish {t_publish:.1f} s "
-          f"({initial_bytes / kb / kb:.1f} MiB written); peak RSS of the controller's process {controller_rss:.0f} MB"
+          f"({initial_bytes / kb / kb:.1f} MiB written); controller process RSS {rss_synced:.0f} MB after it, "
+          f"peak {controller_rss:.0f} MB"
           f"   (target <= 1 GiB at 100k pods); full GC collections during the events: {len(pauses)}"
           f"{f', longest {max(pauses) * 1000:.0f} ms' if pauses else ''}")
     print(f"agents: both applied {t_agents:.1f} s after start; received at start: {LOCAL} "
           f"{start_bytes[0] / kb / kb:.1f} MiB, {REMOTE} {start_bytes[1] / kb / kb:.1f} MiB; peak RSS of their processes "
-          f"{agents_rss[0]:.0f} MB, {agents_rss[1]:.0f} MB")
+          f"{agents_rss[0]:.0f} MB, {agents_rss[1]:.0f} MB (peak, at start)")
     print()
     print(f"per pod event ({args.events} of each kind and place, shuffled)   median / p99 / max")
     for kind, row in sorted(rows.items(), key=lambda kv: (kv[0].split()[-1], kv[0])):
