@@ -56,6 +56,7 @@ PODS_ANNOTATION = f"{API_GROUP}/pods"
 RULES_ANNOTATION = f"{API_GROUP}/rules"
 HASH_ANNOTATION = f"{API_GROUP}/spec-hash"
 _HASH_BITS = 64
+_KEPT_BODIES = 4  # per node and call: see Splitter.node_objects
 _NAME_MAX = 253
 
 
@@ -319,6 +320,7 @@ class Splitter:
         ordered = list(entries.values())
         known = self._slices.get(node, {})
         slices: list[PodSlice] = []
+        kept = 0
         for prefix, indexes in partition([e[2] for e in ordered], [e[1] for e in ordered], self.bounds.pod_slice_bytes):
             pods = tuple(ordered[i][0] for i in indexes)
             old_slice = known.get(prefix)
@@ -326,7 +328,10 @@ class Splitter:
                 slices.append(PodSlice(node, prefix, old_slice[1], pods))
             else:
                 body = _pod_slice_body(node, prefix, pods)
-                slices.append(PodSlice(node, prefix, slice_hash(body), pods, body))
+                # A pod event changes a slice or two: their JSON is kept for the write. A whole
+                # node (a first publish) would hold all of it at once: built again when written.
+                kept += 1
+                slices.append(PodSlice(node, prefix, slice_hash(body), pods, body if kept <= _KEPT_BODIES else None))
         self._slices[node] = {s.prefix: (s.pods, s.digest) for s in slices}
         groups = [*spec.peerGroups, *spec.peerPortGroups]
         ruleset_spec = {"nodeName": node, "podSlices": [{"name": s.name, "hash": s.digest} for s in slices]}

@@ -282,11 +282,12 @@ class Publisher:
                     self.metrics.publish_failures.inc()
             elif node in self.published or self._slices_of(POD_SLICE_PLURAL, node):
                 plans[node] = None
+        # Until a node's new NodeRuleSet is written, the groups its old one names are still in use.
+        wanted: dict[str, set[str]] = {}
         for node, objects in plans.items():
-            if objects is None:
-                self.node_groups.pop(node, None)
-            else:
-                self.node_groups[node] = {g.name for g in objects.groups}
+            if objects is not None:
+                wanted[node] = {g.name for g in objects.groups}
+                self.node_groups[node] = self.node_groups.get(node, set()) | wanted[node]
         groups = {g.name: g for objects in plans.values() if objects is not None for g in objects.groups}
         failed: set[str] = set()  # nodes to publish again next round
         refused: dict[str, Any] = {}  # node -> (reason, message, size) of a refused object
@@ -338,6 +339,10 @@ class Publisher:
             elif outcome is not None:
                 refused[node] = outcome
 
+        for node, groups_now in wanted.items():
+            if node not in failed and node not in refused:
+                self.node_groups[node] = groups_now
+
         # 4. deletions: NodeRuleSets of gone nodes, then slices nothing references
         doomed: list[tuple[str, str]] = []
         for node, objects in plans.items():
@@ -345,6 +350,7 @@ class Publisher:
                 if node in self.published and not await self._delete(PLURAL, node):
                     failed.add(node)
                     continue
+                self.node_groups.pop(node, None)
                 doomed += [(POD_SLICE_PLURAL, n) for n in self._slices_of(POD_SLICE_PLURAL, node)]
             elif node not in failed and node not in refused:
                 keep = {s.name for s in objects.pod_slices}
@@ -352,7 +358,8 @@ class Publisher:
         for name in whole_groups:
             keep = {o["metadata"]["name"] for o in group_objects[name]}
             doomed += [(GROUP_SLICE_PLURAL, n) for n in self._slices_of(GROUP_SLICE_PLURAL, name) - keep]
-        if set(self.node_groups) >= names:  # every node's groups are known: the others are garbage
+        if set(self.node_groups) >= names and not failed and not refused and not self.refused:
+            # every node's groups are known and every node holds what it was given: the others are garbage
             used = set().union(*self.node_groups.values()) if self.node_groups else set()
             for name in {o for (p, o) in self._owned if p == GROUP_SLICE_PLURAL} - used:
                 doomed += [(GROUP_SLICE_PLURAL, n) for n in self._slices_of(GROUP_SLICE_PLURAL, name)]
@@ -391,14 +398,14 @@ class Publisher:
             elif self.refused_objects.get(key, (None,))[0] == digest:
                 results[name] = self.refused_objects[key][1]  # the API would refuse it again
             else:
-                todo.append(build())
+                todo.append((name, build))
         semaphore = asyncio.Semaphore(self.write_concurrency)
 
-        async def put(obj: dict[str, Any]) -> None:
-            async with semaphore:
-                results[obj["metadata"]["name"]] = await self._put(plural, obj)
+        async def put(name: str, build: Callable[[], dict[str, Any]]) -> None:
+            async with semaphore:  # built here: a full publish never holds every object's JSON at once
+                results[name] = await self._put(plural, build())
 
-        await asyncio.gather(*(put(o) for o in todo))
+        await asyncio.gather(*(put(name, build) for name, build in todo))
         return results
 
     async def _put(self, plural: str, obj: dict[str, Any]) -> Any:

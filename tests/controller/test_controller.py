@@ -405,3 +405,31 @@ def test_a_rule_set_the_api_refuses_is_a_metric_an_event_and_a_degraded_conditio
         wait_for(lambda: published(api_server)["n2"] == expected(api_server)["n2"], what="n2 published again")
         wait_for(lambda: "netfence_controller_rulesets_refused{" not in metrics_text(controller),
                  what="the refusal metric cleared")
+
+
+def test_a_refused_peer_group_slice_is_loud_on_the_node_that_needs_it(api_server, kubeconfig):
+    """A shared group's slice the API refuses: the node whose rules name the group is Degraded
+    (metric, Event, condition naming the slice) and keeps its own rules as they were."""
+    seed(api_server)
+    excepts = [f"10.{i}.{i}.{i}/32" for i in range(1, 200)]
+    wide = {"podSelector": {"matchLabels": {"app": "db-2"}}, "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": excepts}}]}]}
+    api_server.apply(policy("prod", "wide", wide))  # selects no pod yet: its group is not published
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        before = published(api_server)
+        largest = max(len(json.dumps(o)) for plural in ("noderulesets", "podruleslices", "peergroupslices")
+                      for o in api_server.list(plural))
+        api_server.max_object_bytes = max(largest, 4096) + 200  # the wide group's 8 KiB slices do not fit
+        api_server.apply(pod("prod", "db", "n2", "10.244.2.20", {"app": "db-2"}))
+        wait_for(lambda: 'netfence_controller_rulesets_refused{node="n2"} 1.0' in metrics_text(controller),
+                 what="the refusal metric")
+        (event,) = wait_for(lambda: events_for(api_server, "n2"), what="an Event on Node n2")
+        assert "PeerGroupSlice pg-" in event["message"] and "too large" in event["message"]
+        conditions = wait_for(lambda: [c for c in (api_server.get("noderulesets", "n2").get("status") or {})
+                                       .get("conditions", []) if c["type"] == "Degraded"], what="Degraded on n2")
+        assert conditions[0]["reason"] == "RuleSetTooLarge" and "PeerGroupSlice" in conditions[0]["message"]
+        settle(api_server)
+        assert published(api_server)["n2"] == before["n2"]  # n2's NodeRuleSet was not moved onto the group
+        assert 'netfence_controller_rulesets_refused{node="n1"}' not in metrics_text(controller)
