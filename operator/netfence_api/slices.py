@@ -240,6 +240,7 @@ class NodeObjects:
     ruleset: dict[str, Any]
     pod_slices: list[PodSlice]
     groups: list[PeerGroup | PeerPortGroup]  # the groups its rules name (published as their slices)
+    group_names: frozenset[str] = frozenset()  # their names (the same object while the pods are)
 
 
 @dataclass
@@ -306,7 +307,8 @@ class Splitter:
         if last is not None and last[0] is spec.pods:
             # The very same pods (the compiler hands over its list again when only group
             # members moved, which is most events for most nodes): nothing of the node's own.
-            return NodeObjects(last[1].ruleset, last[1].pod_slices, [*spec.peerGroups, *spec.peerPortGroups])
+            return NodeObjects(last[1].ruleset, last[1].pod_slices, [*spec.peerGroups, *spec.peerPortGroups],
+                               last[1].group_names)
         before = self._pods.get(node, {})
         entries: dict[str, tuple[PolicedPod, int, int]] = {}
         for pod in spec.pods:
@@ -341,9 +343,10 @@ class Splitter:
                                 "annotations": {PODS_ANNOTATION: str(len(spec.pods)), RULES_ANNOTATION: str(rules),
                                                 HASH_ANNOTATION: slice_hash(ruleset_spec)}},
                    "spec": ruleset_spec}
-        objects = NodeObjects(ruleset, [PodSlice(s.node, s.prefix, s.digest, s.pods) for s in slices], groups)
+        names = frozenset(g.name for g in groups)
+        objects = NodeObjects(ruleset, [PodSlice(s.node, s.prefix, s.digest, s.pods) for s in slices], groups, names)
         self._last[node] = (spec.pods, objects)  # (the slices without their JSON: built again when written)
-        return NodeObjects(ruleset, slices, groups)
+        return NodeObjects(ruleset, slices, groups, names)
 
     def forget_node(self, node: str) -> None:
         self._pods.pop(node, None)

@@ -140,7 +140,8 @@ class Publisher:
     published_slices: dict[tuple[str, str], str] = field(default_factory=dict)
     slice_owner: dict[tuple[str, str], str] = field(default_factory=dict)
     _owned: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (plural, owner) -> names
-    node_groups: dict[str, set[str]] = field(default_factory=dict)  # node -> groups its rules name
+    node_groups: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> groups its rules name
+    _written_groups: dict[str, Any] = field(default_factory=dict)  # group -> the model whose slices the API holds
     # (plural, name) -> (content hash, refusal) of an object the API refused; not sent again unchanged
     refused_objects: dict[tuple[str, str], tuple[str, Any]] = field(default_factory=dict)
     _failures: int = 0
@@ -213,6 +214,7 @@ class Publisher:
                 await asyncio.sleep(wait)
         self.published = {name: published_hash(obj) for name, obj in stored[PLURAL].items()}
         self.published_slices, self.slice_owner, self._owned = {}, {}, {}
+        self._written_groups = {}  # check every group against the listing again
         for plural in (POD_SLICE_PLURAL, GROUP_SLICE_PLURAL):
             for name, obj in stored[plural].items():
                 self._stored_slice(plural, name, obj)
@@ -283,12 +285,16 @@ class Publisher:
             elif node in self.published or self._slices_of(POD_SLICE_PLURAL, node):
                 plans[node] = None
         # Until a node's new NodeRuleSet is written, the groups its old one names are still in use.
-        wanted: dict[str, set[str]] = {}
+        wanted: dict[str, frozenset[str]] = {}
         for node, objects in plans.items():
             if objects is not None:
-                wanted[node] = {g.name for g in objects.groups}
-                self.node_groups[node] = self.node_groups.get(node, set()) | wanted[node]
-        groups = {g.name: g for objects in plans.values() if objects is not None for g in objects.groups}
+                wanted[node] = objects.group_names
+                before = self.node_groups.get(node)
+                if before is not objects.group_names:
+                    self.node_groups[node] = objects.group_names if before is None else before | objects.group_names
+        # Only groups that are not exactly as last written whole (most of a node's groups did not move).
+        groups = {g.name: g for objects in plans.values() if objects is not None for g in objects.groups
+                  if self._written_groups.get(g.name) is not g}
         failed: set[str] = set()  # nodes to publish again next round
         refused: dict[str, Any] = {}  # node -> (reason, message, size) of a refused object
 
@@ -323,6 +329,8 @@ class Publisher:
             self._put_all(GROUP_SLICE_PLURAL, [_outgoing(o) for name in old_groups for o in group_objects[name]]),
             self._put_all(POD_SLICE_PLURAL, [(s.name, s.digest, s.object) for _, objs in ready for s in objs.pod_slices]))
         settle_groups(old_groups, group_results)
+        for name in whole_groups:
+            self._written_groups[name] = groups[name]
 
         # 3. NodeRuleSets of nodes whose objects all got through
         rulesets = []
@@ -364,6 +372,7 @@ class Publisher:
             for name in {o for (p, o) in self._owned if p == GROUP_SLICE_PLURAL} - used:
                 doomed += [(GROUP_SLICE_PLURAL, n) for n in self._slices_of(GROUP_SLICE_PLURAL, name)]
                 self.splitter.forget_group(name)
+                self._written_groups.pop(name, None)
         for plural, name in doomed:
             if not await self._delete(plural, name):
                 failed.add(self.slice_owner.get((plural, name), "") if plural == POD_SLICE_PLURAL else "")
