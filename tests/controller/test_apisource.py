@@ -269,8 +269,9 @@ def test_only_its_own_pod_slices_are_watched(api_server: FakeApiServer, consumer
     publish(api_server, [db_spec(), db_spec().model_copy(update={"nodeName": "n2"})])
     c = consumer("n1")
     assert c.next().spec == db_spec()
-    watches = [r for r in api_server.requests if r.path.endswith("/podruleslices") and r.query.get("watch")]
-    assert watches and all(r.query.get("labelSelector") == "netfence.io/node=n1" for r in watches)
+    watches = wait_for(lambda: [r for r in api_server.requests if r.path.endswith("/podruleslices") and r.query.get("watch")],
+                       what="the pod slice watch")
+    assert all(r.query.get("labelSelector") == "netfence.io/node=n1" for r in watches)
     api_server.apply(next(o for o in split([db_spec(pods=5).model_copy(update={"nodeName": "n2"})])
                           if o["kind"] == "PodRuleSlice"))
     assert c.nothing_for(1.0)
