@@ -374,8 +374,14 @@ class Publisher:
                 self.splitter.forget_group(name)
                 self._written_groups.pop(name, None)
         for plural, name in doomed:
-            if not await self._delete(plural, name):
-                failed.add(self.slice_owner.get((plural, name), "") if plural == POD_SLICE_PLURAL else "")
+            owner = self.slice_owner.get((plural, name), "")
+            if await self._delete(plural, name):
+                continue
+            if plural == POD_SLICE_PLURAL:
+                failed.add(owner)
+            else:  # a stale slice overlapping its group's new ones: agents wait until it is gone
+                self._written_groups.pop(owner, None)
+                failed |= {n for n, used in self.node_groups.items() if owner in used} or {""}
         for node in plans:
             if plans[node] is None:
                 self.splitter.forget_node(node)
@@ -389,8 +395,7 @@ class Publisher:
             elif self.refused.pop(node, None) is not None:
                 self.metrics.rulesets_refused.remove(node)
                 log.info("the objects of node %s are accepted by the API again", node)
-        failed.discard("")
-        self.state.dirty |= failed
+        self.state.dirty |= failed - {""}
         return not failed
 
     async def _put_all(self, plural: str, items: list[tuple[str, str, Callable[[], dict[str, Any]]]]) -> dict[str, Any]:
