@@ -365,9 +365,10 @@ def _referenced_groups(spec: NodeRuleSetSpec) -> list[PeerGroup | PeerPortGroup]
 
 
 def split(specs: Iterable[NodeRuleSetSpec], bounds: Bounds = DEFAULT_BOUNDS) -> list[dict[str, Any]]:
-    """The API objects that carry these complete specs: per node its NodeRuleSet and pod
-    slices, then every group's slices once. Ordered as the controller writes them is not
-    implied; `publish_order` sorts referenced objects first."""
+    """The API objects that carry these complete specs, referenced before referencing (the
+    order the controller writes them): every group's slices once, then per node its pod slices
+    and its NodeRuleSet. Raises ValueError for a spec whose groups are not exactly those its
+    rules name, or a group that differs between nodes."""
     splitter = Splitter(bounds)
     nodes, groups = [], {}
     for spec in specs:
