@@ -167,6 +167,9 @@ def test_peer_ip_change_patches_the_nodes_that_use_it(api_server, kubeconfig):
         writes = slice_writes(api_server, slice_mark)
         assert [m for m, _ in writes] == ["PATCH", "PATCH"]
         assert {p.split("/")[0] for _, p in writes} == {"podruleslices", "peergroupslices"}
+        # small objects only: every body within a slice's bound (16 KiB of pods) and its envelope
+        bodies = [r.body for r in api_server.writes(SLICES_PATH)[slice_mark:] + api_server.writes(NRS_PATH)[mark:]]
+        assert bodies and all(len(json.dumps(b, separators=(",", ":"))) <= 17 * 1024 for b in bodies)
 
 
 def test_namespace_relabel_changes_affected_rule_sets(api_server, kubeconfig):
