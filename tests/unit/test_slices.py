@@ -1,0 +1,246 @@
+"""The wire layer between compiler and render: split into bounded objects, assemble back exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from netfence_api import AllowRule, Isolation, NodeRuleSetSpec, PeerGroup, PeerPort, PeerPortGroup, PolicedPod, PortRange
+from netfence_api.slices import (
+    GROUP_SLICE_KIND,
+    KIND,
+    POD_SLICE_KIND,
+    Bounds,
+    Incomplete,
+    Splitter,
+    assemble_from_objects,
+    cidr_key,
+    exact_partition,
+    member_hash,
+    publish_order,
+    split,
+)
+
+SMALL = Bounds(pod_slice_bytes=600, group_slice_bytes=120)  # small enough that tests split a lot
+
+# --------------------------------------------------------------------------- specs in the compiler's canonical order
+v4 = st.tuples(st.integers(0, 3), st.integers(0, 255)).map(lambda t: f"10.{t[0]}.0.{t[1]}/32")
+v6 = st.integers(0, 300).map(lambda i: f"fd00::{i:x}/128")
+cidr_lists = st.sets(v4 | v6, max_size=40).map(lambda s: sorted(s, key=cidr_key))
+entry = st.builds(lambda a, proto, port: PeerPort(address=a.split("/")[0], protocol=proto, port=port),
+                  v4 | v6, st.sampled_from(["TCP", "UDP"]), st.integers(1, 3))
+
+
+def peer_groups(count: int):
+    return st.lists(cidr_lists, min_size=count, max_size=count).map(
+        lambda lists: [PeerGroup(name=f"pg-{i:012x}", selector=f"sel {i}", cidrs=c) for i, c in enumerate(lists)])
+
+
+def peer_port_groups(count: int):
+    return st.lists(st.sets(entry, max_size=20), min_size=count, max_size=count).map(
+        lambda sets: [PeerPortGroup(name=f"pp-{i:012x}", selector=f"named {i}",
+                                    entries=sorted(s, key=lambda e: (cidr_key(e.address), e.protocol, e.port)))
+                      for i, s in enumerate(sets)])
+
+
+def rules(groups: int, port_groups: int):
+    plain = st.builds(lambda g, ports: AllowRule(origin=["ns/p ingress[0]"], peers=g, ports=ports),
+                      st.none() | st.sampled_from([f"pg-{i:012x}" for i in range(groups)]) if groups else st.none(),
+                      st.none() | st.just([PortRange(port=80)]))
+    options = [plain]
+    if port_groups:
+        options.append(st.sampled_from([f"pp-{i:012x}" for i in range(port_groups)]).map(
+            lambda g: AllowRule(origin=["ns/p egress[0]"], peerPorts=g)))
+    return st.lists(st.one_of(*options), max_size=3)
+
+
+@st.composite
+def node_specs(draw, node: str = "n1", groups: list | None = None, port_groups: list | None = None):
+    groups = draw(peer_groups(3)) if groups is None else groups
+    port_groups = draw(peer_port_groups(2)) if port_groups is None else port_groups
+    names = draw(st.sets(st.tuples(st.sampled_from(["a", "b", "a-b"]), st.integers(0, 30)), max_size=25))
+    pods = []
+    for i, (ns, n) in enumerate(sorted(names, key=lambda t: f"{t[0]}/pod-{t[1]}")):
+        pods.append(PolicedPod(namespace=ns, name=f"pod-{n}", uid=f"u{n}", ips=[f"10.9.{i}.1"],
+                               isolation=Isolation(ingress=True), ingressPolicies=[f"{ns}/p"],
+                               ingress=draw(rules(len(groups), len(port_groups))),
+                               egress=draw(rules(len(groups), len(port_groups)))))
+    used = {r.peers for p in pods for r in p.ingress + p.egress}
+    used_ports = {r.peerPorts for p in pods for r in p.ingress + p.egress}
+    return NodeRuleSetSpec(nodeName=node, pods=pods, peerGroups=[g for g in groups if g.name in used],
+                           peerPortGroups=[g for g in port_groups if g.name in used_ports])
+
+
+@st.composite
+def clusters(draw):
+    groups, port_groups = draw(peer_groups(3)), draw(peer_port_groups(2))
+    return [draw(node_specs(f"n{i}", groups, port_groups)) for i in range(draw(st.integers(1, 3)))]
+
+
+def wire(objects: list[dict]) -> list[dict]:
+    return json.loads(json.dumps(objects))  # as the API would hand them out
+
+
+def by_name(objects: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(o["kind"], o["metadata"]["name"]): o for o in objects}
+
+
+def on_path(objects: dict, keys: set, member: str) -> bool:
+    """Every slice in `keys` lies on the trie path of `member` or hangs right off it: a change
+    rewrites the member's slice, or splits (merges) it, and nothing else."""
+    bits = format(member_hash(member), "064b")
+    return all(bits.startswith(objects[k]["spec"]["prefix"][:-1]) for k in keys)
+
+
+def member_bytes(obj: dict) -> tuple[int, int]:
+    """(members, bytes of their JSON) of a slice."""
+    spec = obj["spec"]
+    if obj["kind"] == POD_SLICE_KIND:
+        items = spec["pods"]
+    else:
+        group = spec.get("peerGroup") or spec.get("peerPortGroup")
+        items = group.get("cidrs", group.get("entries"))
+    return len(items), sum(len(json.dumps(i, separators=(",", ":"))) + (3 if isinstance(i, str) else 1) - (2 if isinstance(i, str) else 0) for i in items)
+
+
+# --------------------------------------------------------------------------- properties
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters())
+def test_assemble_of_split_is_the_compiled_spec(specs):
+    objects = wire(split(specs, SMALL))
+    back = assemble_from_objects(objects)
+    assert back == {s.nodeName: s for s in specs}
+    assert {n: s.content_hash() for n, s in back.items()} == {s.nodeName: s.content_hash() for s in specs}
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters())
+def test_every_slice_is_within_its_bound_unless_it_holds_one_member(specs):
+    for obj in split(specs, SMALL):
+        if obj["kind"] == KIND:
+            continue
+        count, size = member_bytes(obj)
+        bound = SMALL.pod_slice_bytes if obj["kind"] == POD_SLICE_KIND else SMALL.group_slice_bytes
+        assert size <= bound or count == 1, (obj["metadata"]["name"], count, size)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(clusters(), st.data())
+def test_one_member_more_changes_few_objects(specs, data):
+    """A pod joining a group rewrites one slice of it (or splits one into two)."""
+    before = by_name(split(specs, SMALL))
+    groups = {g.name: g for s in specs for g in s.peerGroups}
+    if not groups:
+        return
+    name = data.draw(st.sampled_from(sorted(groups)))
+    extra = data.draw(st.integers(0, 255).map(lambda i: f"10.77.0.{i}/32"))
+    group = groups[name]
+    if extra in group.cidrs:
+        return
+    grown = group.model_copy(update={"cidrs": sorted([*group.cidrs, extra], key=cidr_key)})
+    changed_specs = [s.model_copy(update={"peerGroups": [grown if g.name == name else g for g in s.peerGroups]})
+                     for s in specs]
+    after = by_name(split(changed_specs, SMALL))
+    written = {k for k, o in after.items() if before.get(k) != o}
+    deleted = set(before) - set(after)
+    assert all(k[0] == GROUP_SLICE_KIND and k[1].startswith(name) for k in written | deleted)
+    assert on_path(after, written, extra) and on_path(before, deleted, extra)
+    assert len(deleted) <= 1, deleted
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(node_specs(), st.data())
+def test_one_pod_more_changes_one_pod_slice_and_its_rule_set(spec, data):
+    before = by_name(split([spec], SMALL))
+    new = PolicedPod(namespace="zz", name="newcomer", ips=["10.66.0.1"])
+    grown = spec.model_copy(update={"pods": [*spec.pods, new]})
+    after = by_name(split([grown], SMALL))
+    written = {k for k, o in after.items() if before.get(k) != o}
+    deleted = set(before) - set(after)
+    assert {k[0] for k in written | deleted} <= {POD_SLICE_KIND, KIND} and len(deleted) <= 1
+    slices = written - {(KIND, "n1")}
+    assert on_path(after, slices, "zz/newcomer") and on_path(before, deleted, "zz/newcomer")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(clusters(), min_size=2, max_size=4))
+def test_a_splitter_with_memory_gives_what_a_fresh_split_gives(rounds):
+    splitter = Splitter(SMALL)
+    for specs in rounds:
+        remembered = []
+        for spec in specs:
+            objects = splitter.node_objects(spec)
+            remembered += [*(s.object() for s in objects.pod_slices), objects.ruleset]
+            for group in objects.groups:
+                remembered += splitter.group_objects(group)
+        assert by_name(remembered) == by_name(split(specs, SMALL))
+
+
+def test_exact_partition():
+    assert exact_partition([""])
+    assert exact_partition(["0", "10", "11"])
+    assert not exact_partition(["0", "10"])  # 11 missing
+    assert not exact_partition(["", "0", "1"])  # a split half way: parent and children
+    assert not exact_partition([])
+
+
+# --------------------------------------------------------------------------- incompleteness is named
+def sample() -> list[NodeRuleSetSpec]:
+    group = PeerGroup(name="pg-000000000001", selector="ns a pods{app=web}",
+                      cidrs=sorted({f"10.1.{i // 250}.{i % 250}/32" for i in range(60)}, key=cidr_key))
+    pods = [PolicedPod(namespace="a", name=f"db-{i:02d}", ips=[f"10.2.0.{i}"], isolation=Isolation(ingress=True),
+                       ingress=[AllowRule(origin=["a/db ingress[0]"], peers=group.name, ports=[PortRange(port=5432)])])
+            for i in range(20)]
+    return [NodeRuleSetSpec(nodeName="n1", pods=pods, peerGroups=[group])]
+
+
+def test_a_missing_group_slice_is_named():
+    objects = wire(split(sample(), SMALL))
+    victim = next(o for o in objects if o["kind"] == GROUP_SLICE_KIND)
+    with pytest.raises(Incomplete, match="peer group pg-000000000001 is missing"):
+        assemble_from_objects([o for o in objects if o is not victim])
+
+
+def test_a_pod_slice_with_other_content_than_referenced_is_named():
+    objects = wire(split(sample(), SMALL))
+    stale = copy.deepcopy(objects)
+    pod_slice = next(o for o in stale if o["kind"] == POD_SLICE_KIND)
+    pod_slice["spec"]["pods"] = pod_slice["spec"]["pods"][1:]
+    with pytest.raises(Incomplete, match=f"PodRuleSlice {pod_slice['metadata']['name']} holds content"):
+        assemble_from_objects(stale)
+    with pytest.raises(Incomplete, match="is missing"):
+        assemble_from_objects([o for o in objects if o["metadata"]["name"] != pod_slice["metadata"]["name"]])
+
+
+def test_publish_order_puts_referenced_objects_first():
+    kinds = [o["kind"] for o in publish_order(split(sample(), SMALL))]
+    assert kinds == sorted(kinds, key=[GROUP_SLICE_KIND, POD_SLICE_KIND, KIND].index)
+
+
+def test_split_refuses_a_spec_whose_groups_are_not_its_rules():
+    (spec,) = sample()
+    with pytest.raises(ValueError, match="not exactly those its rules name"):
+        split([spec.model_copy(update={"peerGroups": []})])
+
+
+def test_cluster_network_policy_tier_rules_and_their_groups_travel_through_the_slices():
+    """Tier rules (Admin/Baseline) name peer groups NetworkPolicy rules may not: the split must
+    carry those groups, and assemble give back the compiled spec exactly."""
+    from pathlib import Path
+
+    from netfence_api.slices import assemble_from_objects
+    from netfence_cli import offline
+
+    golden = Path(__file__).resolve().parent.parent / "golden"
+    docs = offline.read_manifests([str(golden / "cluster.yaml"), str(golden / "cluster-network-policies.yaml")])
+    specs = offline.OfflineCluster.build(offline.load_cluster(docs), rendered=False).specs
+    tier_groups = {r.peers for s in specs.values() for p in s.pods
+                   for r in (*(p.adminIngress or ()), *(p.adminEgress or ()), *(p.baselineIngress or ()),
+                             *(p.baselineEgress or ())) if r.peers}
+    np_groups = {r.peers for s in specs.values() for p in s.pods for r in (*p.ingress, *p.egress) if r.peers}
+    assert tier_groups - np_groups, "the case must have groups only tier rules name"
+    assert assemble_from_objects(split(specs.values())) == specs
