@@ -105,12 +105,17 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def add_cluster_arguments(ap: argparse.ArgumentParser) -> None:
+    """The synthetic cluster's size, as every benchmark built on it takes it."""
     ap.add_argument("--pods", type=int, default=10_000)
     ap.add_argument("--policies", type=int, default=2_000)
     ap.add_argument("--namespaces", type=int, default=200)
     ap.add_argument("--nodes", type=int, default=20)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    add_cluster_arguments(ap)
     ap.add_argument("--changes", type=int, default=50)
     ap.add_argument("--default-gc", action="store_true", help="keep CPython's default GC thresholds")
     args = ap.parse_args()

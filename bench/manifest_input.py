@@ -31,7 +31,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent / "operator"), str(HERE.parent / "age
 
 import yaml  # noqa: E402
 
-from compile import synthetic_documents  # noqa: E402
+from compile import add_cluster_arguments, synthetic_documents  # noqa: E402
 from netfence_api.manifests import SafeLoader, dump_yaml_all  # noqa: E402
 
 
@@ -51,10 +51,7 @@ def netfence_command() -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pods", type=int, default=10_000)
-    ap.add_argument("--policies", type=int, default=2_000)
-    ap.add_argument("--namespaces", type=int, default=200)
-    ap.add_argument("--nodes", type=int, default=20)
+    add_cluster_arguments(ap)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", help="write the files here and keep them")
     args = ap.parse_args()

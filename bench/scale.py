@@ -51,7 +51,7 @@ sys.path[:0] = [str(ROOT / d) for d in ("operator", "agent", "tests", "bench")]
 import kubernetes  # noqa: E402
 
 from bench_machine import machine  # noqa: E402
-from compile import APPS, synthetic_documents  # noqa: E402
+from compile import APPS, add_cluster_arguments, synthetic_documents  # noqa: E402
 from controller.fakeapi import kubeconfig_for  # noqa: E402
 from netfence_api.runtime import freeze_heap, tune_gc  # noqa: E402
 from netfence_agent.apisource import ApiRuleSetSource  # noqa: E402
@@ -319,10 +319,7 @@ def main() -> int:
     if sys.argv[1:2] == ["--agent"]:
         return agent_main(*sys.argv[2:6])
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pods", type=int, default=10_000)
-    ap.add_argument("--policies", type=int, default=2_000)
-    ap.add_argument("--namespaces", type=int, default=200)
-    ap.add_argument("--nodes", type=int, default=20)
+    add_cluster_arguments(ap)
     ap.add_argument("--local-pods", type=int, default=110)
     ap.add_argument("--events", type=int, default=100, help="events of each kind")
     args = ap.parse_args()
