@@ -19,7 +19,6 @@ from kubernetes.client import CoreV1Api, NetworkingV1Api
 from availability import shared_path
 from controller.fakeapi import CLUSTER_NAMESPACES, FakeApiServer, kubeconfig_for
 from lab.labkit import require_real_agent, require_root
-from netfence_api.slices import assemble_from_objects
 from netfence_lab import system
 from netfence_lab.kubelet import kubelet_store
 from netfence_lab.lab import Lab, metric_lines
@@ -136,14 +135,10 @@ def test_lab_up_registers_a_kubelets_view_of_its_nodes_and_pods(api_lab, api_ser
         status = p["status"]
         assert status["phase"] == "Running" and status["podIP"] and status["podIPs"] == [{"ip": status["podIP"]}]
         assert {c["type"]: c["status"] for c in status["conditions"]}["Ready"] == "True"
-    # every agent follows its NodeRuleSet and the slices it names, and reports the content applied
-    objects = [{**o, "kind": kind} for plural, kind in (("noderulesets", "NodeRuleSet"), ("podruleslices", "PodRuleSlice"),
-                                                        ("peergroupslices", "PeerGroupSlice"))
-               for o in api_server.list(plural)]
-    assembled = assemble_from_objects(objects)
+    # every agent watches its NodeRuleSet and reports the content applied
     for rs in api_server.list("noderulesets"):
         assert rs["status"]["observedGeneration"] == rs["metadata"]["generation"]
-        assert rs["status"]["appliedHash"] == assembled[rs["metadata"]["name"]].content_hash()
+        assert rs["status"]["appliedHash"] == rs["metadata"]["annotations"]["netfence.io/spec-hash"]
 
 
 def test_policies_created_replaced_and_deleted_through_the_api(api_lab, k8s):
