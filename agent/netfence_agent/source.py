@@ -20,7 +20,6 @@ from pydantic import TypeAdapter, ValidationError
 import netfence_api
 from netfence_agent import inotify
 from netfence_api.manifests import SafeLoader
-from netfence_api.slices import Incomplete, assemble_from_objects
 
 log = logging.getLogger("netfence.source")
 
@@ -114,8 +113,6 @@ def parse_rule_set(text: str, origin: str = "rule set", reader: RuleSetReader | 
             raise RuleSetFileError(f"{origin}: not JSON or YAML: {exc}") from None
     if not isinstance(data, dict):
         raise RuleSetFileError(f"{origin}: expected a NodeRuleSet object, got {type(data).__name__}")
-    if data.get("kind") == "List":
-        data = _assembled(data, origin)
     try:
         return (reader or RuleSetReader()).read(data)
     except ValidationError as exc:
@@ -123,22 +120,6 @@ def parse_rule_set(text: str, origin: str = "rule set", reader: RuleSetReader | 
             f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
         )
         raise RuleSetFileError(f"{origin}: invalid NodeRuleSet: {problems}") from None
-
-
-def _assembled(listing: dict, origin: str) -> dict:
-    """One node's complete NodeRuleSet from a List of the objects the controller publishes
-    (`netfence compile --node N -o json`)."""
-    try:
-        specs = assemble_from_objects([listing])
-    except ValidationError as exc:
-        raise RuleSetFileError(f"{origin}: invalid object in the List: {exc.errors()[0]['msg']}") from None
-    except Incomplete as exc:
-        raise RuleSetFileError(f"{origin}: {exc}") from None
-    if len(specs) != 1:
-        raise RuleSetFileError(f"{origin}: a List must hold the objects of exactly one node's NodeRuleSet, "
-                               f"found {len(specs)}")
-    (spec,) = specs.values()
-    return netfence_api.NodeRuleSet.for_node(spec).model_dump(mode="json", exclude_none=True)
 
 
 def write_atomically(path: str, text: str) -> None:

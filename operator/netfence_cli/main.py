@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable
 
-from netfence_api.slices import split
+from netfence_api import NodeRuleSet
 from netfence_api.manifests import dump_yaml_all
 from netfence_api.runtime import tune_gc
 from netfence_operator.compile import InputError
@@ -108,18 +108,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
             print(f"# node {node}")
             print(ruleset_text(cluster.rendered[node].ruleset))
         return 0
-    objects = published_objects([cluster.specs[n] for n in nodes])
+    objects = [NodeRuleSet.for_node(cluster.specs[n]).model_dump(mode="json", exclude_none=True) for n in nodes]
     if args.output == "json":
         print(readable_json({"apiVersion": "v1", "kind": "List", "items": objects}))
     else:
         print(dump_yaml_all(objects), end="")
     return 0
-
-
-def published_objects(specs: list) -> list[dict]:
-    """Exactly the objects the controller publishes for these specs (netfence_api.slices), in
-    the order it writes them: PeerGroupSlices, then per node its PodRuleSlices and NodeRuleSet."""
-    return split(specs)
 
 
 INDENTED_JSON_LIMIT = 1 << 20

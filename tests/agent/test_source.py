@@ -13,7 +13,6 @@ import pytest
 import yaml
 
 import netfence_api
-from netfence_api.slices import split
 from netfence_agent.source import FileRuleSetSource, RuleSetFileError, RuleSetSource, parse_rule_set
 
 SPEC = {"nodeName": "n1", "pods": [{"namespace": "x", "name": "a", "ips": ["10.244.0.2"]}]}
@@ -39,18 +38,6 @@ def test_errors_name_the_file_and_field():
         parse_rule_set("{: nope", "rules.yaml")
     with pytest.raises(RuleSetFileError, match="expected a NodeRuleSet object"):
         parse_rule_set("[1, 2]")
-
-
-def test_a_list_of_one_nodes_split_objects_is_read_as_its_complete_rule_set():
-    spec = netfence_api.NodeRuleSetSpec.model_validate(SPEC)
-    listing = {"apiVersion": "v1", "kind": "List", "items": split([spec])}
-    assert parse_rule_set(json.dumps(listing)).spec == spec
-    two = {"apiVersion": "v1", "kind": "List", "items": split([spec, spec.model_copy(update={"nodeName": "n2"})])}
-    with pytest.raises(RuleSetFileError, match="exactly one node's NodeRuleSet, found 2"):
-        parse_rule_set(json.dumps(two), "rules.json")
-    missing = {"apiVersion": "v1", "kind": "List", "items": [o for o in split([spec]) if o["kind"] == "NodeRuleSet"]}
-    with pytest.raises(RuleSetFileError, match=r"rules\.json: PodRuleSlice n1\.p is missing"):
-        parse_rule_set(json.dumps(missing), "rules.json")
 
 
 class Reader:

@@ -85,10 +85,6 @@ BUILTIN_TYPES = (
                  status_subresource=True, generation=True, short_names=("crd",)),
     ResourceType("netfence.io", "v1alpha1", "noderulesets", "NodeRuleSet", False, status_subresource=True,
                  generation=True, short_names=("nrs",)),
-    ResourceType("netfence.io", "v1alpha1", "podruleslices", "PodRuleSlice", False, generation=True,
-                 short_names=("nrps",)),
-    ResourceType("netfence.io", "v1alpha1", "peergroupslices", "PeerGroupSlice", False, generation=True,
-                 short_names=("nrgs",)),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True),
 )
 DEFAULT_POD_GRACE_SECONDS = 30

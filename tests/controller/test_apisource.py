@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import queue
 import threading
 from typing import Iterator
@@ -12,9 +11,7 @@ import pytest
 import netfence_api
 from controller.fakeapi import FakeApiServer
 from controller.harness import NRS_PATH, node, pod, policy, running_controller, settle, wait_for, wait_synced
-from controller.test_controller import expected
 from netfence_agent.apisource import ApiRuleSetSource
-from netfence_api.slices import DEFAULT_BOUNDS, Bounds, publish_order, split
 
 pytestmark = pytest.mark.slow
 
@@ -173,105 +170,5 @@ def test_with_the_controller_status_is_visible_and_nothing_is_republished(api_se
         settle(api_server)
         stored = api_server.get("noderulesets", "n1")
         assert stored["status"]["observedGeneration"] == 1 and stored["metadata"]["generation"] == 1
-        assert rule_set.spec == expected(api_server)["n1"]
+        assert netfence_api.NodeRuleSetSpec.model_validate(stored["spec"]) == rule_set.spec
         assert [(r.method, r.path) for r in api_server.writes(NRS_PATH)[mark:]] == [("PATCH", f"{NRS_PATH}/n1/status")]
-
-
-# --------------------------------------------------------------------------- the split form (issue 14)
-def publish(api: FakeApiServer, specs: list[netfence_api.NodeRuleSetSpec], bounds: Bounds = DEFAULT_BOUNDS) -> list[dict]:
-    """Write the split objects the way the controller does: referenced objects first."""
-    objects = publish_order(split(specs, bounds))
-    for obj in objects:
-        api.apply(obj)
-    return objects
-
-
-GROUP = netfence_api.PeerGroup(name="pg-00000000000a", selector="ns a pods{app=web}",
-                               cidrs=[f"10.1.0.{i}/32" for i in range(1, 41)])
-
-
-def db_spec(group: netfence_api.PeerGroup = GROUP, pods: int = 3) -> netfence_api.NodeRuleSetSpec:
-    rule = netfence_api.AllowRule(origin=["a/db ingress[0]"], peers=group.name, ports=[netfence_api.PortRange(port=5432)])
-    return netfence_api.NodeRuleSetSpec(nodeName="n1", peerGroups=[group], pods=[
-        netfence_api.PolicedPod(namespace="a", name=f"db-{i}", ips=[f"10.2.0.{i}"],
-                                isolation=netfence_api.Isolation(ingress=True), ingress=[rule]) for i in range(pods)])
-
-
-SMALL = Bounds(pod_slice_bytes=400, group_slice_bytes=200)  # several slices each
-
-
-def degraded(api: FakeApiServer) -> dict | None:
-    conditions = (api.get("noderulesets", "n1").get("status") or {}).get("conditions") or []
-    return next((c for c in conditions if c["type"] == "Degraded" and c["status"] == "True"), None)
-
-
-def test_assembles_the_split_objects_and_follows_a_group_member_change(api_server: FakeApiServer, consumer):
-    publish(api_server, [db_spec()], SMALL)
-    assert len(api_server.list("peergroupslices")) > 1 and len(api_server.list("podruleslices")) > 1
-    c = consumer("n1")
-    first = c.next()
-    assert first.spec == db_spec() and first.spec.content_hash() == db_spec().content_hash()
-    assert first.metadata.generation == 1
-    grown = GROUP.model_copy(update={"cidrs": [*GROUP.cidrs, "10.1.0.99/32"]})
-    publish(api_server, [db_spec(grown)], SMALL)  # one group slice changes, nothing else
-    second = c.next()
-    assert second.spec == db_spec(grown)
-    assert second.spec.pods is not first.spec.pods and all(a is b for a, b in zip(second.spec.pods, first.spec.pods))
-    assert second.metadata.generation == 1  # the NodeRuleSet itself did not change
-    assert c.nothing_for(0.5)
-
-
-def test_a_pod_slice_ahead_of_its_rule_set_waits_for_it(api_server: FakeApiServer, consumer):
-    publish(api_server, [db_spec()])
-    c = consumer("n1")
-    c.next()
-    c.source.INCOMPLETE_GRACE = 30.0
-    new = [o for o in split([db_spec(pods=4)]) if o["kind"] != "NodeRuleSet"]
-    for obj in new:
-        api_server.apply(obj)  # the slice now holds content the NodeRuleSet does not name yet
-    assert c.nothing_for(1.0)
-    api_server.apply(next(o for o in split([db_spec(pods=4)]) if o["kind"] == "NodeRuleSet"))
-    assert len(c.next().spec.pods) == 4
-
-
-def test_a_missing_group_keeps_the_rules_and_is_reported(api_server: FakeApiServer, consumer):
-    objects = publish(api_server, [db_spec()], SMALL)
-    c = consumer("n1")
-    c.source.INCOMPLETE_GRACE = 0.5
-    rule_set = c.next()
-    c.source.report(status(rule_set.metadata.generation, rule_set.spec.content_hash()))
-    victim = next(o for o in objects if o["kind"] == "PeerGroupSlice")
-    api_server.delete("peergroupslices", victim["metadata"]["name"])
-    cond = wait_for(lambda: degraded(api_server), what="a Degraded condition")
-    assert cond["reason"] == "IncompleteRuleSet" and GROUP.name in cond["message"]
-    assert "the rules in force stay" in cond["message"]
-    assert api_server.get("noderulesets", "n1")["status"]["appliedHash"] == rule_set.spec.content_hash()
-    assert c.nothing_for(0.5)
-    api_server.apply(victim)  # back: the same rules, nothing to apply; the status is the agent's again
-    wait_for(lambda: degraded(api_server) is None, what="the Degraded condition to clear")
-    assert c.nothing_for(0.5)
-
-
-def test_an_invalid_slice_is_reported_at_once(api_server: FakeApiServer, consumer):
-    objects = publish(api_server, [db_spec()])
-    c = consumer("n1")
-    c.source.INCOMPLETE_GRACE = 60.0
-    c.next()
-    bad = copy.deepcopy(next(o for o in objects if o["kind"] == "PeerGroupSlice"))
-    bad["spec"]["peerPortGroup"] = {"name": GROUP.name, "selector": "x"}  # both kinds: invalid
-    api_server.apply(bad)
-    cond = wait_for(lambda: degraded(api_server), timeout=5, what="a Degraded condition")
-    assert cond["reason"] == "InvalidRuleSet" and bad["metadata"]["name"] in cond["message"]
-    assert c.nothing_for(0.5)
-
-
-def test_only_its_own_pod_slices_are_watched(api_server: FakeApiServer, consumer):
-    publish(api_server, [db_spec(), db_spec().model_copy(update={"nodeName": "n2"})])
-    c = consumer("n1")
-    assert c.next().spec == db_spec()
-    watches = wait_for(lambda: [r for r in api_server.requests if r.path.endswith("/podruleslices") and r.query.get("watch")],
-                       what="the pod slice watch")
-    assert all(r.query.get("labelSelector") == "netfence.io/node=n1" for r in watches)
-    api_server.apply(next(o for o in split([db_spec(pods=5).model_copy(update={"nodeName": "n2"})])
-                          if o["kind"] == "PodRuleSlice"))
-    assert c.nothing_for(1.0)
