@@ -10,11 +10,12 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.test_periodic_full_sync import RecordingKernel
+
 from netfence_api import Isolation, NodeRuleSet, NodeRuleSetSpec, PolicedPod
 from netfence_agent.coverage import CoverageWatch, Gap, LoadedAntiSpoofing, anti_spoofing_gaps, loaded_from
 from netfence_agent.daemon import Agent, AgentConfig
 from netfence_agent.nft.dump import ElementInfo
-from netfence_agent.nft.kernel import OWNED_TABLES
 from netfence_agent.render import PodPort, counter_name
 
 A = PolicedPod(namespace="x", name="a", uid="ua", ips=["10.244.0.2"], isolation=Isolation(ingress=True))
@@ -96,23 +97,15 @@ def test_a_missing_veth_counts_after_the_grace_lost_elements_at_once():
 
 
 # --------------------------------------------------------------------------- the agent
-class KernelDouble:
+class KernelDouble(RecordingKernel):
     """Holds bridge-table elements the test can take away; a sync loads `full` (what the
     agent's rules hold: a full sync all of it, any other the difference to what it loaded)."""
 
     def __init__(self, full: dict[str, list[ElementInfo]]) -> None:
+        super().__init__()
         self.full = full
         self.held = {k: list(v) for k, v in full.items()}
-        self.kinds: list[str] = []
-
-    def tables(self):
-        return set(OWNED_TABLES)
-
-    def inventory(self, keys=OWNED_TABLES):
-        return {}
-
-    def counters(self):
-        return {}
+        self.kinds: list[str] = []  # transaction kinds only, in order
 
     def apply(self, transaction) -> None:
         self.kinds.append(transaction.kind)
