@@ -126,21 +126,11 @@ def terminate(pids: list[tuple[int, int]], grace: float = 2.0) -> list[int]:
     ours = [(p, s) for p, s in pids if is_alive(p, s)]
     for p, _ in ours:
         _signal(p, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        for p, _ in ours:
-            _reap(p)
-        if not any(is_alive(p, s) for p, s in ours):
-            break
-        time.sleep(0.05)
+    _wait_gone(ours, grace)
     for p, s in ours:
         if is_alive(p, s):
             _signal(p, signal.SIGKILL)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(is_alive(p, s) for p, s in ours):
-        for p, _ in ours:
-            _reap(p)
-        time.sleep(0.05)
+    _wait_gone(ours, grace)
     return [p for p, _ in ours]
 
 
@@ -149,11 +139,18 @@ def kill(pids: list[tuple[int, int]], timeout: float = 5.0) -> None:
     ours = [(p, s) for p, s in pids if is_alive(p, s)]
     for p, _ in ours:
         _signal(p, signal.SIGKILL)
+    _wait_gone(ours, timeout, interval=0.02)
+
+
+def _wait_gone(ours: list[tuple[int, int]], timeout: float, interval: float = 0.05) -> None:
+    """Reap and wait until none of `ours` lives, at most `timeout` seconds."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(is_alive(p, s) for p, s in ours):
+    while time.monotonic() < deadline:
         for p, _ in ours:
             _reap(p)
-        time.sleep(0.02)
+        if not any(is_alive(p, s) for p, s in ours):
+            return
+        time.sleep(interval)
 
 
 def _signal(pid: int, sig: int) -> None:
