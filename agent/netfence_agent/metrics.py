@@ -117,7 +117,7 @@ class AgentMetrics:
         self.apply_failures = 0
         self.apply_duration = ApplyHistogram()
         self.programming_duration = ApplyHistogram(PROGRAMMING_BUCKETS)
-        self._programmed: tuple[str | None, int | None] | None = None
+        self._programmed: tuple[str | None, int | None, float] | None = None
         self.generation = 0
         self.unprotected_pods = 0
         self.anti_spoofing_repairs = 0
@@ -156,12 +156,13 @@ class AgentMetrics:
 
     def programmed(self, uid: str | None, generation: int | None, annotations: Mapping[str, str] | None) -> None:
         """The rules of this NodeRuleSet generation are in the kernel: observe the time since
-        the change that triggered it, once per generation (kube-proxy's network programming latency)."""
+        the change that triggered it, once per generation and trigger (kube-proxy's network
+        programming latency; a peer group's members change without a new generation)."""
         trigger = trigger_seconds(annotations)
         with self.lock:
-            if trigger is None or self._programmed == (uid, generation):
+            if trigger is None or self._programmed == (uid, generation, trigger):
                 return
-            self._programmed = (uid, generation)
+            self._programmed = (uid, generation, trigger)
             self.programming_duration.observe(max(0.0, time.time() - trigger))
 
     def holds(self, held: int, held_until_covered: Iterable[float], timed_out: int) -> None:

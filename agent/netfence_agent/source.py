@@ -20,6 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 import netfence_api
 from netfence_agent import inotify
 from netfence_api.manifests import SafeLoader
+from netfence_api.slices import Incomplete, assemble_from_objects
 
 log = logging.getLogger("netfence.source")
 
@@ -69,7 +70,8 @@ class RuleSetReader:
         last = self._last.spec
         try:
             envelope = netfence_api.NodeRuleSet.model_validate({**data, "spec": {"nodeName": spec.get("nodeName")}})
-            pods = last.pods if spec.get("pods", []) == old.get("pods", []) else _PODS.validate_python(spec.get("pods", []))
+            pods = last.pods if spec.get("pods", []) == old.get("pods", []) else \
+                _reused(spec.get("pods", []), old.get("pods", []), last.pods, netfence_api.PolicedPod, _pod_key)
             groups = _reused(spec.get("peerGroups", []), old.get("peerGroups", []), last.peerGroups, netfence_api.PeerGroup)
             port_groups = _reused(spec.get("peerPortGroups", []), old.get("peerPortGroups", []), last.peerPortGroups,
                                   netfence_api.PeerPortGroup)
@@ -81,19 +83,22 @@ class RuleSetReader:
 
 
 _SPEC_FIELDS = set(netfence_api.NodeRuleSetSpec.model_fields)
-_PODS = TypeAdapter(list[netfence_api.PolicedPod])
 
 
-def _reused(items, old_items, old_models: list, model):
-    """Models of `items`, reusing the model of an equal item of the previous update (by name)."""
+def _pod_key(item: dict) -> tuple:
+    return item.get("namespace"), item.get("name")
+
+
+def _reused(items, old_items, old_models: list, model, key=lambda item: item.get("name")):
+    """Models of `items`, reusing the model of an equal item of the previous update (by key)."""
     if not isinstance(items, list) or not isinstance(old_items, list) or len(old_items) != len(old_models):
         return TypeAdapter(list[model]).validate_python(items)
     if len(items) == len(old_items):  # the common case: members changed, no group came or went
         return [m if item == old else model.model_validate(item) for item, old, m in zip(items, old_items, old_models)]
-    previous = {item.get("name"): (item, m) for item, m in zip(old_items, old_models) if isinstance(item, dict)}
+    previous = {key(item): (item, m) for item, m in zip(old_items, old_models) if isinstance(item, dict)}
     out = []
     for item in items:
-        before = previous.get(item.get("name")) if isinstance(item, dict) else None
+        before = previous.get(key(item)) if isinstance(item, dict) else None
         out.append(before[1] if before is not None and before[0] == item else model.model_validate(item))
     return out
 
@@ -113,6 +118,8 @@ def parse_rule_set(text: str, origin: str = "rule set", reader: RuleSetReader | 
             raise RuleSetFileError(f"{origin}: not JSON or YAML: {exc}") from None
     if not isinstance(data, dict):
         raise RuleSetFileError(f"{origin}: expected a NodeRuleSet object, got {type(data).__name__}")
+    if data.get("kind") == "List":
+        data = _assembled(data, origin)
     try:
         return (reader or RuleSetReader()).read(data)
     except ValidationError as exc:
@@ -120,6 +127,22 @@ def parse_rule_set(text: str, origin: str = "rule set", reader: RuleSetReader | 
             f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
         )
         raise RuleSetFileError(f"{origin}: invalid NodeRuleSet: {problems}") from None
+
+
+def _assembled(listing: dict, origin: str) -> dict:
+    """One node's complete NodeRuleSet from a List of the objects the controller publishes
+    (`netfence compile --node N -o json`)."""
+    try:
+        specs = assemble_from_objects([listing])
+    except ValidationError as exc:
+        raise RuleSetFileError(f"{origin}: invalid object in the List: {exc.errors()[0]['msg']}") from None
+    except Incomplete as exc:
+        raise RuleSetFileError(f"{origin}: {exc}") from None
+    if len(specs) != 1:
+        raise RuleSetFileError(f"{origin}: a List must hold the objects of exactly one node's NodeRuleSet, "
+                               f"found {len(specs)}")
+    (spec,) = specs.values()
+    return netfence_api.NodeRuleSet.for_node(spec).model_dump(mode="json", exclude_none=True)
 
 
 def write_atomically(path: str, text: str) -> None:

@@ -34,6 +34,7 @@ from netfence_lab.kubeapi import (
     NAMESPACES,
     NODE_RULE_SETS,
     NODES,
+    PEER_GROUP_SLICES,
     PODS,
     POLICY_KINDS,
     LabApi,
@@ -155,18 +156,23 @@ def _record(lab: "Lab", state: LabState, kind: str, name: str, namespace: str | 
 
 
 def _ensure_crd(api: LabApi, state: LabState, lab: "Lab") -> None:
-    if api.has_resource(NODE_RULE_SETS):
-        return
-    from netfence_api.crd import crd_manifest
+    """netfence's CRDs (NodeRuleSet and the slices it references) where the API lacks them;
+    `lab down` deletes those it created."""
+    from netfence_api.crd import all_crd_manifests
 
-    state.crd_created = True
-    lab.store.save(state)
-    api.create(CRDS, crd_manifest())
-    deadline = time.monotonic() + 30
-    while not api.has_resource(NODE_RULE_SETS):  # established: the apiserver serves it
-        if time.monotonic() > deadline:
-            raise system.LabError("the NodeRuleSet CRD was created but the API server does not serve it after 30s")
-        time.sleep(0.2)
+    for crd in all_crd_manifests():
+        names = crd["spec"]["names"]
+        res = Resource(f"{crd['spec']['group']}/{crd['spec']['versions'][0]['name']}", names["kind"],
+                       names["plural"], False)
+        if api.has_resource(res):
+            continue
+        _record(lab, state, "CustomResourceDefinition", crd["metadata"]["name"])
+        api.create(CRDS, crd)
+        deadline = time.monotonic() + 30
+        while not api.has_resource(res):  # established: the apiserver serves it
+            if time.monotonic() > deadline:
+                raise system.LabError(f"the {names['kind']} CRD was created but the API server does not serve it after 30s")
+            time.sleep(0.2)
 
 
 def _register_node(api: LabApi, state: LabState, lab: "Lab", doc: dict[str, Any], plan: LabPlan) -> None:
@@ -327,7 +333,6 @@ def apply_policies(lab: "Lab", state: LabState, api: LabApi, policies: list[dict
 def wait_applied(lab: "Lab", state: LabState, api: LabApi, timeout: float | None = None) -> int:
     """Until every lab node's NodeRuleSet is what compile gives for the API's objects and its
     agent reports that content applied. Returns the highest NodeRuleSet generation."""
-    from netfence_api import NodeRuleSetSpec
     from netfence_lab.lab import apply_timeout, compile_rule_sets
 
     timeout = apply_timeout() if timeout is None else timeout
@@ -335,15 +340,18 @@ def wait_applied(lab: "Lab", state: LabState, api: LabApi, timeout: float | None
     deadline = time.monotonic() + timeout
     while True:
         specs = compile_rule_sets(api.cluster_objects(), nodes)
-        stored = {o["metadata"]["name"]: o for o in api.items(NODE_RULE_SETS)}
+        published = api.published_specs(nodes)
         pending: list[str] = []
         for node in nodes:
             want = specs[node].content_hash()
-            obj = stored.get(node)
-            if obj is None:
+            if node not in published:
                 pending.append(f"{node}: no NodeRuleSet yet")
                 continue
-            have = NodeRuleSetSpec.model_validate(obj.get("spec") or {}).content_hash()
+            obj, assembled = published[node]
+            if isinstance(assembled, str):
+                pending.append(f"{node}: {assembled}")
+                continue
+            have = assembled.content_hash()  # the agents report the assembled spec's hash too
             generation = obj["metadata"].get("generation")
             status = obj.get("status") or {}
             if have != want:
@@ -359,7 +367,7 @@ def wait_applied(lab: "Lab", state: LabState, api: LabApi, timeout: float | None
                                f"({status.get('appliedHash')}), not {generation} ({want})")
         _check_processes(lab, state)
         if not pending:
-            return max((stored[n]["metadata"].get("generation") or 0) for n in nodes)
+            return max((published[n][0]["metadata"].get("generation") or 0) for n in nodes)
         if time.monotonic() > deadline:
             raise system.LabError(f"not applied within {timeout:.0f}s: " + "; ".join(pending))
         time.sleep(0.1)
@@ -425,6 +433,8 @@ def unregister(state: LabState) -> None:
                 api.delete(PODS, pod["metadata"]["name"], pod["metadata"].get("namespace"), grace=0)
         order = {"Pod": 0, "Namespace": 1, "Node": 2}
         for o in sorted(state.api_objects, key=lambda o: order.get(o["kind"], 3)):
+            if o["kind"] == "CustomResourceDefinition":
+                continue  # last: the objects of its kind go first
             res: Resource = {"Pod": PODS, "Namespace": NAMESPACES, "Node": NODES}[o["kind"]]
             api.delete(res, o["name"], o.get("namespace"), grace=0 if o["kind"] == "Pod" else None)
         for node in nodes:
@@ -434,7 +444,15 @@ def unregister(state: LabState) -> None:
                 api.delete(LEASES, node, LEASE_NAMESPACE)
             except Exception:  # noqa: BLE001 - an API without Leases
                 pass
-        if state.crd_created:
+        if state.controller and api.has_resource(PEER_GROUP_SLICES):
+            # Peer groups are shared by nodes; with the lab's nodes gone and its controller
+            # stopped, nothing else of the lab's publishes or needs them.
+            for piece in api.items(PEER_GROUP_SLICES):
+                api.delete(PEER_GROUP_SLICES, piece["metadata"]["name"])
+        for o in state.api_objects:
+            if o["kind"] == "CustomResourceDefinition":
+                api.delete(CRDS, o["name"])
+        if state.crd_created:  # recorded so by labs before the slices existed
             api.delete(CRDS, "noderulesets.netfence.io")
     finally:
         api.close()

@@ -51,6 +51,7 @@ NODES = Resource("v1", "Node", "nodes", False)
 PODS = Resource("v1", "Pod", "pods", True)
 LEASES = Resource("coordination.k8s.io/v1", "Lease", "leases", True)
 NODE_RULE_SETS = Resource("netfence.io/v1alpha1", "NodeRuleSet", "noderulesets", False)
+PEER_GROUP_SLICES = Resource("netfence.io/v1alpha1", "PeerGroupSlice", "peergroupslices", False)
 CRDS = Resource("apiextensions.k8s.io/v1", "CustomResourceDefinition", "customresourcedefinitions", False)
 
 # The policy kinds `lab apply` manages declaratively (model.POLICY_KINDS), and where the API
@@ -202,6 +203,27 @@ class LabApi:
             self.request("GET", "/version", timeout=10)
         except Exception as e:  # noqa: BLE001
             raise LabError(f"the API server of {self.kubeconfig} does not answer: {short(e)}") from None
+
+    def published_specs(self, nodes: list[str]) -> dict[str, Any]:
+        """node -> (its NodeRuleSet object, the complete spec assembled from it and the group
+        slices it names on the API, or the reason it cannot be assembled yet)."""
+        from netfence_api.slices import assemble_from_objects
+
+        def typed(res: Resource) -> list[dict[str, Any]]:
+            return [{**item, "apiVersion": res.api_version, "kind": res.kind} for item in self.items(res)]
+
+        rulesets = {o["metadata"]["name"]: o for o in typed(NODE_RULE_SETS)}
+        slices = typed(PEER_GROUP_SLICES)
+        out: dict[str, Any] = {}
+        for node in nodes:
+            obj = rulesets.get(node)
+            if obj is None:
+                continue
+            try:
+                out[node] = (obj, assemble_from_objects([obj, *slices])[node])
+            except ValueError as e:  # Incomplete (slices in flight), or invalid
+                out[node] = (obj, f"not assembled: {e}")
+        return out
 
     # ------------------------------------------------------------------ the cluster, as the compiler sees it
     def cluster_objects(self) -> list[dict[str, Any]]:

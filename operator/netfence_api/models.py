@@ -138,6 +138,11 @@ class PolicedPod(_Model):
     def tier_rules(self, tier: str, direction: str) -> list[TierRule]:
         return getattr(self, f"{tier.lower()}{direction.capitalize()}") or []
 
+    def all_rules(self) -> list[AllowRule | TierRule]:
+        """Every rule of the pod, NetworkPolicy and ClusterNetworkPolicy: what names peer groups."""
+        return [*self.ingress, *self.egress, *(self.adminIngress or ()), *(self.adminEgress or ()),
+                *(self.baselineIngress or ()), *(self.baselineEgress or ())]
+
 
 class PeerGroup(_Model):
     """Addresses matched by one peer definition: disjoint CIDRs, IPv4 and IPv6."""

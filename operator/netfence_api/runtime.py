@@ -11,3 +11,12 @@ GC_THRESHOLDS = (50_000, 20, 100)
 
 def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
+
+
+def freeze_heap() -> None:
+    """Once a process has built what it keeps (the controller: the whole cluster compiled and
+    published), move every object alive now out of the collector's sight (gc.freeze). Without it
+    each full collection walks them all again: a pause of ~0.3 s at 10,000 pods, landing on
+    whatever event is being handled. They are still freed by reference counting when dropped."""
+    gc.collect()
+    gc.freeze()

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Callable
 
-from netfence_api import NodeRuleSet
+from netfence_api.slices import DEFAULT_BOUNDS, Bounds, split
 from netfence_api.manifests import dump_yaml_all
 from netfence_api.runtime import tune_gc
 from netfence_operator.compile import InputError
@@ -33,6 +33,14 @@ def _files_arg(p: argparse.ArgumentParser) -> None:
                    help="manifest file (multi-document YAML, JSON, or kind: List); '-' reads standard input; repeatable")
 
 
+def inline_groups_argument(parser: argparse.ArgumentParser) -> None:
+    """The layout switch the controller and `compile` share (so compile prints what it publishes)."""
+    parser.add_argument("--inline-groups-bytes", type=int, default=DEFAULT_BOUNDS.inline_groups_bytes, metavar="BYTES",
+                        help="peer groups ride inline in the NodeRuleSets while all nodes' rule data is at most "
+                             f"this many bytes, else they live in PeerGroupSlices (default "
+                             f"{DEFAULT_BOUNDS.inline_groups_bytes}; 0: always in PeerGroupSlices)")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `command`, only the plugin that provides it is imported (the controller
     and agent pull in kopf and the kubernetes client: a second of start-up the offline commands
@@ -44,6 +52,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     _files_arg(p)
     p.add_argument("--node", help="only this node")
     p.add_argument("-o", "--output", choices=("yaml", "json", "nft"), default="yaml")
+    inline_groups_argument(p)
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("explain", help="trace one connection through the rendered rules")
@@ -108,7 +117,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             print(f"# node {node}")
             print(ruleset_text(cluster.rendered[node].ruleset))
         return 0
-    objects = [NodeRuleSet.for_node(cluster.specs[n]).model_dump(mode="json", exclude_none=True) for n in nodes]
+    objects = split([cluster.specs[n] for n in sorted(cluster.specs)], Bounds(inline_groups_bytes=args.inline_groups_bytes),
+                    nodes=nodes)
     if args.output == "json":
         print(readable_json({"apiVersion": "v1", "kind": "List", "items": objects}))
     else:

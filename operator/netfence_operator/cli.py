@@ -6,6 +6,8 @@ import argparse
 
 import kopf
 
+from netfence_cli.main import inline_groups_argument
+
 from netfence_operator.controller import DEFAULT_HEALTH_BIND, DEFAULT_METRICS_BIND, Controller, ControllerConfig
 
 
@@ -26,6 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help=f"kopf's liveness endpoint /healthz (default {DEFAULT_HEALTH_BIND}; '' disables)")
     parser.add_argument("--resync-interval", type=float, default=600.0, metavar="SECONDS",
                         help="re-read published NodeRuleSets and repair drift this often (default 600)")
+    inline_groups_argument(parser)
     parser.add_argument("--debug", action="store_true", help="debug logging (kopf's too)")
     parser.set_defaults(func=run)
     return parser
@@ -39,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_bind_address=args.metrics_bind_address or None,
         health_bind_address=args.health_bind_address or None,
         resync_interval=args.resync_interval,
+        inline_groups_bytes=args.inline_groups_bytes,
     )
     Controller(config).run()
     return 0

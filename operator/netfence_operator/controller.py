@@ -25,6 +25,7 @@ import kubernetes
 
 from netfence_operator import handlers
 from netfence_api.client import load_client
+from netfence_api.slices import DEFAULT_BOUNDS, Bounds, Splitter
 from netfence_operator.kube import KubeApi
 from netfence_operator.metrics import ControllerMetrics, MetricsServer, parse_bind_address
 from netfence_operator.publish import Publisher
@@ -45,6 +46,7 @@ class ControllerConfig:
     debounce: float = 0.2
     resync_interval: float = 600.0
     watch_server_timeout: int = 300
+    inline_groups_bytes: int = DEFAULT_BOUNDS.inline_groups_bytes
 
 
 @dataclass
@@ -59,7 +61,8 @@ class Controller:
         self.state = ClusterState()
         self.api = KubeApi(self.client, namespaces=tuple(self.config.namespaces))
         self.publisher = Publisher(self.state, self.api, self.metrics, debounce=self.config.debounce,
-                                   resync_interval=self.config.resync_interval)
+                                   resync_interval=self.config.resync_interval,
+                                   splitter=Splitter(Bounds(inline_groups_bytes=self.config.inline_groups_bytes)))
         self.cluster_network_policies = self.api.serves("ClusterNetworkPolicy")
         self.metrics.cluster_network_policies.set(1 if self.cluster_network_policies else 0)
         if not self.cluster_network_policies:

@@ -2,7 +2,8 @@
 
 Only the publisher calls these, from worker threads. Reads: the NodeRuleSets already published
 (on start and on resync) and the uids of a watched kind (after a relist). Writes: NodeRuleSets
-(and the controller's condition in their status when the API refuses one) and Events, nothing else.
+and the slices they reference (netfence_api.slices; the controller's condition in a NodeRuleSet's
+status when the API refuses one of its objects) and Events, nothing else.
 """
 
 from __future__ import annotations
@@ -94,6 +95,20 @@ class KubeApi:
         if listing.status >= 400:
             return False
         return any(r.get("name") == plural for r in json.loads(data).get("resources", []))
+
+    # ------------------------------------------------------------------ any netfence.io kind (slices)
+    def list_objects(self, plural: str) -> dict[str, dict[str, Any]]:
+        listing = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, plural)
+        return {item["metadata"]["name"]: item for item in listing.get("items", [])}
+
+    def create_object(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.create_cluster_custom_object(API_GROUP, API_VERSION, plural, body)
+
+    def patch_object(self, plural: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.patch_cluster_custom_object(API_GROUP, API_VERSION, plural, name, patch)
+
+    def delete_object(self, plural: str, name: str) -> None:
+        self.custom.delete_cluster_custom_object(API_GROUP, API_VERSION, plural, name)
 
     # ------------------------------------------------------------------ Events
     def create_event(self, namespace: str, body: dict[str, Any]) -> None:

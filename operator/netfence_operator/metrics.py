@@ -28,13 +28,17 @@ class ControllerMetrics:
             "netfence_controller_rulesets_published",
             "NodeRuleSet writes, by action (create, patch, delete). Unchanged specs are not written.",
             ["action"], registry=r)
+        self.slices_published = Counter(
+            "netfence_controller_slices_published",
+            "Writes of the PeerGroupSlices that hold the peer groups of large clusters, by kind "
+            "(PeerGroupSlice) and action (create, patch, delete).", ["kind", "action"], registry=r)
         self.publish_failures = Counter(
             "netfence_controller_publish_failures",
             "NodeRuleSet writes that failed (retried with backoff).", registry=r)
         self.rulesets_refused = Gauge(
             "netfence_controller_rulesets_refused",
-            "1 for each node whose NodeRuleSet the API refuses to store (too large, invalid): that "
-            "node keeps its last rules until a spec the API accepts.", ["node"], registry=r)
+            "1 for each node one of whose objects (its NodeRuleSet, or a PeerGroupSlice its rules use) the API refuses to store (too large, invalid): that node keeps its last rules "
+            "until objects the API accepts.", ["node"], registry=r)
         self.objects_watched = Gauge(
             "netfence_controller_objects_watched",
             "Objects the controller currently knows, by kind.", ["kind"], registry=r)

@@ -1,12 +1,15 @@
-"""The publisher: the one place that writes to the API (NodeRuleSets and Events).
+"""The publisher: the one place that writes to the API (NodeRuleSets, PeerGroupSlices, Events).
 
 It waits until the initial listing of every watched kind is in the state (so it never
 publishes a half-known cluster), loads what is already published, then loops: collect dirty
 nodes, wait a short quiet period (many events become one write), compute each dirty node's
-spec, and write only where the content hash differs from what the API holds. Nodes that no
-longer exist lose their NodeRuleSet. A periodic resync re-reads the published NodeRuleSets
-(repairing manual edits and deletions) and a relist of a watched kind triggers a check for
-objects whose deletion was missed.
+spec, lay it out (netfence_api.slices: the NodeRuleSet with the node's pods and rules, its peer
+groups inline while the cluster's rule data is small, else in PeerGroupSlices shared by all
+nodes) and write only the objects whose content hash differs from what the API holds, group
+slices before the NodeRuleSets naming them; slices nothing references any more are deleted
+last. Nodes that no longer exist lose their NodeRuleSet. A periodic resync re-reads what is
+published (repairing manual edits and deletions) and a relist of a watched kind triggers a
+check for objects whose deletion was missed.
 """
 
 from __future__ import annotations
@@ -18,14 +21,27 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from kubernetes.client.exceptions import ApiException
-from pydantic import ValidationError
 
-from netfence_api import NodeRuleSetSpec, short_hash
-from netfence_api.crd import HASH_ANNOTATION, PODS_ANNOTATION, RULES_ANNOTATION, TRIGGER_ANNOTATION
-from netfence_operator.compile.compiler import TIER_FIELDS
+from netfence_api import PLURAL, short_hash
+from netfence_api.runtime import freeze_heap
+from netfence_api.slices import (
+    GROUP_LABEL,
+    GROUP_SLICE_KIND,
+    GROUP_SLICE_PLURAL,
+    HASH_ANNOTATION,
+    PODS_ANNOTATION,
+    RULES_ANNOTATION,
+    NodeObjects,
+    Splitter,
+    canonical_size,
+    groups_inline,
+    ruleset_hash,
+    slice_hash,
+)
+from netfence_api.crd import TRIGGER_ANNOTATION
 from netfence_operator.compile.objects import CNP_API_VERSION
 from netfence_operator.kube import KubeApi, conflict_or_missing
 from netfence_operator.metrics import ControllerMetrics
@@ -39,31 +55,12 @@ _EVENT_MESSAGE_LIMIT = 1024
 
 
 def published_hash(obj: dict[str, Any]) -> str:
-    """Content hash of a stored NodeRuleSet's spec ('invalid' if it does not parse)."""
-    try:
-        return NodeRuleSetSpec.model_validate(obj.get("spec") or {}).content_hash()
-    except ValidationError:
-        return "invalid"
+    """Content hash of a stored NodeRuleSet's spec, as the objects written carry it (ruleset_hash).
 
-
-def ruleset_metadata(spec: NodeRuleSetSpec, digest: str) -> dict[str, Any]:
-    rules = sum(len(p.ingress) + len(p.egress) + sum(len(p.tier_rules(t, d)) for t, d in TIER_FIELDS)
-                for p in spec.pods)
-    return {
-        "labels": dict(MANAGED_BY),
-        "annotations": {PODS_ANNOTATION: str(len(spec.pods)), RULES_ANNOTATION: str(rules), HASH_ANNOTATION: digest},
-    }
-
-
-def trigger_time(seconds: float) -> str:
-    """RFC 3339 with microseconds, as kube-proxy's trigger-time annotation (sub-second latencies)."""
-    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def spec_body(spec: NodeRuleSetSpec) -> dict[str, Any]:
-    # Every top-level spec field is always present (none is optional), so a merge patch of
-    # this body replaces the stored spec exactly: lists are replaced whole, no key lingers.
-    return spec.model_dump(mode="json", exclude_none=True)
+    Every top-level field of an object's spec is always sent, so a merge patch of the spec
+    replaces the stored one exactly (lists are replaced whole, no key lingers) and an equal
+    hash means an equal spec."""
+    return ruleset_hash(obj.get("spec") or {})
 
 
 def event_body(problem: PolicyProblem, instance: str) -> dict[str, Any]:
@@ -74,6 +71,11 @@ def event_body(problem: PolicyProblem, instance: str) -> dict[str, Any]:
         involved = {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
                     "namespace": problem.namespace, "name": problem.name, "uid": problem.uid}
     return warning_event(involved, problem.reason, problem.message, instance)
+
+
+def trigger_time(seconds: float) -> str:
+    """RFC 3339 with microseconds, as kube-proxy's trigger-time annotation (sub-second latencies)."""
+    return datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def warning_event(involved: dict[str, str], reason: str, message: str, instance: str) -> dict[str, Any]:
@@ -141,14 +143,31 @@ class Publisher:
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
     _relisted: dict[str, float] = field(default_factory=dict)  # kind -> monotonic time of its last listing event
     _reported: set[tuple[str, str, str]] = field(default_factory=set)  # (uid, reason, message) posted
-    # node -> (content hash, reason, message) of a spec the API refused; not sent again unchanged
+    # node -> (content hash, reason, message) of a node with an object the API refused
     refused: dict[str, tuple[str, str, str]] = field(default_factory=dict)
+    write_concurrency: int = 8
+    splitter: Splitter = field(default_factory=Splitter)
+    # (plural, name) -> content hash held by the API, and the group it is of
+    published_slices: dict[tuple[str, str], str] = field(default_factory=dict)
+    slice_owner: dict[tuple[str, str], str] = field(default_factory=dict)
+    _owned: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (plural, owner) -> names
+    node_groups: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> groups it reads from slices
+    node_sizes: dict[str, int] = field(default_factory=dict)  # node -> bytes of its rule data, groups inline
+    inline: bool | None = None  # the cluster's layout: groups inline in the NodeRuleSets, or in slices
+    _written_groups: dict[str, Any] = field(default_factory=dict)  # group -> the model whose slices the API holds
+    # (plural, name) -> (content hash, refusal) of an object the API refused; not sent again unchanged
+    refused_objects: dict[tuple[str, str], tuple[str, Any]] = field(default_factory=dict)
     _failures: int = 0
+    _counted: float = float("-inf")  # monotonic time objects_watched was last set
+    problems_interval: float = 1.0
+    _problems_at: float = float("-inf")  # monotonic time policy problems were last reported
+    _problems_due: bool = False
     instance: str = field(default_factory=socket.gethostname)
-    # Network programming latency starts when the controller sees the change (the watch event):
-    # the first event since the last round, kept per node until that node's write succeeds.
+    # Network programming latency starts when the controller sees a change (the watch event).
+    # Every object written carries the time of the first change not yet published in full; it
+    # is kept until a round publishes everything.
     _first_change: float | None = None
-    _triggers: dict[str, float] = field(default_factory=dict)
+    _trigger: float | None = None
 
     # ------------------------------------------------------------------ signals from handlers
     def wake(self) -> None:
@@ -173,10 +192,12 @@ class Publisher:
             if ok and not self.synced:
                 self.synced = True
                 log.info("initial sync published: %d node rule sets", len(self.published))
+                freeze_heap()
             if time.monotonic() >= next_resync:
                 await self._load_published()
                 self.state.mark_all_dirty(self.published)
                 next_resync = time.monotonic() + self.resync_interval
+                freeze_heap()  # what the cluster built up since is long-lived too
                 continue
             if not ok:
                 await asyncio.sleep(self._retry_delay())
@@ -185,6 +206,8 @@ class Publisher:
             if not self.state.dirty:  # the dirty set, not the wake flag, is the truth
                 try:
                     wait = min(self._relist_wait(), max(0.0, next_resync - time.monotonic()))
+                    if self._problems_due:
+                        wait = min(wait, max(0.0, self._problems_at + self.problems_interval - time.monotonic()))
                     await asyncio.wait_for(self._wake.wait(), wait)
                 except asyncio.TimeoutError:
                     pass
@@ -202,100 +225,280 @@ class Publisher:
         delay = iter(self.retry_backoff)
         while True:
             try:
-                stored = await asyncio.to_thread(self.api.list_rulesets)
+                stored = {plural: await asyncio.to_thread(self.api.list_objects, plural)
+                          for plural in (PLURAL, GROUP_SLICE_PLURAL)}
                 break
             except Exception as e:  # noqa: BLE001 - any API trouble: retry, the loop must survive
                 wait = next(delay, self.retry_backoff[-1])
-                log.warning("listing NodeRuleSets failed (%s); retrying in %ss", _short(e), wait)
+                log.warning("listing NodeRuleSets and PeerGroupSlices failed (%s); retrying in %ss", _short(e), wait)
                 await asyncio.sleep(wait)
-        self.published = {name: published_hash(obj) for name, obj in stored.items()}
+        self.published = {name: published_hash(obj) for name, obj in stored[PLURAL].items()}
+        self.published_slices, self.slice_owner, self._owned = {}, {}, {}
+        self._written_groups = {}  # check every group against the listing again
+        for name, obj in stored[GROUP_SLICE_PLURAL].items():
+            self._stored_slice(GROUP_SLICE_PLURAL, name, obj)
+
+    def _stored_slice(self, plural: str, name: str, obj: dict[str, Any]) -> None:
+        """Remember a slice the API holds: its content hash and the group it is of."""
+        spec = obj.get("spec") or {}
+        owner = ((obj.get("metadata") or {}).get("labels") or {}).get(GROUP_LABEL, "")
+        self._forget_slice(plural, name)
+        self.published_slices[(plural, name)] = slice_hash(spec)
+        self.slice_owner[(plural, name)] = owner
+        self._owned.setdefault((plural, owner), set()).add(name)
+
+    def _forget_slice(self, plural: str, name: str) -> None:
+        self.published_slices.pop((plural, name), None)
+        owner = self.slice_owner.pop((plural, name), None)
+        if owner is not None:
+            names = self._owned.get((plural, owner), set())
+            names.discard(name)
+            if not names:
+                self._owned.pop((plural, owner), None)
+
+    def _slices_of(self, plural: str, owner: str) -> set[str]:
+        return set(self._owned.get((plural, owner), ()))
 
     async def _round(self) -> bool:
         """One publish round; False if something failed and must be retried."""
         await self._check_relists()
         self.state.rebuild_if_broken()
         ok = True
-        for kind, count in self.state.counts().items():
-            self.metrics.objects_watched.labels(kind).set(count)
-        trigger, self._first_change = self._first_change or time.time(), None
+        if time.monotonic() - self._counted >= 1.0:  # counting walks every object: not on every event
+            self._counted = time.monotonic()
+            for kind, count in self.state.counts().items():
+                self.metrics.objects_watched.labels(kind).set(count)
         dirty = self.state.take_dirty()
-        for node in dirty:
-            self._triggers.setdefault(node, trigger)
+        if self._trigger is None:
+            self._trigger = self._first_change or time.time()
+        self._first_change = None
         if dirty:
-            names = self.state.compiler.node_names()
-            for node in sorted(dirty):
-                if node in names:
-                    try:
-                        with self.metrics.compile_duration.labels("publish").time():
-                            spec = self.state.compiler.node_spec(node)
-                    except Exception:  # noqa: BLE001 - a compiler bug: keep the published rules, say so loudly
-                        log.exception("compiling node %s failed; its published rules stay", node)
-                        self.metrics.publish_failures.inc()
-                        continue
-                    written = await self._write(node, spec)
-                elif node in self.published:
-                    written = await self._delete(node)
-                else:
-                    written = True
-                if not written:
-                    self.state.dirty.add(node)
-                    ok = False
-        ok = await self._report_problems() and ok
+            ok = await self._publish(dirty)
+        if ok:
+            self._trigger = None
+        # Finding the policies' problems walks every policy: during a burst of pod events, once
+        # a second (the rules are published first either way).
+        if not dirty or time.monotonic() - self._problems_at >= self.problems_interval:
+            self._problems_at = time.monotonic()
+            self._problems_due = False
+            ok = await self._report_problems() and ok
+        else:
+            self._problems_due = True
         self._failures = 0 if ok else self._failures + 1
         return ok
 
-    async def _write(self, node: str, spec: NodeRuleSetSpec) -> bool:
-        digest = spec.content_hash()
-        if self.published.get(node) == digest:
-            self._triggers.pop(node, None)
-            return True
-        if self.refused.get(node, ("",))[0] == digest:
-            return True  # the API would refuse it again; the node's Degraded condition says so
-        metadata = ruleset_metadata(spec, digest)
-        metadata["annotations"][TRIGGER_ANNOTATION] = trigger_time(self._triggers.get(node, time.time()))
-        try:
-            if node in self.published:
+    # ------------------------------------------------------------------ publishing
+    def _plan(self, nodes: set[str], names: set[str]) -> dict[str, NodeObjects | None]:
+        """Each node's objects (None: the node is gone and its NodeRuleSet goes too)."""
+        plans: dict[str, NodeObjects | None] = {}
+        for node in sorted(nodes):
+            if node in names:
                 try:
-                    stored = await asyncio.to_thread(self.api.patch_ruleset, node, {"metadata": metadata, "spec": spec_body(spec)})
-                    action = "patch"
+                    with self.metrics.compile_duration.labels("publish").time():
+                        plans[node] = objects = self.splitter.node_objects(self.state.compiler.node_spec(node))
+                    self.node_sizes[node] = objects.inline_size
+                except Exception:  # noqa: BLE001 - a compiler bug: keep the published rules, say so loudly
+                    log.exception("compiling node %s failed; its published rules stay", node)
+                    self.metrics.publish_failures.inc()
+            elif node in self.published:
+                plans[node] = None
+            if node not in names:
+                self.node_sizes.pop(node, None)
+        return plans
+
+    async def _publish(self, dirty: set[str]) -> bool:
+        """Write what the dirty nodes' specs need, referenced objects first: group slices, then
+        NodeRuleSets; delete what nothing references any more last. A node whose objects did not
+        all get through keeps its last NodeRuleSet (and so its last rules)."""
+        names = self.state.compiler.node_names()
+        plans = self._plan(dirty, names)
+        inline = groups_inline(sum(self.node_sizes.get(n, 0) for n in names), self.splitter.bounds)
+        if inline != self.inline:
+            # The layout is the cluster's: every NodeRuleSet is written again in the new one.
+            if self.inline is not None:
+                log.info("peer groups move %s (the rule data of all nodes is %d bytes)",
+                         "inline into the NodeRuleSets" if inline else "out into PeerGroupSlices",
+                         sum(self.node_sizes.get(n, 0) for n in names))
+            self.inline = inline
+            plans.update(self._plan(names - set(plans), names))
+            if inline:
+                self._written_groups.clear()
+        # Until a node's new NodeRuleSet is written, the groups its old one names are still in use.
+        wanted: dict[str, frozenset[str]] = {}
+        for node, objects in plans.items():
+            if objects is not None:
+                wanted[node] = frozenset() if inline else objects.group_names
+                before = self.node_groups.get(node)
+                if before is not wanted[node]:
+                    self.node_groups[node] = wanted[node] if before is None else before | wanted[node]
+        failed: set[str] = set()  # nodes to publish again next round
+        refused: dict[str, Any] = {}  # node -> (reason, message, size) of a refused object
+
+        # Slices of groups not exactly as last written whole (most of a node's groups did not
+        # move): those the API does not hold at all first, as the NodeRuleSets below may name
+        # them; those it holds (members changed) together with the NodeRuleSets.
+        groups = {} if inline else {g.name: g for objects in plans.values() if objects is not None
+                                    for g in objects.groups if self._written_groups.get(g.name) is not g}
+        group_objects = {name: self.splitter.group_objects(g) for name, g in groups.items()}
+        new_groups = [name for name in group_objects if not self._owned.get((GROUP_SLICE_PLURAL, name))]
+        whole_groups: set[str] = set()
+
+        def settle_groups(names: list[str], results: dict[str, Any]) -> None:
+            for name in names:
+                bad = [results[o["metadata"]["name"]] for o in group_objects[name]
+                       if results[o["metadata"]["name"]] is not None]
+                if not bad:
+                    whole_groups.add(name)
+                    continue
+                users = {n for n, used in self.node_groups.items() if name in used}
+                for outcome in bad:
+                    if outcome == "failed":
+                        failed.update(users & set(plans))
+                    else:
+                        refused.update({n: outcome for n in users})
+
+        if new_groups:
+            settle_groups(new_groups, await self._put_all(
+                GROUP_SLICE_PLURAL, [_outgoing(o) for name in new_groups for o in group_objects[name]]))
+        old_groups = [name for name in group_objects if name not in new_groups]
+        rulesets = [_outgoing(objects.ruleset(inline)) for node, objects in plans.items()
+                    if objects is not None and node not in failed and node not in refused]
+        group_results, ruleset_results = await asyncio.gather(
+            self._put_all(GROUP_SLICE_PLURAL, [_outgoing(o) for name in old_groups for o in group_objects[name]]),
+            self._put_all(PLURAL, rulesets))
+        settle_groups(old_groups, group_results)
+        for name in whole_groups:
+            self._written_groups[name] = groups[name]
+        for node, outcome in ruleset_results.items():
+            if outcome == "failed":
+                failed.add(node)
+            elif outcome is not None:
+                refused[node] = outcome
+        for node, groups_now in wanted.items():
+            if node not in failed and node not in refused:
+                self.node_groups[node] = groups_now
+
+        # Deletions: NodeRuleSets of gone nodes, then slices nothing references.
+        doomed: list[tuple[str, str]] = []
+        for node, objects in plans.items():
+            if objects is None:
+                if node in self.published and not await self._delete(PLURAL, node):
+                    failed.add(node)
+                    continue
+                self.node_groups.pop(node, None)
+        for name in whole_groups:
+            keep = {o["metadata"]["name"] for o in group_objects[name]}
+            doomed += [(GROUP_SLICE_PLURAL, n) for n in self._slices_of(GROUP_SLICE_PLURAL, name) - keep]
+        if set(self.node_groups) >= names and not failed and not refused and not self.refused:
+            # every node's groups are known and every node holds what it was given: the others are garbage
+            used = set().union(*self.node_groups.values()) if self.node_groups else set()
+            for name in {o for (p, o) in self._owned if p == GROUP_SLICE_PLURAL} - used:
+                doomed += [(GROUP_SLICE_PLURAL, n) for n in self._slices_of(GROUP_SLICE_PLURAL, name)]
+                self.splitter.forget_group(name)
+                self._written_groups.pop(name, None)
+        for plural, name in doomed:
+            owner = self.slice_owner.get((plural, name), "")
+            if not await self._delete(plural, name):
+                # a stale slice overlapping its group's new ones: agents wait until it is gone
+                self._written_groups.pop(owner, None)
+                failed |= {n for n, used in self.node_groups.items() if owner in used} or {""}
+        for node in plans:
+            if plans[node] is None:
+                self.splitter.forget_node(node)
+
+        for node in set(plans) - failed:
+            if node in refused:
+                reason, message, size = refused[node]
+                objects = plans[node]
+                digest = objects.ruleset(inline)["metadata"]["annotations"][HASH_ANNOTATION] if objects is not None else ""
+                await self._refused(node, digest, reason, message, size)
+            elif self.refused.pop(node, None) is not None:
+                self.metrics.rulesets_refused.remove(node)
+                log.info("the objects of node %s are accepted by the API again", node)
+        self.state.dirty |= failed - {""}
+        return not failed
+
+    async def _put_all(self, plural: str, items: list[tuple[str, str, Callable[[], dict[str, Any]]]]) -> dict[str, Any]:
+        """Write the objects (name, content hash, how to build it) whose content the API does not
+        hold yet, a few at a time. Per name: None (stored), "failed" (retry) or (reason, message,
+        size) of a refusal."""
+        results: dict[str, Any] = {}
+        todo = []
+        for name, digest, build in items:
+            key = (plural, name)
+            held = self.published.get(name) if plural == PLURAL else self.published_slices.get(key)
+            if held == digest:
+                results[name] = None
+            elif self.refused_objects.get(key, (None,))[0] == digest:
+                results[name] = self.refused_objects[key][1]  # the API would refuse it again
+            else:
+                todo.append((name, build))
+        semaphore = asyncio.Semaphore(self.write_concurrency)
+
+        async def put(name: str, build: Callable[[], dict[str, Any]]) -> None:
+            async with semaphore:  # built here: a full publish never holds every object's JSON at once
+                results[name] = await self._put(plural, build())
+
+        await asyncio.gather(*(put(name, build) for name, build in todo))
+        return results
+
+    async def _put(self, plural: str, obj: dict[str, Any]) -> Any:
+        name = obj["metadata"]["name"]
+        key = (plural, name)
+        digest = obj["metadata"]["annotations"][HASH_ANNOTATION]
+        held = name in self.published if plural == PLURAL else key in self.published_slices
+        # The trigger time rides on every object (an agent applies group-slice changes without a
+        # new NodeRuleSet); the object's own dict may be shared with the splitter's memory.
+        annotations = {**obj["metadata"]["annotations"], TRIGGER_ANNOTATION: trigger_time(self._trigger or time.time())}
+        obj = {**obj, "metadata": {**obj["metadata"], "annotations": annotations}}
+        patch = {"metadata": {k: obj["metadata"][k] for k in ("labels", "annotations")}, "spec": obj["spec"]}
+        try:
+            if held:
+                try:
+                    stored, action = await asyncio.to_thread(self.api.patch_object, plural, name, patch), "patch"
                 except ApiException as e:
                     if e.status != 404:
                         raise
-                    stored, action = await asyncio.to_thread(self.api.create_ruleset, self._new(node, metadata, spec)), "create"
+                    stored, action = await asyncio.to_thread(self.api.create_object, plural, obj), "create"
             else:
                 try:
-                    stored = await asyncio.to_thread(self.api.create_ruleset, self._new(node, metadata, spec))
-                    action = "create"
+                    stored, action = await asyncio.to_thread(self.api.create_object, plural, obj), "create"
                 except ApiException as e:
                     if e.status != 409:
                         raise
-                    stored = await asyncio.to_thread(self.api.patch_ruleset, node, {"metadata": metadata, "spec": spec_body(spec)})
-                    action = "patch"
+                    stored, action = await asyncio.to_thread(self.api.patch_object, plural, name, patch), "patch"
         except Exception as e:  # noqa: BLE001
             self.metrics.publish_failures.inc()
             reason = refusal(e)
             if reason is None:
-                log.warning("writing NodeRuleSet %s failed: %s", node, _short(e))
-                return False
-            await self._refused(node, digest, reason, _api_message(e), len(json.dumps(spec_body(spec))))
-            return True
-        if self.refused.pop(node, None) is not None:
-            self.metrics.rulesets_refused.remove(node)
-            log.info("NodeRuleSet %s is accepted by the API again", node)
-        self.published[node] = published_hash(stored)
-        self._triggers.pop(node, None)
-        if self.published[node] != digest:
-            log.error("NodeRuleSet %s was stored differently from what was sent (CRD schema out of date?)", node)
-        self.metrics.rulesets_published.labels(action).inc()
-        log.info("%s NodeRuleSet %s: %s pods, %s rules, generation %s", action, node,
-                 metadata["annotations"][PODS_ANNOTATION], metadata["annotations"][RULES_ANNOTATION],
-                 (stored.get("metadata") or {}).get("generation"))
-        return True
+                log.warning("writing %s %s failed: %s", obj["kind"], name, _short(e))
+                return "failed"
+            outcome = (reason, f"{obj['kind']} {name} ({canonical_size(obj)} bytes): {_api_message(e)}",
+                       canonical_size(obj))
+            self.refused_objects[key] = (digest, outcome)
+            return outcome
+        self.refused_objects.pop(key, None)
+        if plural == PLURAL:
+            self.published[name] = published_hash(stored)
+            self.metrics.rulesets_published.labels(action).inc()
+            log.info("%s NodeRuleSet %s: %s pods, %s rules, %d groups inline, generation %s", action, name,
+                     obj["metadata"]["annotations"][PODS_ANNOTATION], obj["metadata"]["annotations"][RULES_ANNOTATION],
+                     len(obj["spec"]["peerGroups"]) + len(obj["spec"]["peerPortGroups"]),
+                     (stored.get("metadata") or {}).get("generation"))
+            now = self.published[name]
+        else:
+            self._stored_slice(plural, name, stored)
+            self.metrics.slices_published.labels(obj["kind"], action).inc()
+            log.debug("%s %s %s", action, obj["kind"], name)
+            now = self.published_slices[key]
+        if now != digest:
+            log.error("%s %s was stored differently from what was sent (CRD schema out of date?)", obj["kind"], name)
+        return None
 
     async def _refused(self, node: str, digest: str, reason: str, api_message: str, size: int) -> None:
         """Never silent: the node keeps its last rules, and the metric, an Event on the Node and
         a Degraded condition on its NodeRuleSet say that they are out of date and why."""
-        message = (f"the API refused NodeRuleSet {node} ({size} bytes of spec): {api_message}; "
+        message = (f"the API refused an object of node {node}'s rules: {api_message}; "
                    f"node {node} keeps enforcing the rules it was last given")
         already = self.refused.get(node)
         self.refused[node] = (digest, reason, message)
@@ -318,23 +521,21 @@ class Publisher:
             if conflict_or_missing(e) != 404:
                 log.warning("marking NodeRuleSet %s Degraded failed: %s", node, _short(e))
 
-    @staticmethod
-    def _new(node: str, metadata: dict[str, Any], spec: NodeRuleSetSpec) -> dict[str, Any]:
-        return {"apiVersion": "netfence.io/v1alpha1", "kind": "NodeRuleSet",
-                "metadata": {"name": node, **metadata}, "spec": spec_body(spec)}
-
-    async def _delete(self, node: str) -> bool:
+    async def _delete(self, plural: str, name: str) -> bool:
         try:
-            await asyncio.to_thread(self.api.delete_ruleset, node)
+            await asyncio.to_thread(self.api.delete_object, plural, name)
         except Exception as e:  # noqa: BLE001
             if conflict_or_missing(e) != 404:
-                log.warning("deleting NodeRuleSet %s failed: %s", node, _short(e))
+                log.warning("deleting %s %s failed: %s", plural, name, _short(e))
                 self.metrics.publish_failures.inc()
                 return False
-        self.published.pop(node, None)
-        self._triggers.pop(node, None)
-        self.metrics.rulesets_published.labels("delete").inc()
-        log.info("deleted NodeRuleSet %s: the node is gone", node)
+        if plural == PLURAL:
+            self.published.pop(name, None)
+            self.metrics.rulesets_published.labels("delete").inc()
+            log.info("deleted NodeRuleSet %s: the node is gone", name)
+        else:
+            self._forget_slice(plural, name)
+            self.metrics.slices_published.labels(GROUP_SLICE_KIND, "delete").inc()
         return True
 
     async def _check_relists(self) -> None:
@@ -370,14 +571,18 @@ class Publisher:
                 self.metrics.events_posted.inc()
             except Exception as e:  # noqa: BLE001
                 if conflict_or_missing(e) != 409:  # 409: already reported under this name
-                    log.warning("posting an Event on %s failed: %s", problem.label, _short(e))
+                    log.warning("posting an Event on NetworkPolicy %s/%s failed: %s", problem.namespace, problem.name, _short(e))
                     ok = False
                     continue
             reported.add(key)
-            log.warning("%s: %s: %s", problem.label, problem.reason, problem.message)
+            log.warning("NetworkPolicy %s/%s: %s: %s", problem.namespace, problem.name, problem.reason, problem.message)
         # What is no longer a problem is forgotten, so that it is reported again if it comes back.
         self._reported = reported
         return ok
+
+
+def _outgoing(obj: dict[str, Any]) -> tuple[str, str, Callable[[], dict[str, Any]]]:
+    return obj["metadata"]["name"], obj["metadata"]["annotations"][HASH_ANNOTATION], lambda: obj
 
 
 def _short(e: Exception) -> str:

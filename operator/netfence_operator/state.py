@@ -110,6 +110,7 @@ class ClusterState:
     compiler: Compiler = field(init=False)
     dirty: set[str] = field(default_factory=set)
     _live: dict[tuple[str, str], dict[str, Version]] = field(default_factory=dict)
+    _policy_keys: set[tuple[str, str]] = field(default_factory=set)  # (kind, key) of policies in _live: problems are looked up per round
     _compiled: dict[tuple[str, str], BaseModel] = field(default_factory=dict)
     _gone: collections.OrderedDict = field(default_factory=collections.OrderedDict)
     _broken: bool = False
@@ -126,6 +127,8 @@ class ClusterState:
             return  # a late event of an object already deleted
         key = object_key(kind, body)
         versions = self._live.setdefault((kind, key), {})
+        if kind in POLICY_KINDS:
+            self._policy_keys.add((kind, key))
         previous = versions.pop(uid, None)  # re-inserted last: the most recently seen
         try:
             model, errors = parse_object(dict(body), _SOURCE), []
@@ -158,6 +161,7 @@ class ClusterState:
             versions.pop(uid, None)
             if not versions:
                 del self._live[(kind, key)]
+                self._policy_keys.discard((kind, key))
         self._sync(kind, key)
 
     def known_uids(self, kind: str) -> dict[str, str]:
@@ -233,9 +237,8 @@ class ClusterState:
         """Every problem a user should see on a (Cluster)NetworkPolicy: invalid input, compiler warnings."""
         out: list[PolicyProblem] = []
         warnings = self.compiler.problems()
-        for (kind, key), versions in sorted(self._live.items()):
-            if kind not in POLICY_KINDS:
-                continue
+        for kind, key in sorted(self._policy_keys):
+            versions = self._live[(kind, key)]
             chosen = self._choose(versions)
             if chosen is None:
                 # A ClusterNetworkPolicy that never parsed: there is no safe stand-in (leaving

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 import netfence_api
+from netfence_api.slices import Bounds, split
 from netfence_agent.source import FileRuleSetSource, RuleSetFileError, RuleSetSource, parse_rule_set
 
 SPEC = {"nodeName": "n1", "pods": [{"namespace": "x", "name": "a", "ips": ["10.244.0.2"]}]}
@@ -38,6 +39,29 @@ def test_errors_name_the_file_and_field():
         parse_rule_set("{: nope", "rules.yaml")
     with pytest.raises(RuleSetFileError, match="expected a NodeRuleSet object"):
         parse_rule_set("[1, 2]")
+
+
+SLICES = Bounds(inline_groups_bytes=0)
+
+
+@pytest.mark.parametrize("bounds", [Bounds(), SLICES], ids=["inline", "slices"])
+def test_a_list_of_one_nodes_published_objects_is_read_as_its_complete_rule_set(bounds):
+    spec = netfence_api.NodeRuleSetSpec.model_validate(SPEC)
+    listing = {"apiVersion": "v1", "kind": "List", "items": split([spec], bounds)}
+    assert parse_rule_set(json.dumps(listing)).spec == spec
+    two = {"apiVersion": "v1", "kind": "List", "items": split([spec, spec.model_copy(update={"nodeName": "n2"})], bounds)}
+    with pytest.raises(RuleSetFileError, match="exactly one node's NodeRuleSet, found 2"):
+        parse_rule_set(json.dumps(two), "rules.json")
+
+
+def test_a_list_without_the_group_slices_its_rules_name_is_bad_input():
+    group = {"name": "pg-00000000000a", "selector": "ns x pods{}", "cidrs": ["10.244.1.0/32"]}
+    spec = netfence_api.NodeRuleSetSpec.model_validate({**SPEC, "peerGroups": [group], "pods": [{
+        **SPEC["pods"][0], "isolation": {"ingress": True},
+        "ingress": [{"origin": ["x/p ingress[0]"], "peers": group["name"]}]}]})
+    missing = {"apiVersion": "v1", "kind": "List", "items": [o for o in split([spec], SLICES) if o["kind"] == "NodeRuleSet"]}
+    with pytest.raises(RuleSetFileError, match=rf"rules\.json: peer group {spec.peerGroups[0].name} is missing"):
+        parse_rule_set(json.dumps(missing), "rules.json")
 
 
 class Reader:

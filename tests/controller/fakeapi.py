@@ -85,6 +85,8 @@ BUILTIN_TYPES = (
                  status_subresource=True, generation=True, short_names=("crd",)),
     ResourceType("netfence.io", "v1alpha1", "noderulesets", "NodeRuleSet", False, status_subresource=True,
                  generation=True, short_names=("nrs",)),
+    ResourceType("netfence.io", "v1alpha1", "peergroupslices", "PeerGroupSlice", False, generation=True,
+                 short_names=("nrgs",)),
     ResourceType("coordination.k8s.io", "v1", "leases", "Lease", True),
 )
 DEFAULT_POD_GRACE_SECONDS = 30
@@ -606,11 +608,16 @@ class FakeApiServer:
         if parsed is None:
             raise ApiError(404, "NotFound", f"the server could not find the requested resource {path}")
         rtype, ns, name, sub = parsed
+        metadata_only = _PARTIAL_METADATA in request.headers.get("Accept", "")
         if name is None:
             if method == "GET" and q.get("watch") in ("true", "1"):
-                return await self._watch(request, rtype, ns)
+                return await self._watch(request, rtype, ns, metadata_only)
             if method == "GET":
-                return aiohttp.web.json_response(self._list(rtype, ns, q))
+                listing = self._list(rtype, ns, q)
+                if metadata_only:
+                    listing = {"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
+                               "metadata": listing["metadata"], "items": [partial_metadata(o) for o in listing["items"]]}
+                return aiohttp.web.json_response(listing)
             if method == "POST":
                 if not isinstance(body, dict):
                     raise ApiError(400, "BadRequest", "body must be an object")
@@ -635,7 +642,7 @@ class FakeApiServer:
         if old is None:
             raise ApiError(404, "NotFound", f'{rtype.plural}.{rtype.group or "core"} "{name}" not found')
         if method == "GET":
-            return aiohttp.web.json_response(old)
+            return aiohttp.web.json_response(partial_metadata(old) if metadata_only else old)
         if method == "PUT":
             if not isinstance(body, dict) or (body.get("metadata") or {}).get("name") != name:
                 raise ApiError(400, "BadRequest", "the name of the object does not match the name in the URL")
@@ -669,7 +676,8 @@ class FakeApiServer:
         return {"kind": f"{rtype.kind}List", "apiVersion": rtype.api_version,
                 "metadata": {"resourceVersion": str(self._rv)}, "items": items}
 
-    async def _watch(self, request: aiohttp.web.Request, rtype: ResourceType, ns: str | None) -> aiohttp.web.StreamResponse:
+    async def _watch(self, request: aiohttp.web.Request, rtype: ResourceType, ns: str | None,
+                     metadata_only: bool = False) -> aiohttp.web.StreamResponse:
         q = request.query
         since_text = q.get("resourceVersion") or ""
         bookmarks = q.get("allowWatchBookmarks") in ("true", "1")
@@ -682,6 +690,8 @@ class FakeApiServer:
         await response.prepare(request)
 
         async def send(etype: str, obj: dict[str, Any]) -> None:
+            if metadata_only and etype != "ERROR":
+                obj = partial_metadata(obj)
             await response.write(json.dumps({"type": etype, "object": obj}).encode() + b"\n")
 
         # Snapshot + subscribe with no await in between: nothing can slip through.
@@ -773,6 +783,15 @@ class FakeApiServer:
                 resources.append({"name": f"{t.plural}/status", "singularName": "", "namespaced": t.namespaced,
                                   "kind": t.kind, "verbs": ["get", "patch", "update"]})
         return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}
+
+
+# `Accept: application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1`: the apiserver answers
+# GETs, lists and watches with the objects' metadata only (what metadata informers use).
+_PARTIAL_METADATA = "as=PartialObjectMetadata"
+
+
+def partial_metadata(obj: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": obj.get("metadata") or {}}
 
 
 def _without(obj: dict[str, Any]) -> dict[str, Any]:

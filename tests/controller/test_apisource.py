@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import queue
 import threading
 from typing import Iterator
@@ -11,7 +13,9 @@ import pytest
 import netfence_api
 from controller.fakeapi import FakeApiServer
 from controller.harness import NRS_PATH, node, pod, policy, running_controller, settle, wait_for, wait_synced
+from controller.test_controller import expected
 from netfence_agent.apisource import ApiRuleSetSource
+from netfence_api.slices import DEFAULT_BOUNDS, Bounds, publish_order, split
 
 pytestmark = pytest.mark.slow
 
@@ -170,5 +174,133 @@ def test_with_the_controller_status_is_visible_and_nothing_is_republished(api_se
         settle(api_server)
         stored = api_server.get("noderulesets", "n1")
         assert stored["status"]["observedGeneration"] == 1 and stored["metadata"]["generation"] == 1
-        assert netfence_api.NodeRuleSetSpec.model_validate(stored["spec"]) == rule_set.spec
+        assert rule_set.spec == expected(api_server)["n1"]
         assert [(r.method, r.path) for r in api_server.writes(NRS_PATH)[mark:]] == [("PATCH", f"{NRS_PATH}/n1/status")]
+
+
+# --------------------------------------------------------------------------- groups in PeerGroupSlices (issue 14)
+def publish(api: FakeApiServer, specs: list[netfence_api.NodeRuleSetSpec], bounds: Bounds = DEFAULT_BOUNDS) -> list[dict]:
+    """Write the objects the way the controller does: referenced objects first."""
+    objects = publish_order(split(specs, bounds))
+    for obj in objects:
+        api.apply(obj)
+    return objects
+
+
+GROUP = netfence_api.PeerGroup(name="pg-00000000000a", selector="ns a pods{app=web}",
+                               cidrs=[f"10.1.0.{i}/32" for i in range(1, 41)])
+
+
+def db_spec(group: netfence_api.PeerGroup = GROUP, pods: int = 3) -> netfence_api.NodeRuleSetSpec:
+    rule = netfence_api.AllowRule(origin=["a/db ingress[0]"], peers=group.name, ports=[netfence_api.PortRange(port=5432)])
+    return netfence_api.NodeRuleSetSpec(nodeName="n1", peerGroups=[group], pods=[
+        netfence_api.PolicedPod(namespace="a", name=f"db-{i}", ips=[f"10.2.0.{i}"],
+                                isolation=netfence_api.Isolation(ingress=True), ingress=[rule]) for i in range(pods)])
+
+
+SMALL = Bounds(group_slice_bytes=200, inline_groups_bytes=0)  # groups in several slices each
+
+
+def degraded(api: FakeApiServer) -> dict | None:
+    conditions = (api.get("noderulesets", "n1").get("status") or {}).get("conditions") or []
+    return next((c for c in conditions if c["type"] == "Degraded" and c["status"] == "True"), None)
+
+
+def test_assembles_the_group_slices_and_follows_a_group_member_change(api_server: FakeApiServer, consumer):
+    publish(api_server, [db_spec()], SMALL)
+    assert len(api_server.list("peergroupslices")) > 1
+    assert api_server.get("noderulesets", "n1")["spec"]["peerGroups"] == []
+    c = consumer("n1")
+    first = c.next()
+    assert first.spec == db_spec() and first.spec.content_hash() == db_spec().content_hash()
+    assert first.metadata.generation == 1
+    grown = GROUP.model_copy(update={"cidrs": [*GROUP.cidrs, "10.1.0.99/32"]})
+    publish(api_server, [db_spec(grown)], SMALL)  # one group slice changes, nothing else
+    second = c.next()
+    assert second.spec == db_spec(grown)
+    assert second.spec.pods is first.spec.pods  # render sees at once that only members moved
+    assert second.metadata.generation == 1  # the NodeRuleSet itself did not change
+    assert c.nothing_for(0.5)
+
+
+def test_a_rule_set_ahead_of_a_new_group_waits_for_it(api_server: FakeApiServer, consumer):
+    publish(api_server, [db_spec()], SMALL)
+    c = consumer("n1")
+    c.next()
+    c.source.INCOMPLETE_GRACE = 30.0
+    other = netfence_api.PeerGroup(name="pg-00000000000b", selector="ns b pods{}", cidrs=["10.3.0.1/32"])
+    spec = db_spec()
+    spec = spec.model_copy(update={"peerGroups": [GROUP, other], "pods": [*spec.pods, netfence_api.PolicedPod(
+        namespace="b", name="api", ips=["10.2.0.9"], isolation=netfence_api.Isolation(ingress=True),
+        ingress=[netfence_api.AllowRule(origin=["b/api ingress[0]"], peers=other.name)])]})
+    objects = split([spec], SMALL)
+    api_server.apply(next(o for o in objects if o["kind"] == "NodeRuleSet"))  # names a group not there yet
+    assert c.nothing_for(1.0)
+    for obj in objects:
+        if obj["kind"] == "PeerGroupSlice" and obj["metadata"]["name"].startswith(other.name):
+            api_server.apply(obj)
+    assert c.next().spec == spec
+
+
+def test_a_missing_group_keeps_the_rules_and_is_reported(api_server: FakeApiServer, consumer):
+    objects = publish(api_server, [db_spec()], SMALL)
+    c = consumer("n1")
+    c.source.INCOMPLETE_GRACE = 0.5
+    rule_set = c.next()
+    c.source.report(status(rule_set.metadata.generation, rule_set.spec.content_hash()))
+    victim = next(o for o in objects if o["kind"] == "PeerGroupSlice")
+    api_server.delete("peergroupslices", victim["metadata"]["name"])
+    cond = wait_for(lambda: degraded(api_server), what="a Degraded condition")
+    assert cond["reason"] == "IncompleteRuleSet" and GROUP.name in cond["message"]
+    assert "the rules in force stay" in cond["message"]
+    assert api_server.get("noderulesets", "n1")["status"]["appliedHash"] == rule_set.spec.content_hash()
+    assert c.nothing_for(0.5)
+    api_server.apply(victim)  # back: the same rules, nothing to apply; the status is the agent's again
+    wait_for(lambda: degraded(api_server) is None, what="the Degraded condition to clear")
+    assert c.nothing_for(0.5)
+
+
+def test_an_invalid_slice_is_reported_at_once(api_server: FakeApiServer, consumer):
+    objects = publish(api_server, [db_spec()], SMALL)
+    c = consumer("n1")
+    c.source.INCOMPLETE_GRACE = 60.0
+    c.next()
+    bad = copy.deepcopy(next(o for o in objects if o["kind"] == "PeerGroupSlice"))
+    bad["spec"]["peerPortGroup"] = {"name": GROUP.name, "selector": "x"}  # both kinds: invalid
+    api_server.apply(bad)
+    cond = wait_for(lambda: degraded(api_server), timeout=5, what="a Degraded condition")
+    assert cond["reason"] == "InvalidRuleSet" and bad["metadata"]["name"] in cond["message"]
+    assert c.nothing_for(0.5)
+
+
+def test_only_its_own_rule_set_is_watched(api_server: FakeApiServer, consumer):
+    publish(api_server, [db_spec(), db_spec().model_copy(update={"nodeName": "n2"})], SMALL)
+    c = consumer("n1")
+    assert c.next().spec == db_spec()
+    watches = wait_for(lambda: [r for r in api_server.requests if r.path.endswith("/noderulesets") and r.query.get("watch")],
+                       what="the NodeRuleSet watch")
+    assert all(r.query.get("fieldSelector") == "metadata.name=n1" for r in watches)
+    api_server.apply(next(o for o in split([db_spec(pods=5).model_copy(update={"nodeName": "n2"})], SMALL)
+                          if o["kind"] == "NodeRuleSet"))
+    assert c.nothing_for(1.0)
+
+
+
+def test_status_changes_cost_a_metadata_event_not_the_whole_object(api_server: FakeApiServer, consumer):
+    """The agent's own status report comes back on its watch: as metadata only (the NodeRuleSet is
+    fetched whole only when its generation moves), so a pod event costs the object once, not twice."""
+    pods = [{**a_pod(f"10.0.{i // 250}.{i % 250 + 1}"), "name": f"pod-{i}"} for i in range(200)]
+    api_server.apply(ruleset("n1", pods))
+    size = len(json.dumps(api_server.get("noderulesets", "n1")))
+    c = consumer("n1")
+    first = c.next()
+    wait_for(lambda: [r for r in api_server.requests if r.path == NRS_PATH and r.query.get("watch")], what="the watch")
+    before = c.source.bytes_received
+    c.source.report(status(first.metadata.generation, first.spec.content_hash()))
+    wait_for(lambda: c.source.bytes_received > before, what="the status echo")
+    assert c.nothing_for(0.5)
+    assert c.source.bytes_received - before < 2000 < size
+    before = c.source.bytes_received
+    api_server.apply(ruleset("n1", [*pods, {**a_pod("10.9.9.9"), "name": "newcomer"}]))
+    assert len(c.next().spec.pods) == 201
+    assert size < c.source.bytes_received - before < size + 3000  # the metadata event and one GET

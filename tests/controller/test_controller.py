@@ -23,7 +23,18 @@ from controller.harness import (
     wait_synced,
 )
 from netfence_api import NodeRuleSetSpec
+from netfence_api.slices import Bounds, Incomplete, assemble_from_objects, ruleset_hash, split
 from netfence_operator.compile import ClusterObjects, compile_cluster, parse_object
+
+SLICES_PATH = "/apis/netfence.io/v1alpha1/peergroupslices"
+# The two layouts of peer groups (netfence_api.slices): inline in the NodeRuleSets (what these
+# small clusters get by default), or in PeerGroupSlices (what large clusters get).
+LAYOUTS = {"inline": Bounds(), "slices": Bounds(inline_groups_bytes=0)}
+layouts = pytest.mark.parametrize("layout", sorted(LAYOUTS))
+
+
+def controller_in(kubeconfig: str, layout: str, **config):
+    return running_controller(kubeconfig, inline_groups_bytes=LAYOUTS[layout].inline_groups_bytes, **config)
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +65,14 @@ def seed(api: FakeApiServer) -> None:
 
 
 def published(api: FakeApiServer) -> dict[str, NodeRuleSetSpec]:
-    return {o["metadata"]["name"]: NodeRuleSetSpec.model_validate(o["spec"]) for o in api.list("noderulesets")}
+    """Every node's complete spec as an agent would assemble it from what the API holds (once
+    the controller's writes in flight are through: a NodeRuleSet may be ahead of a group slice)."""
+    for _ in range(40):
+        try:
+            return assemble_from_objects(api.list("noderulesets") + api.list("peergroupslices"))
+        except Incomplete:
+            time.sleep(0.05)
+    return assemble_from_objects(api.list("noderulesets") + api.list("peergroupslices"))
 
 
 def expected(api: FakeApiServer) -> dict[str, NodeRuleSetSpec]:
@@ -70,6 +88,16 @@ def ruleset_writes(api: FakeApiServer, since: int = 0) -> list[tuple[str, str]]:
     return [(r.method, r.path.removeprefix(NRS_PATH).strip("/")) for r in api.writes(NRS_PATH)[since:]]
 
 
+def api_objects(api: FakeApiServer) -> dict[tuple[str, str], dict]:
+    return {(o["kind"], o["metadata"]["name"]): o["spec"]
+            for plural in ("noderulesets", "peergroupslices") for o in api.list(plural)}
+
+
+def slice_writes(api: FakeApiServer, since: int = 0) -> list[tuple[str, str]]:
+    """(method, name) of the controller's writes of PeerGroupSlices."""
+    return [(r.method, r.path.removeprefix(SLICES_PATH).strip("/")) for r in api.writes(SLICES_PATH)[since:]]
+
+
 def pod_spec(spec: NodeRuleSetSpec, key: str):
     return next(p for p in spec.pods if p.key == key)
 
@@ -78,9 +106,10 @@ def group_cidrs(spec: NodeRuleSetSpec, name: str) -> set[str]:
     return set(next(g for g in spec.peerGroups if g.name == name).cidrs)
 
 
-def test_policies_and_pods_become_node_rule_sets(api_server, kubeconfig):
+@layouts
+def test_policies_and_pods_become_node_rule_sets(api_server, kubeconfig, layout):
     seed(api_server)
-    with running_controller(kubeconfig) as controller:
+    with controller_in(kubeconfig, layout) as controller:
         wait_synced(controller)
         settle(api_server)
         specs = published(api_server)
@@ -99,7 +128,19 @@ def test_policies_and_pods_become_node_rule_sets(api_server, kubeconfig):
         assert stored["metadata"]["generation"] == 1
         assert stored["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "netfence-controller"}
         assert stored["metadata"]["annotations"]["netfence.io/pods"] == str(len(specs["n2"].pods))
-        assert stored["metadata"]["annotations"]["netfence.io/spec-hash"] == specs["n2"].content_hash()
+        assert stored["metadata"]["annotations"]["netfence.io/spec-hash"] == ruleset_hash(stored["spec"])
+        if layout == "inline":  # what the agent reports as appliedHash once it applied it
+            assert ruleset_hash(stored["spec"]) == specs["n2"].content_hash()
+        # the node's pods and rules are in its NodeRuleSet; its groups too while the cluster is small
+        assert [p["name"] for p in stored["spec"]["pods"]] == [p.name for p in specs["n2"].pods]
+        groups = [g["name"] for g in stored["spec"]["peerGroups"]]
+        assert groups == ([g.name for g in specs["n2"].peerGroups] if layout == "inline" else [])
+        # exactly the objects `netfence compile -o json` prints for the same input
+        assert api_objects(api_server) == {(o["kind"], o["metadata"]["name"]): o["spec"]
+                                           for o in split(expected(api_server).values(), LAYOUTS[layout])}
+        # each group slice written once (none inline)
+        assert [m for m, _ in slice_writes(api_server)] == ["POST"] * len(api_server.list("peergroupslices"))
+        assert (len(api_server.list("peergroupslices")) > 0) == (layout == "slices")
 
 
 def test_pod_ip_change_patches_only_its_node(api_server, kubeconfig):
@@ -121,45 +162,62 @@ def test_pod_ip_change_patches_only_its_node(api_server, kubeconfig):
         assert api_server.get("noderulesets", "n1")["metadata"]["generation"] == 1
 
 
-def test_peer_ip_change_patches_the_nodes_that_use_it(api_server, kubeconfig):
+@layouts
+def test_peer_ip_change_patches_the_nodes_that_use_it(api_server, kubeconfig, layout):
     seed(api_server)
-    with running_controller(kubeconfig) as controller:
+    with controller_in(kubeconfig, layout) as controller:
         wait_synced(controller)
         settle(api_server)
-        mark = len(api_server.writes(NRS_PATH))
+        mark, slice_mark = len(api_server.writes(NRS_PATH)), len(api_server.writes(SLICES_PATH))
         # web-1 is policed on n1 and a peer of db on n2; n3 does not care
         api_server.apply(pod("prod", "web-1", "n1", "10.244.1.77", {"app": "web"}))
         wait_for(lambda: published(api_server) == expected(api_server), what="web-1's new IP everywhere")
         settle(api_server)
-        assert sorted(ruleset_writes(api_server, mark)) == [("PATCH", "n1"), ("PATCH", "n2")]
+        if layout == "inline":  # n2 holds the group web-1 is in
+            assert sorted(ruleset_writes(api_server, mark)) == [("PATCH", "n1"), ("PATCH", "n2")]
+            assert slice_writes(api_server, slice_mark) == []
+            return
+        # n1's own pods changed; n2 only sees the peer group's slice change, its NodeRuleSet stays
+        assert ruleset_writes(api_server, mark) == [("PATCH", "n1")]
+        assert [m for m, _ in slice_writes(api_server, slice_mark)] == ["PATCH"]
+        # small objects only: the slice body within its bound (8 KiB of members) and its envelope
+        bodies = [r.body for r in api_server.writes(SLICES_PATH)[slice_mark:]]
+        assert bodies and all(len(json.dumps(b, separators=(",", ":"))) <= 9 * 1024 for b in bodies)
 
 
-def test_namespace_relabel_changes_affected_rule_sets(api_server, kubeconfig):
+@layouts
+def test_namespace_relabel_changes_affected_rule_sets(api_server, kubeconfig, layout):
     seed(api_server)
-    with running_controller(kubeconfig) as controller:
+    with controller_in(kubeconfig, layout) as controller:
         wait_synced(controller)
         settle(api_server)
-        mark = len(api_server.writes(NRS_PATH))
+        mark, slice_mark = len(api_server.writes(NRS_PATH)), len(api_server.writes(SLICES_PATH))
         api_server.apply(namespace("dev", team="c"))  # dev no longer matches team=b
         wait_for(lambda: published(api_server) == expected(api_server), what="the relabel to be published")
         settle(api_server)
         specs = published(api_server)
         web1 = pod_spec(specs["n1"], "prod/web-1")
         assert group_cidrs(specs["n1"], web1.ingress[0].peers) == set()
-        assert sorted(ruleset_writes(api_server, mark)) == [("PATCH", "n1"), ("PATCH", "n2")]
+        if layout == "inline":  # the NodeRuleSets holding the group that lost a member (web-1's, web-2's)
+            assert sorted(ruleset_writes(api_server, mark)) == [("PATCH", "n1"), ("PATCH", "n2")]
+            return
+        # one shared group lost a member: one slice written, no node's own objects
+        assert ruleset_writes(api_server, mark) == []
+        assert [m for m, _ in slice_writes(api_server, slice_mark)] == ["PATCH"]
 
 
-def test_restart_patches_nothing(api_server, kubeconfig):
+@layouts
+def test_restart_patches_nothing(api_server, kubeconfig, layout):
     seed(api_server)
-    with running_controller(kubeconfig) as controller:
+    with controller_in(kubeconfig, layout) as controller:
         wait_synced(controller)
         settle(api_server)
     before = published(api_server)
-    mark = len(api_server.writes(NRS_PATH))
-    with running_controller(kubeconfig) as controller:
+    mark, slice_mark = len(api_server.writes(NRS_PATH)), len(api_server.writes(SLICES_PATH))
+    with controller_in(kubeconfig, layout) as controller:
         wait_synced(controller)
         settle(api_server, quiet=1.5)
-        assert ruleset_writes(api_server, mark) == []
+        assert ruleset_writes(api_server, mark) == [] and slice_writes(api_server, slice_mark) == []
         assert published(api_server) == before
         # and it is live: a change after the restart is published
         api_server.apply(pod("prod", "db", "n2", "10.244.2.21", {"app": "db"}))
@@ -167,9 +225,10 @@ def test_restart_patches_nothing(api_server, kubeconfig):
         assert ruleset_writes(api_server, mark) == [("PATCH", "n2")]
 
 
-def test_restart_repairs_what_changed_while_down(api_server, kubeconfig):
+@layouts
+def test_restart_repairs_what_changed_while_down(api_server, kubeconfig, layout):
     seed(api_server)
-    with running_controller(kubeconfig) as controller:
+    with controller_in(kubeconfig, layout) as controller:
         wait_synced(controller)
         settle(api_server)
     api_server.delete("pods", "web-2", "prod")
@@ -177,12 +236,17 @@ def test_restart_repairs_what_changed_while_down(api_server, kubeconfig):
     api_server.delete("pods", "client", "dev")
     api_server.delete("noderulesets", "n1")  # someone deleted it by hand
     mark = len(api_server.writes(NRS_PATH))
-    with running_controller(kubeconfig) as controller:
+    with controller_in(kubeconfig, layout) as controller:
         wait_synced(controller)
         settle(api_server)
         assert published(api_server) == expected(api_server)
         assert set(published(api_server)) == {"n1", "n2"}
-        assert sorted(ruleset_writes(api_server, mark)) == [("DELETE", "n3"), ("PATCH", "n2"), ("POST", "")]
+        writes = sorted(ruleset_writes(api_server, mark))
+        # inline, n1's groups changed too (n1 is re-created with them either way)
+        assert writes == [("DELETE", "n3"), ("PATCH", "n2"), ("POST", "")]
+        # the groups nobody names any more are gone; nothing else is left behind
+        assert api_objects(api_server) == {(o["kind"], o["metadata"]["name"]): o["spec"]
+                                           for o in split(expected(api_server).values(), LAYOUTS[layout])}
 
 
 def events_for(api: FakeApiServer, name: str) -> list[dict]:
@@ -328,11 +392,17 @@ def test_a_rule_set_the_api_refuses_is_a_metric_an_event_and_a_degraded_conditio
     with running_controller(kubeconfig) as controller:
         wait_synced(controller)
         settle(api_server)
+        # n2's rules grow past the limit in one step (db becomes a pod with 300 allowed ports);
+        # n1's change too and must still be published
+        many_ports = {**DB_FROM_WEB, "podSelector": {"matchLabels": {"app": "db-2"}},
+                      "ingress": [{**DB_FROM_WEB["ingress"][0], "ports": [{"port": 10000 + i} for i in range(300)]}]}
+        api_server.apply(policy("prod", "db-many-ports", many_ports))
+        settle(api_server)
         before = published(api_server)
-        # n2's rule set grows past the limit; n1's changes too and must still be published
-        api_server.max_object_bytes = len(json.dumps(api_server.get("noderulesets", "n2"))) + 200
-        for i in range(40):
-            api_server.apply(pod("prod", f"db-{i}", "n2", f"10.244.2.{100 + i}", {"app": "db"}))
+        largest = max(len(json.dumps(o)) for plural in ("noderulesets", "peergroupslices")
+                      for o in api_server.list(plural))
+        api_server.max_object_bytes = largest + 1000  # room for n1's change and for Events
+        api_server.apply(pod("prod", "db", "n2", "10.244.2.20", {"app": "db-2"}))
         api_server.apply(pod("prod", "web-3", "n1", "10.244.1.11", {"app": "web"}))
         wait_for(lambda: 'netfence_controller_rulesets_refused{node="n2"} 1.0' in metrics_text(controller),
                  what="the refusal metric")
@@ -345,7 +415,9 @@ def test_a_rule_set_the_api_refuses_is_a_metric_an_event_and_a_degraded_conditio
                               what="a Degraded condition on NodeRuleSet n2")
         assert conditions[0]["status"] == "True" and conditions[0]["reason"] == "RuleSetTooLarge"
         assert "keeps enforcing" in conditions[0]["message"]
-        assert published(api_server)["n2"] == before["n2"]  # the last accepted rules stay
+        # n2's own part stays as last accepted (the shared groups it names still follow the cluster:
+        # web-3 joined one of them)
+        assert published(api_server)["n2"].pods == before["n2"].pods
         wait_for(lambda: published(api_server)["n1"] == expected(api_server)["n1"], what="n1 still published")
         settle(api_server)
         refused_writes = len(ruleset_writes(api_server))
@@ -357,3 +429,31 @@ def test_a_rule_set_the_api_refuses_is_a_metric_an_event_and_a_degraded_conditio
         wait_for(lambda: published(api_server)["n2"] == expected(api_server)["n2"], what="n2 published again")
         wait_for(lambda: "netfence_controller_rulesets_refused{" not in metrics_text(controller),
                  what="the refusal metric cleared")
+
+
+def test_a_refused_peer_group_slice_is_loud_on_the_node_that_needs_it(api_server, kubeconfig):
+    """A shared group's slice the API refuses: the node whose rules name the group is Degraded
+    (metric, Event, condition naming the slice) and keeps its own rules as they were."""
+    seed(api_server)
+    excepts = [f"10.{i}.{i}.{i}/32" for i in range(1, 200)]
+    wide = {"podSelector": {"matchLabels": {"app": "db-2"}}, "policyTypes": ["Ingress"],
+            "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": excepts}}]}]}
+    api_server.apply(policy("prod", "wide", wide))  # selects no pod yet: its group is not published
+    with controller_in(kubeconfig, "slices") as controller:
+        wait_synced(controller)
+        settle(api_server)
+        before = published(api_server)
+        largest = max(len(json.dumps(o)) for plural in ("noderulesets", "peergroupslices")
+                      for o in api_server.list(plural))
+        api_server.max_object_bytes = max(largest, 4096) + 200  # the wide group's 8 KiB slices do not fit
+        api_server.apply(pod("prod", "db", "n2", "10.244.2.20", {"app": "db-2"}))
+        wait_for(lambda: 'netfence_controller_rulesets_refused{node="n2"} 1.0' in metrics_text(controller),
+                 what="the refusal metric")
+        (event,) = wait_for(lambda: events_for(api_server, "n2"), what="an Event on Node n2")
+        assert "PeerGroupSlice pg-" in event["message"] and "too large" in event["message"]
+        conditions = wait_for(lambda: [c for c in (api_server.get("noderulesets", "n2").get("status") or {})
+                                       .get("conditions", []) if c["type"] == "Degraded"], what="Degraded on n2")
+        assert conditions[0]["reason"] == "RuleSetTooLarge" and "PeerGroupSlice" in conditions[0]["message"]
+        settle(api_server)
+        assert published(api_server)["n2"] == before["n2"]  # n2's NodeRuleSet was not moved onto the group
+        assert 'netfence_controller_rulesets_refused{node="n1"}' not in metrics_text(controller)

@@ -242,7 +242,7 @@ def test_discovery_lists_resources_for_kopf(api_server):
     groups = {g["name"] for g in get("/apis")["groups"]}
     assert {"networking.k8s.io", "netfence.io", "apiextensions.k8s.io"} <= groups
     names = {r["name"] for r in get(f"/apis/{GROUP}/{VERSION}")["resources"]}
-    assert names == {"noderulesets", "noderulesets/status"}
+    assert names == {"noderulesets", "noderulesets/status", "peergroupslices"}
     with pytest.raises(urllib.error.HTTPError) as e:
         get("/apis/nope.io/v1")
     assert e.value.code == 404

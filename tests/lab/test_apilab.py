@@ -20,6 +20,7 @@ from availability import shared_path
 from controller.fakeapi import CLUSTER_NAMESPACES, FakeApiServer, kubeconfig_for
 from lab.labkit import require_real_agent, require_root
 from netfence_lab import system
+from netfence_lab.apilab import CONTROLLER_ENV
 from netfence_lab.kubelet import kubelet_store
 from netfence_lab.lab import Lab, metric_lines
 from netfence_lab.state import StateStore
@@ -88,8 +89,17 @@ def k8s(api_server):
     client.close()
 
 
+@pytest.fixture(params=["inline"])
+def group_layout(request, monkeypatch):
+    """Where the controller puts peer groups: inline in the NodeRuleSets (what a cluster this small
+    gets) or, with --inline-groups-bytes 0, in PeerGroupSlices (what a large cluster gets)."""
+    if request.param == "slices":
+        monkeypatch.setenv(CONTROLLER_ENV, f"{sys.executable} -m netfence_cli controller --inline-groups-bytes 0")
+    return request.param
+
+
 @pytest.fixture
-def api_lab(lab_dir, kubeconfig, api_server):
+def api_lab(lab_dir, kubeconfig, api_server, group_layout):
     lab = Lab(StateStore(lab_dir))
     lab.up(CLUSTER, kubeconfig=kubeconfig, controller=True)
     try:
@@ -163,10 +173,13 @@ def test_policies_created_replaced_and_deleted_through_the_api(api_lab, k8s):
     assert blocked(api_lab.probe(80, "TCP")) == []
 
 
-def test_namespace_relabel_through_the_api(api_lab, k8s):
+@pytest.mark.parametrize("group_layout", ["inline", "slices"], indirect=True)
+def test_namespace_relabel_through_the_api(api_lab, api_server, k8s, group_layout):
     core = CoreV1Api(k8s)
     NetworkingV1Api(k8s).create_namespaced_network_policy("x", X_FROM_BLUE)
     api_lab.wait_converged()
+    in_slices = [g for rs in api_server.list("noderulesets") for g in rs["spec"]["peerGroups"]] == []
+    assert in_slices == (group_layout == "slices") and bool(api_server.list("peergroupslices")) == in_slices
     m = api_lab.probe(81, "UDP")
     assert blocked(m) == into(m, {"x/a", "x/b"})
     core.patch_namespace("y", {"metadata": {"labels": {"team": "blue"}}})

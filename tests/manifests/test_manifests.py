@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from netfence_api.crd import crd_manifest, render_yaml
+from netfence_api.crd import all_crd_manifests, crd_manifest, render_yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
@@ -92,12 +92,18 @@ def _walk(schema: dict, path: str = ""):
         yield from _walk(schema["items"], f"{path}[]")
 
 
-def test_crd_schema_is_structural():
-    schema = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+@pytest.mark.parametrize("crd", all_crd_manifests(), ids=lambda c: c["metadata"]["name"])
+def test_crd_schema_is_structural(crd):
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     for path, node in _walk(schema):
         assert "type" in node, f"{path}: no type"
         assert not {"$ref", "anyOf", "oneOf", "allOf", "default", "additionalProperties"} & set(node), path
+
+
+def test_rule_set_schema_is_the_nodes_pods_rules_and_groups():
+    schema = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     spec = schema["properties"]["spec"]
+    assert set(spec["properties"]) == {"nodeName", "pods", "peerGroups", "peerPortGroups"}
     assert spec["properties"]["pods"]["items"]["properties"]["ips"]["minItems"] == 1
     rule = spec["properties"]["pods"]["items"]["properties"]["ingress"]["items"]
     assert rule["properties"]["peers"]["nullable"] is True
@@ -119,7 +125,8 @@ def test_controller_rbac_is_least_privilege():
     expected = {("", r, v) for r in ("pods", "namespaces", "nodes") for v in ("list", "watch")}
     expected |= {("networking.k8s.io", "networkpolicies", v) for v in ("list", "watch")}
     expected |= {("policy.networking.k8s.io", "clusternetworkpolicies", v) for v in ("list", "watch")}
-    expected |= {("netfence.io", "noderulesets", v) for v in ("list", "create", "patch", "delete")}
+    expected |= {("netfence.io", r, v) for r in ("noderulesets", "peergroupslices")
+                 for v in ("list", "create", "patch", "delete")}
     expected |= {("", "events", "create")}
     assert rules == expected
     assert not any("*" in part for rule in rules for part in rule)
@@ -129,8 +136,8 @@ def test_controller_rbac_is_least_privilege():
 
 def test_agent_rbac_reads_rule_sets_and_writes_status_only():
     rules = rules_of(find("ClusterRole", "netfence-agent"))
-    assert rules == {("netfence.io", "noderulesets", v) for v in ("get", "list", "watch")} | {
-        ("netfence.io", "noderulesets/status", "patch")}
+    assert rules == {("netfence.io", r, v) for r in ("noderulesets", "peergroupslices")
+                     for v in ("get", "list", "watch")} | {("netfence.io", "noderulesets/status", "patch")}
 
 
 def container(workload: dict, name: str) -> dict:

@@ -13,7 +13,10 @@ import pytest
 import yaml
 
 from netfence_api import NodeRuleSet
+from netfence_api.slices import assemble_from_objects
 from netfence_cli.main import main
+from netfence_cli.offline import load_cluster, read_manifests
+from netfence_operator.compile import compile_cluster
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden"
 CLUSTER = str(GOLDEN / "cluster.yaml")
@@ -25,12 +28,17 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
-def test_compile_yaml_is_one_valid_noderuleset_per_node(capsys):
+def test_compile_yaml_is_what_the_controller_publishes_one_noderuleset_per_node(capsys):
     rc, out, _ = run(capsys, "compile", "-f", CLUSTER, "-f", str(GOLDEN / "allow-frontend-to-backend.yaml"))
     assert rc == 0
-    objects = [NodeRuleSet.model_validate(d) for d in yaml.safe_load_all(out)]
-    assert [o.metadata.name for o in objects] == ["node-1", "node-2"]
-    backend = next(p for p in objects[0].spec.pods if p.name == "backend")
+    documents = list(yaml.safe_load_all(out))
+    # a small cluster: one self-contained NodeRuleSet per node, its groups inline
+    assert [(d["kind"], d["metadata"]["name"]) for d in documents] == [("NodeRuleSet", "node-1"), ("NodeRuleSet", "node-2")]
+    specs = assemble_from_objects(documents)
+    assert [NodeRuleSet.model_validate(d).spec for d in documents] == list(specs.values())
+    assert specs == compile_cluster(load_cluster(read_manifests(
+        [CLUSTER, str(GOLDEN / "allow-frontend-to-backend.yaml")])))
+    backend = next(p for p in specs["node-1"].pods if p.name == "backend")
     assert backend.isolation.ingress and not backend.isolation.egress
     origins = [o for r in backend.ingress for o in r.origin]
     assert "shop/allow-frontend-to-backend ingress[0]" in origins
@@ -40,7 +48,27 @@ def test_compile_json_is_a_list_and_node_filter_works(capsys):
     rc, out, _ = run(capsys, "compile", "-f", CLUSTER, "--node", "node-2", "-o", "json")
     assert rc == 0
     doc = json.loads(out)
-    assert doc["kind"] == "List" and [i["metadata"]["name"] for i in doc["items"]] == ["node-2"]
+    assert doc["kind"] == "List"
+    assert [i["metadata"]["name"] for i in doc["items"]] == ["node-2"]
+    assert set(assemble_from_objects([doc])) == {"node-2"}
+
+
+def test_compile_with_groups_in_slices_prints_the_slices_the_node_names(capsys):
+    """What a large cluster's controller publishes (--inline-groups-bytes 0 forces it here)."""
+    policies = str(GOLDEN / "allow-frontend-to-backend.yaml")
+    rc, out, _ = run(capsys, "compile", "-f", CLUSTER, "-f", policies, "--inline-groups-bytes", "0", "-o", "json")
+    assert rc == 0
+    items = json.loads(out)["items"]
+    rulesets = [i for i in items if i["kind"] == "NodeRuleSet"]
+    slices = [i for i in items if i["kind"] == "PeerGroupSlice"]
+    assert [r["metadata"]["name"] for r in rulesets] == ["node-1", "node-2"] and slices
+    assert all(r["spec"]["peerGroups"] == [] and r["spec"]["pods"] for r in rulesets)
+    assert assemble_from_objects(items) == compile_cluster(load_cluster(read_manifests([CLUSTER, policies])))
+    rc, out, _ = run(capsys, "compile", "-f", CLUSTER, "-f", policies, "--inline-groups-bytes", "0",
+                     "--node", "node-2", "-o", "json")
+    items = json.loads(out)["items"]
+    named = {r.peers for p in assemble_from_objects(items)["node-2"].pods for r in p.all_rules() if r.peers}
+    assert {i["spec"]["peerGroup"]["name"] for i in items if i["kind"] == "PeerGroupSlice"} == named
 
 
 def test_compile_unknown_node_is_bad_input(capsys):
