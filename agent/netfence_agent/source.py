@@ -20,7 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 import netfence_api
 from netfence_agent import inotify
 from netfence_api.manifests import SafeLoader
-from netfence_api.slices import Incomplete, assemble_from_objects
+from netfence_api.slices import Incomplete, assemble, assemble_from_objects
 
 log = logging.getLogger("netfence.source")
 
@@ -121,12 +121,17 @@ def parse_rule_set(text: str, origin: str = "rule set", reader: RuleSetReader | 
     if data.get("kind") == "List":
         data = _assembled(data, origin)
     try:
-        return (reader or RuleSetReader()).read(data)
+        rule_set = (reader or RuleSetReader()).read(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
         )
         raise RuleSetFileError(f"{origin}: invalid NodeRuleSet: {problems}") from None
+    try:
+        assemble(rule_set.spec, {})  # a file holds the groups its rules name (or the List their slices)
+    except Incomplete as exc:
+        raise RuleSetFileError(f"{origin}: {exc}") from None
+    return rule_set
 
 
 def _assembled(listing: dict, origin: str) -> dict:

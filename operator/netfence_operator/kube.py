@@ -2,7 +2,7 @@
 
 Only the publisher calls these, from worker threads. Reads: the NodeRuleSets already published
 (on start and on resync) and the uids of a watched kind (after a relist). Writes: NodeRuleSets
-and the slices they reference (netfence_api.slices; the controller's condition in a NodeRuleSet's
+and the PeerGroupSlices they name (netfence_api.slices; the controller's condition in a NodeRuleSet's
 status when the API refuses one of its objects) and Events, nothing else.
 """
 
@@ -96,7 +96,7 @@ class KubeApi:
             return False
         return any(r.get("name") == plural for r in json.loads(data).get("resources", []))
 
-    # ------------------------------------------------------------------ any netfence.io kind (slices)
+    # ------------------------------------------------------------------ any netfence.io kind (group slices)
     def list_objects(self, plural: str) -> dict[str, dict[str, Any]]:
         listing = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, plural)
         return {item["metadata"]["name"]: item for item in listing.get("items", [])}

@@ -62,6 +62,9 @@ def test_a_list_without_the_group_slices_its_rules_name_is_bad_input():
     missing = {"apiVersion": "v1", "kind": "List", "items": [o for o in split([spec], SLICES) if o["kind"] == "NodeRuleSet"]}
     with pytest.raises(RuleSetFileError, match=rf"rules\.json: peer group {spec.peerGroups[0].name} is missing"):
         parse_rule_set(json.dumps(missing), "rules.json")
+    (alone,) = missing["items"]  # a NodeRuleSet copied from a large cluster without its group slices
+    with pytest.raises(RuleSetFileError, match=rf"rules\.json: peer group {spec.peerGroups[0].name} is missing"):
+        parse_rule_set(json.dumps(alone), "rules.json")
 
 
 class Reader:
