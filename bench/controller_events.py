@@ -147,7 +147,7 @@ def main() -> None:
     compiler = state.compiler
     for node in sorted(state.take_dirty()):
         compiler.node_spec(node)
-    changed_groups = getattr(compiler, "take_changed_groups", set)  # not in older compilers
+    changed_groups = compiler.take_changed_groups
     changed_groups()
     t_first = time.perf_counter() - t0
     gc.collect()
