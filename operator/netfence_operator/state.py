@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Mapping
 from pydantic import BaseModel, ValidationError
 
 from netfence_operator.compile import Compiler, InputError, parse_object
-from netfence_operator.compile.objects import ClusterObjects, LabelSelector, NetworkPolicy, describe_object
+from netfence_operator.compile.objects import ClusterObjects, Interner, LabelSelector, NetworkPolicy, Pod, describe_object
 
 log = logging.getLogger("netfence.controller.state")
 
@@ -38,6 +38,7 @@ CLUSTER_SCOPED = ("Namespace", "Node", "ClusterNetworkPolicy")
 POLICY_KINDS = ("NetworkPolicy", "ClusterNetworkPolicy")
 _SOURCE = "api"
 _TOMBSTONES = 50_000  # uids remembered as deleted, so late events of a deleted object are ignored
+_NO_ERRORS: tuple[str, ...] = ()
 
 
 def object_key(kind: str, body: Mapping[str, Any]) -> str:
@@ -53,13 +54,13 @@ def strip_source(problem: str, body: Mapping[str, Any]) -> str:
     return problem[len(prefix):] if problem.startswith(prefix) else problem
 
 
-@dataclass
+@dataclass(slots=True)
 class Version:
     """The latest state of one object (one uid)."""
 
     uid: str
     model: BaseModel | None  # the current version, parsed; None if it is invalid
-    errors: list[str]  # why the current version is invalid (field-naming messages)
+    errors: list[str] | tuple[str, ...]  # why the current version is invalid (field-naming messages)
     last_good: BaseModel | None  # the last valid version of this uid
     terminating: bool
     substitute: BaseModel | None = None  # NetworkPolicy only: isolating stand-in when never valid
@@ -114,6 +115,7 @@ class ClusterState:
     _compiled: dict[tuple[str, str], BaseModel] = field(default_factory=dict)
     _gone: collections.OrderedDict = field(default_factory=collections.OrderedDict)
     _broken: bool = False
+    _interner: Interner = field(default_factory=Interner)  # pods share equal parts (memory)
 
     def __post_init__(self) -> None:
         self.compiler = self.compiler_factory(None)
@@ -131,7 +133,9 @@ class ClusterState:
             self._policy_keys.add((kind, key))
         previous = versions.pop(uid, None)  # re-inserted last: the most recently seen
         try:
-            model, errors = parse_object(dict(body), _SOURCE), []
+            model, errors = parse_object(dict(body), _SOURCE), _NO_ERRORS
+            if isinstance(model, Pod):
+                model = self._interner.pod(model)
         except InputError as e:
             model, errors = None, [strip_source(p, body) for p in e.problems]
             log.warning("invalid %s %s: %s", kind, key, "; ".join(errors))

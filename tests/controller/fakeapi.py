@@ -32,6 +32,14 @@ checks each one against the documented apiserver behaviour:
 
 The server runs its own event loop in a thread; test-side methods are thread-safe. It also
 records every request, so tests can count the writes a controller made.
+
+Cost (bench/fakeapi_patch.py): a stored object is never changed in place once stored -- a write
+makes a new top-level dict and new dicts only along the paths it changes, sharing the rest with
+the old version and the request -- so nothing is deep-copied per write; each version is JSON-
+encoded once, when it is stored (the size check needs that encoding anyway), and that one
+encoding is the response body, every watcher's event line and the history's record. The history
+keeps the encodings; only the newest events keep their dicts as well (older ones are decoded
+again if a watch replays them). Test-side reads return fresh copies.
 """
 
 from __future__ import annotations
@@ -189,10 +197,11 @@ def field_selector_matches(selector: str | None, obj: dict[str, Any]) -> bool:
 
 # --------------------------------------------------------------------------- merge patch
 def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch."""
+    """RFC 7386 JSON merge patch, without changing `target` or `patch`: the result is new
+    wherever the patch changes something and shares the untouched parts of both."""
     if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = copy.deepcopy(target) if isinstance(target, dict) else {}
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
     for key, value in patch.items():
         if value is None:
             result.pop(key, None)
@@ -201,14 +210,47 @@ def merge_patch(target: Any, patch: Any) -> Any:
     return result
 
 
+def encode(obj: Any) -> bytes:
+    """The one JSON encoding of an object: compact, as etcd's size limit counts it."""
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 # --------------------------------------------------------------------------- the server
-@dataclass
+@dataclass(eq=False)
 class WatchEvent:
+    """One change, as every watcher gets it: the object's encoding is made once, when the
+    version is stored, and each event line (per event type a watcher may see) once."""
+
     rv: int
     rtype: ResourceType
     type: str  # ADDED MODIFIED DELETED
-    obj: dict[str, Any]
-    old: dict[str, Any] | None
+    data: bytes  # the object, encoded
+    old_data: bytes | None  # the version before, encoded (selectors decide what a watcher sees)
+    _obj: dict[str, Any] | None = None  # decoded forms, kept while the event is recent
+    _old: dict[str, Any] | None = None
+    _lines: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def obj(self) -> dict[str, Any]:
+        return self._obj if self._obj is not None else json.loads(self.data)
+
+    @property
+    def old(self) -> dict[str, Any] | None:
+        if self.old_data is None:
+            return None
+        return self._old if self._old is not None else json.loads(self.old_data)
+
+    def line(self, etype: str) -> bytes:
+        """The watch stream's line for this event sent as `etype`."""
+        found = self._lines.get(etype)
+        if found is None:
+            found = self._lines[etype] = b'{"type":"' + etype.encode() + b'","object":' + self.data + b"}\n"
+        return found
+
+    def cool(self) -> None:
+        """Keep only the encodings (an old event of the history)."""
+        self._obj = self._old = None
+        self._lines.clear()
 
 
 @dataclass
@@ -218,7 +260,12 @@ class RecordedRequest:
     query: dict[str, str]
     content_type: str
     status: int = 0
-    body: Any = None
+    raw: bytes | None = None  # the body as sent (bytes: no work for the garbage collector)
+
+    @property
+    def body(self) -> Any:
+        """The body, decoded (a fresh copy each time)."""
+        return None if not self.raw else json.loads(self.raw)
 
 
 @dataclass(eq=False)
@@ -239,7 +286,9 @@ class FakeApiServer:
     max_object_bytes: int = 1536 * 1024
     port: int = 0  # 0: any free port (the one chosen is here after start())
 
-    objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)  # (plural-gv, ns, name)
+    # (plural-gv, ns, name) -> the stored object. Never changed in place: a write stores a new dict.
+    objects: dict[tuple[str, str, str], dict[str, Any]] = field(default_factory=dict)
+    hot_events: int = 64  # the newest events of the history keep their decoded objects too
     requests: list[RecordedRequest] = field(default_factory=list)
     _rv: int = 0
     _compacted: int = 0
@@ -247,6 +296,8 @@ class FakeApiServer:
     _watchers: set = field(default_factory=set)
 
     def __post_init__(self) -> None:
+        self._encoded: dict[tuple[str, str, str], tuple[dict[str, Any], bytes]] = {}  # key -> (object, encoding)
+        self._last: tuple[Any, bytes] | None = None  # the object last committed and its encoding
         self._by_path: dict[tuple[str, str], ResourceType] = {(t.group_version, t.plural): t for t in self.types}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -357,11 +408,12 @@ class FakeApiServer:
         rtype = self.rtype_of(obj)
         ns = obj["metadata"].get("namespace") or ("default" if rtype.namespaced else None)
 
+        body = copy.deepcopy(obj)  # the caller's dict stays the caller's
+
         def do() -> dict[str, Any]:
-            existing = self.objects.get(self._key(rtype, ns, obj["metadata"]["name"]))
+            existing = self.objects.get(self._key(rtype, ns, body["metadata"]["name"]))
             if existing is None:
-                return self._create(rtype, ns, obj, keep_status=True)
-            body = copy.deepcopy(obj)
+                return self._create(rtype, ns, body, keep_status=True)
             body["metadata"]["resourceVersion"] = existing["metadata"]["resourceVersion"]
             return self._replace(rtype, ns, existing, body, subresource=None, keep_status=True)
 
@@ -373,17 +425,18 @@ class FakeApiServer:
 
     def get(self, plural: str, name: str, namespace: str | None = None) -> dict[str, Any] | None:
         rtype = self.rtype(plural)
-        obj = self.call(lambda: self.objects.get(self._key(rtype, namespace, name)))
-        return copy.deepcopy(obj)
+        key = self._key(rtype, namespace, name)
+        data = self.call(lambda: None if key not in self.objects else self._data(self.objects[key], key))
+        return None if data is None else json.loads(data)
 
     def list(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
         rtype = self.rtype(plural)
 
-        def do() -> list[dict[str, Any]]:
-            return [copy.deepcopy(o) for (gvp, ns, _), o in sorted(self.objects.items())
-                    if gvp == self._gvp(rtype) and (namespace is None or ns == namespace)]
+        def do() -> list[bytes]:
+            return [self._data(o, k) for k, o in sorted(self.objects.items())
+                    if k[0] == self._gvp(rtype) and (namespace is None or k[1] == namespace)]
 
-        return self.call(do)
+        return [json.loads(data) for data in self.call(do)]
 
     def writes(self, path_prefix: str = "", methods: tuple[str, ...] = ("POST", "PUT", "PATCH", "DELETE")) -> list[RecordedRequest]:
         return [r for r in list(self.requests) if r.method in methods and r.path.startswith(path_prefix)]
@@ -400,9 +453,35 @@ class FakeApiServer:
     def _key(self, rtype: ResourceType, ns: str | None, name: str) -> tuple[str, str, str]:
         return (self._gvp(rtype), ns or "", name)
 
-    def _commit(self, rtype: ResourceType, etype: str, obj: dict[str, Any], old: dict[str, Any] | None) -> None:
-        event = WatchEvent(self._rv, rtype, etype, copy.deepcopy(obj), copy.deepcopy(old) if old else None)
+    def _data(self, obj: dict[str, Any], key: tuple[str, str, str] | None = None) -> bytes:
+        """The encoding of a stored (or just committed) object, made once."""
+        if self._last is not None and self._last[0] is obj:
+            return self._last[1]
+        cached = self._encoded.get(key) if key is not None else None
+        if cached is not None and cached[0] is obj:
+            return cached[1]
+        data = encode(obj)
+        if key is not None and self.objects.get(key) is obj:
+            self._encoded[key] = (obj, data)
+        return data
+
+    def _commit(self, rtype: ResourceType, etype: str, obj: dict[str, Any], old: dict[str, Any] | None,
+                data: bytes | None = None) -> None:
+        """Record a change that is already in self.objects (objects are never changed in place
+        after this, so the event holds them as they are)."""
+        key = self._key(rtype, (obj["metadata"].get("namespace") if rtype.namespaced else None), obj["metadata"]["name"])
+        old_data = None if old is None else self._data(old, key)
+        if data is None:
+            data = encode(obj)
+        if etype == "DELETED":
+            self._encoded.pop(key, None)
+        else:
+            self._encoded[key] = (obj, data)
+        self._last = (obj, data)
+        event = WatchEvent(self._rv, rtype, etype, data, old_data, obj, old)
         self._history.append(event)
+        if len(self._history) > self.hot_events:
+            self._history[-self.hot_events - 1].cool()
         while len(self._history) > self.history_limit:
             dropped = self._history.popleft()
             self._compacted = max(self._compacted, dropped.rv)
@@ -414,8 +493,9 @@ class FakeApiServer:
         return str(self._rv)
 
     def _create(self, rtype: ResourceType, ns: str | None, body: dict[str, Any], *, keep_status: bool = False) -> dict[str, Any]:
-        obj = copy.deepcopy(body)
-        meta = obj.setdefault("metadata", {})
+        # New dicts where the server writes; the rest is shared with the body (a parsed request).
+        obj = dict(body)
+        meta = obj["metadata"] = dict(obj.get("metadata") or {})
         if not meta.get("name"):
             if not meta.get("generateName"):
                 raise ApiError(422, "Invalid", "metadata.name or metadata.generateName is required")
@@ -442,11 +522,12 @@ class FakeApiServer:
         if rtype.generation:
             meta["generation"] = 1
         if rtype.kind == "Namespace":
-            meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
-        self._check_stored_size(obj)
-        meta["resourceVersion"] = self._next_rv()
+            meta["labels"] = {**(meta.get("labels") or {}), "kubernetes.io/metadata.name": meta["name"]}
+        meta["resourceVersion"] = str(self._rv + 1)
+        data = self._stored_encoding(obj)
+        self._next_rv()
         self.objects[key] = obj
-        self._commit(rtype, "ADDED", obj, None)
+        self._commit(rtype, "ADDED", obj, None, data)
         return obj
 
     def _replace(self, rtype: ResourceType, ns: str | None, old: dict[str, Any], new: dict[str, Any],
@@ -456,18 +537,20 @@ class FakeApiServer:
         if sent_rv and sent_rv != old["metadata"]["resourceVersion"]:
             raise ApiError(409, "Conflict", f'Operation cannot be fulfilled on {rtype.plural} "{old["metadata"]["name"]}": '
                                             "the object has been modified; please apply your changes to the latest version and try again")
-        obj = copy.deepcopy(new)
+        # A new top-level dict and metadata; the rest is shared with `new` and `old`, which
+        # nothing changes in place.
+        obj = dict(new)
         if rtype.status_subresource and not keep_status:
             if subresource == "status":
                 # /status writes change the status only (and nothing in metadata but what we keep).
-                obj = {**copy.deepcopy(old), "status": copy.deepcopy(new.get("status"))}
+                obj = {**old, "status": new.get("status")}
                 if obj["status"] is None:
                     obj.pop("status")
             else:
                 obj.pop("status", None)
                 if "status" in old:
-                    obj["status"] = copy.deepcopy(old["status"])
-        meta = obj.setdefault("metadata", {})
+                    obj["status"] = old["status"]
+        meta = obj["metadata"] = dict(obj.get("metadata") or {})
         old_meta = old["metadata"]
         for fixed in ("name", "namespace", "uid", "creationTimestamp", "generation", "deletionTimestamp",
                       "deletionGracePeriodSeconds"):
@@ -476,27 +559,32 @@ class FakeApiServer:
             else:
                 meta.pop(fixed, None)
         if rtype.kind == "Namespace":
-            meta.setdefault("labels", {})["kubernetes.io/metadata.name"] = meta["name"]
+            meta["labels"] = {**(meta.get("labels") or {}), "kubernetes.io/metadata.name": meta["name"]}
         obj["apiVersion"], obj["kind"] = rtype.api_version, rtype.kind
         meta["resourceVersion"] = old_meta["resourceVersion"]
         if obj == old:
             return old  # no-op: no new resourceVersion, no event
         if rtype.generation and _without(obj) != _without(old):
             meta["generation"] = old_meta.get("generation", 1) + 1
-        self._check_stored_size(obj)
-        meta["resourceVersion"] = self._next_rv()
+        meta["resourceVersion"] = str(self._rv + 1)
+        data = self._stored_encoding(obj)
+        self._next_rv()
         key = self._key(rtype, ns, meta["name"])
         if meta.get("deletionTimestamp") and not meta.get("finalizers"):
             del self.objects[key]
-            self._commit(rtype, "DELETED", obj, old)
+            self._commit(rtype, "DELETED", obj, old, data)
             return obj
         self.objects[key] = obj
-        self._commit(rtype, "MODIFIED", obj, old)
+        self._commit(rtype, "MODIFIED", obj, old, data)
         return obj
 
-    def _check_stored_size(self, obj: dict[str, Any]) -> None:
-        if len(json.dumps(obj, separators=(",", ":"))) > self.max_object_bytes:
+    def _stored_encoding(self, obj: dict[str, Any]) -> bytes:
+        """The object's encoding, as stored (with its new resourceVersion); 413 if etcd would
+        refuse it."""
+        data = encode(obj)
+        if len(data) > self.max_object_bytes:
             raise ApiError(413, "RequestEntityTooLarge", "etcdserver: request is too large")
+        return data
 
     def _delete(self, rtype: ResourceType, ns: str | None, name: str, grace: int | None = None) -> dict[str, Any]:
         key = self._key(rtype, ns, name)
@@ -509,11 +597,9 @@ class FakeApiServer:
             period = grace if grace >= 0 else (old.get("spec") or {}).get("terminationGracePeriodSeconds", DEFAULT_POD_GRACE_SECONDS)
             current = old["metadata"].get("deletionGracePeriodSeconds")
             if period > 0 and (current is None or period < current):
-                obj = copy.deepcopy(old)
                 when = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=period)
-                obj["metadata"]["deletionTimestamp"] = when.strftime("%Y-%m-%dT%H:%M:%SZ")
-                obj["metadata"]["deletionGracePeriodSeconds"] = period
-                obj["metadata"]["resourceVersion"] = self._next_rv()
+                obj = {**old, "metadata": {**old["metadata"], "deletionTimestamp": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                           "deletionGracePeriodSeconds": period, "resourceVersion": self._next_rv()}}
                 self.objects[key] = obj
                 self._commit(rtype, "MODIFIED", obj, old)
                 return obj
@@ -522,14 +608,11 @@ class FakeApiServer:
         if old["metadata"].get("finalizers"):
             if old["metadata"].get("deletionTimestamp"):
                 return old
-            obj = copy.deepcopy(old)
-            obj["metadata"]["deletionTimestamp"] = _now()
-            obj["metadata"]["resourceVersion"] = self._next_rv()
+            obj = {**old, "metadata": {**old["metadata"], "deletionTimestamp": _now(), "resourceVersion": self._next_rv()}}
             self.objects[key] = obj
             self._commit(rtype, "MODIFIED", obj, old)
             return obj
-        obj = copy.deepcopy(old)
-        obj["metadata"]["resourceVersion"] = self._next_rv()
+        obj = {**old, "metadata": {**old["metadata"], "resourceVersion": self._next_rv()}}
         del self.objects[key]
         self._commit(rtype, "DELETED", obj, old)
         return obj
@@ -547,9 +630,9 @@ class FakeApiServer:
             raise ApiError(409, "Conflict", f'pod {name} is already assigned to node "{bound}"')
         if old["metadata"].get("deletionTimestamp"):
             raise ApiError(409, "Conflict", f"pod {name} is being deleted, cannot be assigned to a host")
-        obj = copy.deepcopy(old)
-        obj.setdefault("spec", {})["nodeName"] = target["name"]
-        obj["metadata"]["resourceVersion"] = self._next_rv()  # the binding is not a spec update: generation stays
+        # the binding is not a spec update: generation stays
+        obj = {**old, "spec": {**(old.get("spec") or {}), "nodeName": target["name"]},
+               "metadata": {**old["metadata"], "resourceVersion": self._next_rv()}}
         self.objects[self._key(rtype, ns, name)] = obj
         self._commit(rtype, "MODIFIED", obj, old)
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success", "code": 201}
@@ -589,8 +672,10 @@ class FakeApiServer:
             if (request.content_length or 0) > self.max_request_bytes:
                 raise ApiError(413, "RequestEntityTooLarge",
                                f"Request entity too large: limit is {self.max_request_bytes}")
-            body = await request.json() if request.can_read_body else None
-            record.body = body
+            body = None
+            if request.can_read_body:
+                record.raw = await request.read()
+                body = json.loads(record.raw)
             response = await self._dispatch(request, body)
         except ApiError as e:
             response = aiohttp.web.json_response(e.status(), status=e.code)
@@ -613,18 +698,14 @@ class FakeApiServer:
             if method == "GET" and q.get("watch") in ("true", "1"):
                 return await self._watch(request, rtype, ns, metadata_only)
             if method == "GET":
-                listing = self._list(rtype, ns, q)
-                if metadata_only:
-                    listing = {"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1",
-                               "metadata": listing["metadata"], "items": [partial_metadata(o) for o in listing["items"]]}
-                return aiohttp.web.json_response(listing)
+                return aiohttp.web.Response(body=self._list(rtype, ns, q, metadata_only), content_type="application/json")
             if method == "POST":
                 if not isinstance(body, dict):
                     raise ApiError(400, "BadRequest", "body must be an object")
                 body_ns = (body.get("metadata") or {}).get("namespace")
                 if rtype.namespaced and body_ns and ns and body_ns != ns:
                     raise ApiError(400, "BadRequest", "the namespace of the object does not match the namespace of the URL")
-                return aiohttp.web.json_response(self._create(rtype, ns, body), status=201)
+                return self._respond(self._create(rtype, ns, body), status=201)
             raise ApiError(405, "MethodNotAllowed", f"{method} on a collection")
         key = self._key(rtype, ns, name)
         if method == "DELETE":
@@ -633,7 +714,7 @@ class FakeApiServer:
                 grace = body.get("gracePeriodSeconds")
             if grace is None and rtype.kind == "Pod":
                 grace = -1  # the pod's own terminationGracePeriodSeconds
-            return aiohttp.web.json_response(self._delete(rtype, ns, name, grace=None if grace is None else int(grace)))
+            return self._respond(self._delete(rtype, ns, name, grace=None if grace is None else int(grace)), key)
         if sub == "binding":
             if method != "POST":
                 raise ApiError(405, "MethodNotAllowed", f"{method} on pods/binding")
@@ -642,16 +723,17 @@ class FakeApiServer:
         if old is None:
             raise ApiError(404, "NotFound", f'{rtype.plural}.{rtype.group or "core"} "{name}" not found')
         if method == "GET":
-            return aiohttp.web.json_response(partial_metadata(old) if metadata_only else old)
+            return aiohttp.web.json_response(partial_metadata(old)) if metadata_only else self._respond(old, key)
         if method == "PUT":
             if not isinstance(body, dict) or (body.get("metadata") or {}).get("name") != name:
                 raise ApiError(400, "BadRequest", "the name of the object does not match the name in the URL")
-            return aiohttp.web.json_response(self._replace(rtype, ns, old, body, subresource=sub))
+            return self._respond(self._replace(rtype, ns, old, body, subresource=sub), key)
         if method == "PATCH":
             ctype = request.content_type
             if ctype == "application/json-patch+json":
                 try:
-                    new = jsonpatch.apply_patch(old, body)
+                    # A fresh copy to patch in place: decoding the stored encoding is cheaper than deepcopy.
+                    new = jsonpatch.apply_patch(json.loads(self._data(old, key)), body, in_place=True)
                 except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as e:
                     raise ApiError(422, "Invalid", f"JSON patch failed: {e}") from None
             elif ctype in ("application/merge-patch+json", "application/strategic-merge-patch+json"):
@@ -661,7 +743,7 @@ class FakeApiServer:
                 new = merge_patch(old, body)
             else:
                 raise ApiError(415, "UnsupportedMediaType", f"patch type {ctype} is not supported here")
-            return aiohttp.web.json_response(self._replace(rtype, ns, old, new, subresource=sub))
+            return self._respond(self._replace(rtype, ns, old, new, subresource=sub), key)
         raise ApiError(405, "MethodNotAllowed", method)
 
     def _matches(self, obj: dict[str, Any], ns: str | None, q: Any) -> bool:
@@ -670,11 +752,17 @@ class FakeApiServer:
         return (label_selector_matches(q.get("labelSelector"), obj["metadata"].get("labels"))
                 and field_selector_matches(q.get("fieldSelector"), obj))
 
-    def _list(self, rtype: ResourceType, ns: str | None, q: Any) -> dict[str, Any]:
-        items = [copy.deepcopy(o) for (gvp, _, _), o in sorted(self.objects.items())
-                 if gvp == self._gvp(rtype) and self._matches(o, ns, q)]
-        return {"kind": f"{rtype.kind}List", "apiVersion": rtype.api_version,
-                "metadata": {"resourceVersion": str(self._rv)}, "items": items}
+    def _respond(self, obj: dict[str, Any], key: tuple[str, str, str] | None = None, status: int = 200) -> aiohttp.web.Response:
+        return aiohttp.web.Response(body=self._data(obj, key), status=status, content_type="application/json")
+
+    def _list(self, rtype: ResourceType, ns: str | None, q: Any, metadata_only: bool = False) -> bytes:
+        """The list response, made of the stored encodings of its items."""
+        items = [encode(partial_metadata(o)) if metadata_only else self._data(o, k) for k, o in sorted(self.objects.items())
+                 if k[0] == self._gvp(rtype) and self._matches(o, ns, q)]
+        kind, version = ("PartialObjectMetadataList", "meta.k8s.io/v1") if metadata_only else \
+            (f"{rtype.kind}List", rtype.api_version)
+        head = encode({"kind": kind, "apiVersion": version, "metadata": {"resourceVersion": str(self._rv)}})
+        return head[:-1] + b',"items":[' + b",".join(items) + b"]}"
 
     async def _watch(self, request: aiohttp.web.Request, rtype: ResourceType, ns: str | None,
                      metadata_only: bool = False) -> aiohttp.web.StreamResponse:
@@ -696,10 +784,11 @@ class FakeApiServer:
 
         # Snapshot + subscribe with no await in between: nothing can slip through.
         watcher = _Watcher(asyncio.Queue(), response)
-        initial: list[tuple[str, dict[str, Any]]] = []
+        initial: list[bytes] = []
         if since_text in ("", "0"):
-            initial = [("ADDED", copy.deepcopy(o)) for (gvp, _, _), o in sorted(self.objects.items())
-                       if gvp == self._gvp(rtype) and self._matches(o, ns, q)]
+            initial = [b'{"type":"ADDED","object":' + (encode(partial_metadata(o)) if metadata_only else self._data(o, k))
+                       + b"}\n" for k, o in sorted(self.objects.items())
+                       if k[0] == self._gvp(rtype) and self._matches(o, ns, q)]
         else:
             since = int(since_text)
             if since < self._compacted:
@@ -710,8 +799,9 @@ class FakeApiServer:
                     watcher.queue.put_nowait(event)
         self._watchers.add(watcher)
         try:
-            for etype, obj in initial:
-                await send(etype, obj)
+            for line in initial:
+                await response.write(line)
+            selective = ns is not None or bool(q.get("labelSelector")) or bool(q.get("fieldSelector"))
             loop = asyncio.get_running_loop()
             deadline = loop.time() + timeout if timeout else None
             while True:
@@ -732,17 +822,22 @@ class FakeApiServer:
                     break
                 if event.rtype != rtype:
                     continue
-                was = event.old is not None and event.type != "ADDED" and self._matches(event.old, ns, q)
-                now = self._matches(event.obj, ns, q)
+                # Without selectors every object matches: nothing to decode.
+                was = event.old_data is not None and event.type != "ADDED" and (
+                    not selective or self._matches(event.old, ns, q))
+                now = not selective or self._matches(event.obj, ns, q)
                 if event.type == "DELETED":
-                    if was:
-                        await send("DELETED", event.obj)
+                    etype = "DELETED" if was else None
                 elif was and now:
-                    await send("MODIFIED", event.obj)
+                    etype = "MODIFIED"
                 elif now:
-                    await send("ADDED", event.obj)
-                elif was:
-                    await send("DELETED", event.obj)
+                    etype = "ADDED"
+                else:
+                    etype = "DELETED" if was else None
+                if etype is not None and metadata_only:
+                    await send(etype, event.obj)
+                elif etype is not None:
+                    await response.write(event.line(etype))
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:

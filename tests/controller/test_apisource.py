@@ -291,7 +291,7 @@ def test_status_changes_cost_a_metadata_event_not_the_whole_object(api_server: F
     fetched whole only when its generation moves), so a pod event costs the object once, not twice."""
     pods = [{**a_pod(f"10.0.{i // 250}.{i % 250 + 1}"), "name": f"pod-{i}"} for i in range(200)]
     api_server.apply(ruleset("n1", pods))
-    size = len(json.dumps(api_server.get("noderulesets", "n1")))
+    size = len(json.dumps(api_server.get("noderulesets", "n1"), separators=(",", ":")))
     c = consumer("n1")
     first = c.next()
     wait_for(lambda: [r for r in api_server.requests if r.path == NRS_PATH and r.query.get("watch")], what="the watch")

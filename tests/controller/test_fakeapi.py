@@ -318,3 +318,101 @@ def test_runs_standalone_and_writes_a_kubeconfig(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+# ---------------------------------------------------------------- stored versions are never changed in place
+def test_merge_patch_leaves_its_inputs_alone_and_shares_what_it_does_not_change():
+    from controller.fakeapi import merge_patch
+
+    target = {"spec": {"a": {"b": 1, "c": [1, 2]}, "keep": {"x": 1}}, "metadata": {"name": "n"}}
+    patch = {"spec": {"a": {"b": 2, "d": None}, "gone": None}}
+    before = json.loads(json.dumps(target)), json.loads(json.dumps(patch))
+    result = merge_patch(target, patch)
+    assert (target, patch) == before  # RFC 7386 result, inputs untouched
+    assert result == {"spec": {"a": {"b": 2, "c": [1, 2]}, "keep": {"x": 1}}, "metadata": {"name": "n"}}
+    assert result["spec"]["keep"] is target["spec"]["keep"] and result["metadata"] is target["metadata"]
+    assert merge_patch({"a": 1}, [1]) == [1] and merge_patch("x", {"a": {"b": None}}) == {"a": {}}
+
+
+def test_replayed_history_shows_each_version_as_it_was_written(k8s, api_server):
+    """Writes share unchanged parts with the version before: a later write must never show
+    through an earlier event, whether it is replayed from the recent events or from the
+    encodings of older ones."""
+    api_server.hot_events = 2  # most of the replay below comes from encodings only
+    co = CustomObjectsApi(k8s)
+    start = api_server.resource_version
+    co.create_cluster_custom_object(GROUP, VERSION, PLURAL, {**nrs("a"), "spec": {**nrs("a")["spec"], "nested": {"v": 0}}})
+    for v in range(1, 6):
+        co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "a", {"spec": {"nested": {"v": v}}})
+    co.patch_cluster_custom_object_status(GROUP, VERSION, PLURAL, "a", {"status": {"appliedHash": "h"}})
+    api_server.apply({**nrs("a"), "spec": {**nrs("a")["spec"], "nested": {"v": 9}}})  # test-side replace
+    events = read_watch(f"{api_server.url}/apis/{GROUP}/{VERSION}/{PLURAL}?watch=1&resourceVersion={start}"
+                        "&timeoutSeconds=1", count=20)
+    assert [e["object"]["spec"]["nested"]["v"] for e in events] == [0, 1, 2, 3, 4, 5, 5, 9]
+    assert [e["type"] for e in events] == ["ADDED"] + ["MODIFIED"] * 7
+    assert [e["object"]["metadata"].get("generation") for e in events] == [1, 2, 3, 4, 5, 6, 6, 7]
+    assert "status" not in events[5]["object"] and events[6]["object"]["status"] == {"appliedHash": "h"}
+    versions = [int(e["object"]["metadata"]["resourceVersion"]) for e in events]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+
+
+def test_test_side_reads_and_writes_are_copies(api_server):
+    mine = nrs("a")
+    api_server.apply(mine)
+    mine["spec"]["x"] = 42  # the caller's dict, changed after the write
+    got = api_server.get(PLURAL, "a")
+    assert got["spec"]["x"] == 0
+    got["spec"]["x"] = 7
+    api_server.list(PLURAL)[0]["spec"]["x"] = 8
+    assert api_server.get(PLURAL, "a")["spec"]["x"] == 0
+
+
+def test_a_failed_json_patch_changes_nothing(k8s, api_server):
+    co = CustomObjectsApi(k8s)
+    co.create_cluster_custom_object(GROUP, VERSION, PLURAL, nrs("a"))
+    rv = api_server.resource_version
+    patch = [{"op": "replace", "path": "/spec/x", "value": 5}, {"op": "test", "path": "/spec/nodeName", "value": "other"}]
+    request = urllib.request.Request(f"{api_server.url}/apis/{GROUP}/{VERSION}/{PLURAL}/a", method="PATCH",
+                                     data=json.dumps(patch).encode(),
+                                     headers={"Content-Type": "application/json-patch+json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 422
+    assert api_server.get(PLURAL, "a")["spec"]["x"] == 0 and api_server.resource_version == rv
+
+
+def test_one_event_reaches_every_watcher_as_its_selectors_see_it(api_server):
+    """The event is encoded once for all watchers; each still gets the type its selector
+    makes of it (MODIFIED, or DELETED for the one the object stops matching)."""
+    api_server.apply(pod("a", labels={"app": "web"}))
+    start = api_server.resource_version
+    base = f"{api_server.url}/api/v1/pods?watch=1&resourceVersion={start}&timeoutSeconds=2"
+    urls = [base, base, f"{base}&labelSelector=app%3Dweb", f"{base}&labelSelector=app%3Ddb",
+            f"{api_server.url}/api/v1/namespaces/other/pods?watch=1&resourceVersion={start}&timeoutSeconds=2"]
+    results: list = [None] * len(urls)
+
+    def read(i: int) -> None:
+        results[i] = read_watch(urls[i], count=5)
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in range(len(urls))]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # the watches are open (and a replay from `start` would catch up anyway)
+    api_server.apply(pod("a", labels={"app": "db"}))
+    api_server.delete("pods", "a", "default")
+    for t in threads:
+        t.join(10)
+    seen = [[(e["type"], e["object"]["metadata"]["labels"]["app"]) for e in events] for events in results]
+    assert seen[0] == seen[1] == [("MODIFIED", "db"), ("DELETED", "db")]
+    assert seen[2] == [("DELETED", "db")]
+    assert seen[3] == [("ADDED", "db"), ("DELETED", "db")]
+    assert seen[4] == []
+
+
+def test_recorded_requests_keep_the_body_as_sent(k8s, api_server):
+    co = CustomObjectsApi(k8s)
+    co.create_cluster_custom_object(GROUP, VERSION, PLURAL, nrs("a"))
+    co.patch_cluster_custom_object(GROUP, VERSION, PLURAL, "a", {"spec": {"x": 3}})
+    post, patch = api_server.writes(f"/apis/{GROUP}/{VERSION}/{PLURAL}")[-2:]
+    assert post.method == "POST" and post.body["metadata"] == {"name": "a"}  # not what the server added
+    assert patch.method == "PATCH" and patch.body == {"spec": {"x": 3}} and patch.status == 200

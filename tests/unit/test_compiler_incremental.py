@@ -121,6 +121,20 @@ operation = st.one_of(
 )
 
 
+def apply(compiler: Compiler, objects: ClusterObjects, op: str, arg) -> set[str]:
+    """One operation on the incremental compiler and on the objects a fresh compile reads."""
+    if op == "upsert":
+        obj = parse_object(arg)
+        objects.add(obj)
+        return compiler.upsert(obj)
+    kind, ns, name = arg
+    key = name if kind in ("Namespace", "Node", "ClusterNetworkPolicy") else f"{ns}/{name}"
+    store = {"Pod": objects.pods, "NetworkPolicy": objects.policies, "Namespace": objects.namespaces,
+             "Node": objects.nodes, "ClusterNetworkPolicy": objects.cluster_policies}[kind]
+    store.pop(key, None)
+    return compiler.delete(kind, key)
+
+
 @settings(max_examples=int(os.environ.get("NETFENCE_HYPOTHESIS_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(operation, min_size=1, max_size=25))
 def test_incremental_equals_fresh_compile(operations):
@@ -128,17 +142,7 @@ def test_incremental_equals_fresh_compile(operations):
     objects = ClusterObjects()
     for op, arg in operations:
         before = dump(compiler.all_specs())
-        if op == "upsert":
-            obj = parse_object(arg)
-            affected = compiler.upsert(obj)
-            objects.add(obj)
-        else:
-            kind, ns, name = arg
-            key = name if kind in ("Namespace", "Node", "ClusterNetworkPolicy") else f"{ns}/{name}"
-            affected = compiler.delete(kind, key)
-            store = {"Pod": objects.pods, "NetworkPolicy": objects.policies, "Namespace": objects.namespaces,
-                     "Node": objects.nodes, "ClusterNetworkPolicy": objects.cluster_policies}[kind]
-            store.pop(key, None)
+        affected = apply(compiler, objects, op, arg)
         after = dump(compiler.all_specs())
         fresh = Compiler(objects)
         assert after == dump(fresh.all_specs())
@@ -147,19 +151,22 @@ def test_incremental_equals_fresh_compile(operations):
         assert {n for n in after if after[n] != before.get(n)} <= affected
 
 
+# web on n1, db on n2, and a policy letting web reach db: n2's rules name web's group.
+WEB_DB = [
+    {"kind": "Pod", "metadata": {"namespace": "a", "name": "web", "labels": {"app": "web"}},
+     "spec": {"nodeName": "n1"}, "status": {"podIP": "10.0.0.1"}},
+    {"kind": "Pod", "metadata": {"namespace": "a", "name": "db", "labels": {"app": "db"}},
+     "spec": {"nodeName": "n2"}, "status": {"podIP": "10.0.0.2"}},
+    {"kind": "NetworkPolicy", "metadata": {"namespace": "a", "name": "db"},
+     "spec": {"podSelector": {"matchLabels": {"app": "db"}},
+              "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]}},
+]
+
+
 def test_upsert_reports_exactly_the_nodes_whose_spec_changed():
     base = ClusterObjects()
-    for d in [
-        {"kind": "Pod", "metadata": {"namespace": "a", "name": "web", "labels": {"app": "web"}},
-         "spec": {"nodeName": "n1"}, "status": {"podIP": "10.0.0.1"}},
-        {"kind": "Pod", "metadata": {"namespace": "a", "name": "db", "labels": {"app": "db"}},
-         "spec": {"nodeName": "n2"}, "status": {"podIP": "10.0.0.2"}},
-        {"kind": "Pod", "metadata": {"namespace": "a", "name": "other", "labels": {"app": "other"}},
-         "spec": {"nodeName": "n3"}, "status": {"podIP": "10.0.0.3"}},
-        {"kind": "NetworkPolicy", "metadata": {"namespace": "a", "name": "db"},
-         "spec": {"podSelector": {"matchLabels": {"app": "db"}},
-                  "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "web"}}}]}]}},
-    ]:
+    for d in WEB_DB + [{"kind": "Pod", "metadata": {"namespace": "a", "name": "other", "labels": {"app": "other"}},
+                        "spec": {"nodeName": "n3"}, "status": {"podIP": "10.0.0.3"}}]:
         base.add(parse_object(d))
     compiler = Compiler(base)
     before = compiler.all_specs()
@@ -218,3 +225,56 @@ def test_cluster_network_policy_subjects_follow_namespace_pod_and_node_labels():
     assert "n1" in _step(compiler, objects, {**node_doc, "metadata": {"name": "n1", "labels": {"zone": "y"}}})
     (group,) = [g for g in compiler.all_specs()["n1"].peerGroups if "nodes" in g.selector]
     assert group.cidrs == []
+
+
+def _groups(compiler: Compiler) -> dict[str, dict]:
+    return {name: compiler.group(name).model_dump(mode="json") for name in compiler.group_names()}
+
+
+@settings(max_examples=int(os.environ.get("NETFENCE_HYPOTHESIS_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(operation, min_size=1, max_size=25))
+def test_changed_groups_name_every_group_whose_content_changed(operations):
+    """take_changed_groups() names every group whose content differs from the last time it was
+    taken (created and removed ones too); group() equals a compile from scratch and is the very
+    object the node specs hold."""
+    compiler = Compiler()
+    objects = ClusterObjects()
+    known: dict[str, dict] = {}
+    for i, (op, arg) in enumerate(operations):
+        apply(compiler, objects, op, arg)
+        if i % 2:  # node specs built in between, or not
+            compiler.all_specs()
+        changed = compiler.take_changed_groups()
+        now = _groups(compiler)
+        assert {n for n in known.keys() | now.keys() if known.get(n) != now.get(n)} <= changed
+        fresh = Compiler(objects)
+        assert now == _groups(fresh)
+        for spec in compiler.all_specs().values():
+            for group in spec.peerGroups + spec.peerPortGroups:
+                assert compiler.group(group.name) is group
+        assert compiler.take_changed_groups() == set()  # building specs changes no group
+        known = now
+
+
+def test_group_member_change_keeps_the_pods_list_of_nodes_that_only_name_the_group():
+    docs = WEB_DB
+    compiler = Compiler()
+    for d in docs:
+        compiler.upsert(parse_object(d))
+    n2 = compiler.node_spec("n2")
+    (group,) = n2.peerGroups
+    compiler.take_changed_groups()
+    # A second web pod, on n1: the group of n2's rule gains a member; n2's own pods do not change.
+    affected = compiler.upsert(parse_object({**docs[0], "metadata": {**docs[0]["metadata"], "name": "web2"},
+                                             "status": {"podIP": "10.0.0.3"}}))
+    assert affected == {"n1", "n2"}  # as before: the nodes whose specs changed
+    assert compiler.take_changed_groups() == {group.name}
+    after = compiler.node_spec("n2")
+    assert after.pods is n2.pods  # the same list object: the publisher's and agent's fast path
+    assert after.peerGroups[0].cidrs == ["10.0.0.1/32", "10.0.0.3/32"] and group.cidrs == ["10.0.0.1/32"]
+    assert compiler.group(group.name) is after.peerGroups[0]
+    # The pod on n2 itself changes: a new pods list, the old one untouched.
+    compiler.upsert(parse_object({**docs[1], "status": {"podIP": "10.0.0.9"}}))
+    again = compiler.node_spec("n2")
+    assert again.pods is not n2.pods and again.pods[0].ips == ["10.0.0.9"] and n2.pods[0].ips == ["10.0.0.2"]
+    assert compiler.take_changed_groups() == set()  # db is in no group

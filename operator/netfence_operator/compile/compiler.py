@@ -14,7 +14,9 @@ elements only, never the structure of the rules that use it.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
+import socket
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -49,6 +51,9 @@ DIRECTIONS = ("ingress", "egress")
 TIER_FIELDS = tuple((tier, direction) for tier in ("Admin", "Baseline") for direction in DIRECTIONS)
 _ISOLATION = {(i, e): Isolation(ingress=i, egress=e) for i in (False, True) for e in (False, True)}
 _POLICY_TYPE = {"ingress": "Ingress", "egress": "Egress"}
+_POLICED_BASE_FIELDS = ("namespace", "name", "uid", "ips", "isolation", "ingressPolicies", "egressPolicies",
+                        "ingress", "egress")
+_POLICED_FIELDS: dict[tuple[str, ...], set[str]] = {}  # model_fields_set of PolicedPods, by tier fields
 
 
 # --------------------------------------------------------------------------- group definitions
@@ -168,8 +173,16 @@ def ipblock_networks(block: IPBlock) -> list:
 
 
 def _address_key(text: str) -> tuple[int, int]:
-    address = ipaddress.ip_address(text)
-    return address.version, int(address)
+    """(version, value) of an address in canonical spelling (pod IPs are validated so)."""
+    try:
+        return 4, int.from_bytes(socket.inet_pton(socket.AF_INET, text), "big")
+    except OSError:
+        pass
+    try:
+        return 6, int.from_bytes(socket.inet_pton(socket.AF_INET6, text), "big")
+    except OSError:
+        address = ipaddress.ip_address(text)  # anything else ip_address reads
+        return address.version, int(address)
 
 
 def merge_addresses(pod_ips: list[str], blocks: list) -> list[str]:
@@ -253,12 +266,77 @@ def cnp_owner(name: str) -> str:
 @dataclass
 class _GroupState:
     definition: GroupDef
-    members: frozenset[str] = frozenset()  # pod keys matched by the selectors
+    members: set[str] = field(default_factory=set)  # pod keys matched by the selectors (updated in place)
     # (node name, its addresses) of the nodes the node selectors match
     node_members: frozenset[tuple[str, tuple[str, ...]]] = frozenset()
     nodes: set[str] = field(default_factory=set)  # nodes whose spec names this group
     published: PeerGroup | PeerPortGroup | None = None  # cache, dropped when members change
     owners: set[str] = field(default_factory=set)  # policies whose rules name this group
+    # The sorted "ip/len" CIDRs of the members, kept up to date member by member (None: to be
+    # built from the members). Only for groups of pods alone (no ipBlock, nodes or ports).
+    addresses: "_Addresses | None" = None
+
+    @property
+    def pods_only(self) -> bool:
+        d = self.definition
+        return not (d.blocks or d.node_selectors or d.port_names)
+
+
+class _Addresses:
+    """A group's pod addresses as the sorted, de-duplicated CIDR list merge_addresses gives
+    for pod IPs alone, updated per pod instead of rebuilt: (version, value) keys and their
+    texts in two parallel sorted lists, and how many members hold each address."""
+
+    __slots__ = ("keys", "texts", "counts")
+
+    def __init__(self, ips) -> None:
+        self.counts: dict[str, int] = {}
+        for ip in ips:
+            self.counts[ip] = self.counts.get(ip, 0) + 1
+        items = sorted((_address_key(ip), ip) for ip in self.counts)
+        self.keys = [k for k, _ in items]
+        self.texts = [_cidr_text(k[0], ip) for k, ip in items]
+
+    def add(self, ip: str) -> None:
+        n = self.counts.get(ip, 0)
+        self.counts[ip] = n + 1
+        if n == 0:
+            key = _address_key(ip)
+            i = bisect.bisect_left(self.keys, key)
+            self.keys.insert(i, key)
+            self.texts.insert(i, _cidr_text(key[0], ip))
+
+    def remove(self, ip: str) -> None:
+        n = self.counts.pop(ip)
+        if n > 1:
+            self.counts[ip] = n - 1
+            return
+        i = bisect.bisect_left(self.keys, _address_key(ip))
+        del self.keys[i]
+        del self.texts[i]
+
+
+def _cidr_text(version: int, ip: str) -> str:
+    return f"{ip}/{32 if version == 4 else 128}"
+
+
+@dataclass(eq=False)
+class _NodeCache:
+    """What a node's spec is made of, kept between builds and updated pod by pod.
+
+    `pods` and the two group lists are handed out in specs and never changed in place: a new
+    list replaces one whose content changes, so an unchanged list keeps its identity."""
+
+    keys: list[str] = field(default_factory=list)  # sorted keys of the node's policed pods
+    pods: list[PolicedPod] = field(default_factory=list)  # their PolicedPods, same order
+    refs: dict[str, int] = field(default_factory=dict)  # group name -> pods whose rules name it
+    group_names: list[str] = field(default_factory=list)
+    port_group_names: list[str] = field(default_factory=list)
+    peer_groups: list | None = None  # None: to be built from the names
+    port_groups: list | None = None
+    stale: bool = True  # rebuild everything
+    pending: set[str] = field(default_factory=set)  # pods whose rules may have changed
+    changed_groups: set[str] = field(default_factory=set)  # groups whose content changed
 
 
 class Compiler:
@@ -300,8 +378,9 @@ class Compiler:
         self._policy_groups: dict[str, list[str]] = {}
         self._policed: dict[str, PolicedPod | None] = {}  # cache of each pod's rules
         self._specs: dict[str, NodeRuleSetSpec] = {}  # cache of node specs
-        # cache of each node's pods and the groups they name, kept when only group members change
-        self._node_pods: dict[str, tuple[list[PolicedPod], list[str], list[str]]] = {}
+        # each node's pods and the groups they name, updated pod by pod (see _build_spec)
+        self._node_pods: dict[str, _NodeCache] = {}
+        self._changed_groups: set[str] = set()  # see take_changed_groups
         self._problems: dict[str, list[str]] = {}  # cache of problems() per policy
         # ClusterNetworkPolicies: they select pods of any namespace, so a change to one
         # recompiles every pod; pods selected by the same ones still share their rules.
@@ -358,7 +437,9 @@ class Compiler:
             return self._upsert_namespace(Namespace.implicit(key), drop=True)
         if kind == "Node":
             self._specs.pop(key, None)
-            self._node_pods.pop(key, None)
+            cache = self._node_pods.pop(key, None)
+            if cache is not None:
+                self._unname_groups(key, cache.refs)
             self._problems.clear()
             if self.nodes.pop(key, None) is None:
                 return set()
@@ -390,6 +471,29 @@ class Compiler:
 
     def pods_selected_by(self, policy_key: str) -> list[str]:
         return sorted(self._selected_by(policy_key))
+
+    def take_changed_groups(self) -> set[str]:
+        """Names of the peer groups (PeerGroup and PeerPortGroup) whose content may differ from
+        what `group(name)` gave when this was last called: their members, the members'
+        addresses or named ports changed, or the group was created or removed (then `group`
+        returns None). Clears the set. upsert/delete report nodes as before; this is for a
+        publisher that keeps groups apart from node specs and need not rebuild those."""
+        taken, self._changed_groups = self._changed_groups, set()
+        return taken
+
+    def group(self, name: str) -> PeerGroup | PeerPortGroup | None:
+        """The current content of a peer group, the same object as the node specs that name
+        it hold (and the same object again while it does not change); None if no policy
+        names it any longer."""
+        state = self._groups.get(name)
+        if state is None:
+            return None
+        d = state.definition
+        return self._peer_port_group(d) if d.port_names else self._peer_group(d)
+
+    def group_names(self) -> set[str]:
+        """Names of every peer group some policy's rules name."""
+        return set(self._groups)
 
     # ------------------------------------------------------------------ pods
     @staticmethod
@@ -440,7 +544,7 @@ class Compiler:
         self._policed.pop(key, None)
         affected = {p.spec.nodeName for p in (old, new) if p is not None and p.spec.nodeName}
         for node in affected:
-            self._node_pods.pop(node, None)
+            self._pod_pending(node, key)
         for p in (old, new):
             if p is not None:  # its selection, hence ingress named ports, may have changed
                 for policy_key in self._policies_by_ns.get(p.metadata.namespace, ()):
@@ -456,9 +560,20 @@ class Compiler:
             matched = new is not None and self._live(new) and state.definition.matches_pod(new, self._ns(new))
             was = key in state.members
             if matched != was:
-                state.members = state.members | {key} if matched else state.members - {key}
+                if matched:
+                    state.members.add(key)
+                else:
+                    state.members.discard(key)
             elif not (matched and (old is None or old.ips != new.ips or old.spec.containers != new.spec.containers)):
                 continue
+            addresses = state.addresses
+            if addresses is not None:
+                if was:
+                    for ip in old.ips:
+                        addresses.remove(ip)
+                if matched:
+                    for ip in new.ips:
+                        addresses.add(ip)
             affected |= self._group_changed(state)
         for node in affected:
             self._specs.pop(node, None)
@@ -469,6 +584,12 @@ class Compiler:
         state.published = None
         for policy_key in state.owners:
             self._problems.pop(policy_key, None)
+        name = state.definition.name
+        self._changed_groups.add(name)
+        for node in state.nodes:
+            cache = self._node_pods.get(node)
+            if cache is not None:
+                cache.changed_groups.add(name)
         return state.nodes
 
     def _candidate_groups(self, pod: Pod | None) -> set[str]:
@@ -484,8 +605,13 @@ class Compiler:
         return out
 
     def _register_group(self, d: GroupDef) -> None:
-        self._groups[d.name] = _GroupState(d, members=self._compute_members(d),
-                                           node_members=self._compute_node_members(d))
+        state = self._groups[d.name] = _GroupState(d, members=set(self._compute_members(d)),
+                                                   node_members=self._compute_node_members(d))
+        self._changed_groups.add(d.name)
+        # Node caches may still count pods (to be refreshed) whose rules name a group of this name.
+        state.nodes.update(node for node, cache in self._node_pods.items() if d.name in cache.refs)
+        for node in state.nodes:
+            self._node_pods[node].changed_groups.add(d.name)
         if d.node_selectors:
             self._node_groups.add(d.name)
         if d.any_peer or d.blocks and d.port_names or any(s.namespace_selector is not None for s in d.selectors):
@@ -496,6 +622,7 @@ class Compiler:
 
     def _unregister_group(self, name: str) -> None:
         state = self._groups.pop(name)
+        self._changed_groups.add(name)
         self._groups_open.discard(name)
         self._node_groups.discard(name)
         for s in state.definition.selectors:
@@ -524,7 +651,8 @@ class Compiler:
                 continue
             members = self._compute_members(state.definition)
             if members != state.members:
-                state.members = members
+                state.members = set(members)
+                state.addresses = None
                 affected |= self._group_changed(state)
         for node in affected:
             self._specs.pop(node, None)
@@ -644,7 +772,8 @@ class Compiler:
         self._cnps_by_namespace.clear()
         self._policed.clear()
         self._shapes.clear()
-        self._node_pods.clear()
+        for cache in self._node_pods.values():
+            cache.stale = True
         self._specs.clear()
         return self.node_names()
 
@@ -749,9 +878,9 @@ class Compiler:
             node = self.pods[key].spec.nodeName
             if node:
                 affected.add(node)
+                self._pod_pending(node, key)
         for node in affected:
             self._specs.pop(node, None)
-            self._node_pods.pop(node, None)
         return affected
 
     def _policy_rules(self, policy: NetworkPolicy):
@@ -834,6 +963,11 @@ class Compiler:
 
     def _peer_group(self, d: GroupDef) -> PeerGroup:
         state = self._groups[d.name]
+        if state.published is None and state.pods_only:
+            if state.addresses is None:
+                state.addresses = _Addresses(ip for key in state.members for ip in self.pods[key].ips)
+            state.published = PeerGroup.model_construct(name=d.name, selector=d.describe(),
+                                                        cidrs=list(state.addresses.texts))
         if state.published is None:
             blocks = [net for block in d.blocks for net in block.networks()]
             addresses = [ip for key in state.members for ip in self.pods[key].ips]
@@ -884,7 +1018,11 @@ class Compiler:
         if shape is None:
             shape = shapes[(selecting, cnps, named)] = self._compile_shape(pod, selecting, cnps)
         isolation, ingress_policies, egress_policies, ingress, egress, tiers = shape
+        fields_set = _POLICED_FIELDS.get(tuple(tiers))
+        if fields_set is None:  # one set per combination of tiers, shared (~700 bytes a pod)
+            fields_set = _POLICED_FIELDS[tuple(tiers)] = set(_POLICED_BASE_FIELDS) | set(tiers)
         return PolicedPod.model_construct(
+            _fields_set=fields_set,
             namespace=ns,
             name=pod.metadata.name,
             uid=pod.metadata.uid,
@@ -993,30 +1131,127 @@ class Compiler:
         return out
 
     # ------------------------------------------------------------------ node specs
-    def _build_spec(self, node: str) -> NodeRuleSetSpec:
-        cached = self._node_pods.get(node)
-        if cached is None:
-            pods = []
+    def _pod_pending(self, node: str, key: str) -> None:
+        """The pod's rules (or whether it is on this node at all) may have changed."""
+        cache = self._node_pods.get(node)
+        if cache is not None and not cache.stale:
+            cache.pending.add(key)
+
+    def _unname_groups(self, node: str, names) -> None:
+        for name in names:
+            state = self._groups.get(name)
+            if state is not None:
+                state.nodes.discard(node)
+
+    @staticmethod
+    def _rule_groups(pod: PolicedPod) -> set[str]:
+        """Names of the groups (peer and peer-port) a pod's rules name."""
+        names = set()
+        for rules in (pod.ingress, pod.egress, pod.adminIngress, pod.adminEgress, pod.baselineIngress,
+                      pod.baselineEgress):
+            for rule in rules or ():
+                if rule.peers is not None:
+                    names.add(rule.peers)
+                if rule.peerPorts is not None:
+                    names.add(rule.peerPorts)
+        return names
+
+    def _count_groups(self, node: str, cache: _NodeCache, pod: PolicedPod, step: int) -> bool:
+        """Add (step 1) or take away (-1) a pod's group references; True if the set of names changed."""
+        refs, changed = cache.refs, False
+        for name in self._rule_groups(pod):
+            n = refs.get(name, 0) + step
+            if n > 0:
+                refs[name] = n
+                if step > 0:
+                    self._groups[name].nodes.add(node)
+                    changed = changed or n == 1
+            else:
+                del refs[name]
+                self._unname_groups(node, (name,))
+                changed = True
+        return changed
+
+    def _refresh_node_pods(self, node: str, cache: _NodeCache) -> bool:
+        """Bring the node's pods up to date; True if the names of the groups they name changed."""
+        if cache.stale or len(cache.pending) > max(8, len(cache.keys) // 4):
+            old_refs = cache.refs
+            keys, pods = [], []
             for key in sorted(self._pods_by_node.get(node, ())):
                 policed = self._policed_pod(key)
                 if policed is not None:
+                    keys.append(key)
                     pods.append(policed)
-            rules = [rule for pod in pods for rule in pod.ingress + pod.egress]
-            rules += [rule for pod in pods for tier, direction in TIER_FIELDS for rule in pod.tier_rules(tier, direction)]
-            group_names = sorted({r.peers for r in rules if r.peers is not None})
-            port_group_names = sorted({r.peerPorts for r in rules if r.peerPorts is not None})
-            # Which groups a node names changes only with its pods: kept for group-only changes.
-            cached = self._node_pods[node] = (pods, group_names, port_group_names)
-            for state in self._groups.values():
-                state.nodes.discard(node)
-            for name in group_names + port_group_names:
+            refs: dict[str, int] = {}
+            for pod in pods:
+                for name in self._rule_groups(pod):
+                    refs[name] = refs.get(name, 0) + 1
+            self._unname_groups(node, [n for n in old_refs if n not in refs])
+            for name in refs:
                 self._groups[name].nodes.add(node)
-        pods, group_names, port_group_names = cached
+            if len(pods) != len(cache.pods) or any(a is not b for a, b in zip(pods, cache.pods)):
+                cache.pods = pods  # else the same list: nothing in it changed
+            cache.keys, cache.refs, cache.stale = keys, refs, False
+            cache.pending.clear()
+            return refs.keys() != old_refs.keys()
+        names_changed = False
+        keys, pods = cache.keys, cache.pods
+        copied = False
+        on_node = self._pods_by_node.get(node, ())
+        for key in sorted(cache.pending):
+            i = bisect.bisect_left(keys, key)
+            present = i < len(keys) and keys[i] == key
+            policed = self._policed_pod(key) if key in on_node else None
+            if present and policed is pods[i]:
+                continue
+            if not copied:
+                keys, pods, copied = list(keys), list(pods), True
+            if present:
+                names_changed |= self._count_groups(node, cache, pods[i], -1)
+                if policed is not None:
+                    pods[i] = policed
+                else:
+                    del keys[i], pods[i]
+            elif policed is not None:
+                keys.insert(i, key)
+                pods.insert(i, policed)
+            if policed is not None:
+                names_changed |= self._count_groups(node, cache, policed, 1)
+        cache.pending.clear()
+        if copied:
+            cache.keys, cache.pods = keys, pods
+        return names_changed
+
+    def _build_spec(self, node: str) -> NodeRuleSetSpec:
+        cache = self._node_pods.get(node)
+        if cache is None:
+            cache = self._node_pods[node] = _NodeCache()
+        if self._refresh_node_pods(node, cache) or cache.peer_groups is None:
+            # Which groups a node names changes only with its pods.
+            cache.group_names = sorted(n for n in cache.refs if not self._groups[n].definition.port_names)
+            cache.port_group_names = sorted(n for n in cache.refs if self._groups[n].definition.port_names)
+            cache.peer_groups = [self._peer_group(self._groups[n].definition) for n in cache.group_names]
+            cache.port_groups = [self._peer_port_group(self._groups[n].definition) for n in cache.port_group_names]
+        elif cache.changed_groups:
+            peer_groups = port_groups = None
+            for name in cache.changed_groups:
+                state = self._groups.get(name)
+                if state is None or name not in cache.refs:
+                    continue
+                if state.definition.port_names:
+                    port_groups = list(cache.port_groups) if port_groups is None else port_groups
+                    port_groups[bisect.bisect_left(cache.port_group_names, name)] = self._peer_port_group(state.definition)
+                else:
+                    peer_groups = list(cache.peer_groups) if peer_groups is None else peer_groups
+                    peer_groups[bisect.bisect_left(cache.group_names, name)] = self._peer_group(state.definition)
+            cache.peer_groups = cache.peer_groups if peer_groups is None else peer_groups
+            cache.port_groups = cache.port_groups if port_groups is None else port_groups
+        cache.changed_groups.clear()
         return NodeRuleSetSpec.model_construct(
             nodeName=node,
-            pods=pods,
-            peerGroups=[self._peer_group(self._groups[n].definition) for n in group_names],
-            peerPortGroups=[self._peer_port_group(self._groups[n].definition) for n in port_group_names],
+            pods=cache.pods,
+            peerGroups=cache.peer_groups,
+            peerPortGroups=cache.port_groups,
         )
 
     # ------------------------------------------------------------------ problems

@@ -660,6 +660,57 @@ def parse_object(doc: dict[str, Any], source: str = "<input>") -> BaseModel:
         raise InputError(problems) from None
 
 
+class Interner:
+    """Makes pods that hold equal parts share them, for a process that keeps many pods.
+
+    A Pod parsed from the API is ~3.8 KB of pydantic objects, most of them the same for every
+    replica of a workload on a node: the spec (node, containers, ports) and the labels. Models
+    are frozen and nothing changes a label dict in place, so pods may share equal ones; the
+    field-set bookkeeping (`model_fields_set`, never changed on a frozen model) is shared by
+    models that set the same fields. That leaves ~1 KB per pod. The tables are bounded: when
+    they grow past `limit` entries they start again (what is shared stays shared).
+    """
+
+    def __init__(self, limit: int = 50_000) -> None:
+        self.limit = limit
+        self._specs: dict[tuple, PodSpec] = {}
+        self._labels: dict[tuple, dict[str, str]] = {}
+        self._field_sets: dict[tuple, set[str]] = {}
+
+    def pod(self, pod: "Pod") -> "Pod":
+        if len(self._specs) + len(self._labels) > self.limit:
+            self._specs.clear()
+            self._labels.clear()
+        spec = pod.spec
+        key = (spec.nodeName, spec.hostNetwork, tuple(
+            (c.name, None if c.ports is None else tuple((p.containerPort, p.name, p.protocol) for p in c.ports))
+            for c in spec.containers))
+        # Frozen models refuse setattr; their field values live in __dict__ like any other.
+        pod.__dict__["spec"] = self._specs.setdefault(key, spec)
+        metadata = pod.metadata
+        labels = metadata.labels
+        metadata.__dict__["labels"] = self._labels.setdefault(tuple(labels.items()), labels)
+        for model in (pod, metadata, pod.status):
+            self._share_field_set(model)
+        return pod
+
+    def _share_field_set(self, model: BaseModel) -> None:
+        fields = model.__pydantic_fields_set__
+        key = (type(model), *sorted(fields))
+        shared = self._field_sets.get(key)
+        if shared is None:
+            shared = self._field_sets[key] = fields
+        object.__setattr__(model, "__pydantic_fields_set__", shared)
+
+    def field_set(self, model_type: type, fields) -> set[str]:
+        """One set per model type and field names, for `model_construct(_fields_set=...)`."""
+        key = (model_type, *sorted(fields))
+        shared = self._field_sets.get(key)
+        if shared is None:
+            shared = self._field_sets[key] = set(fields)
+        return shared
+
+
 @dataclass
 class ClusterObjects:
     """Everything the compiler reads, keyed the way the API keys it."""
