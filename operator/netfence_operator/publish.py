@@ -154,6 +154,8 @@ class Publisher:
     node_groups: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> groups it reads from slices
     node_sizes: dict[str, int] = field(default_factory=dict)  # node -> bytes of its rule data, groups inline
     inline: bool | None = None  # the cluster's layout: groups inline in the NodeRuleSets, or in slices
+    _changed_groups: set[str] = field(default_factory=set)  # members changed since their slices were looked at
+    _unwritten: set[str] = field(default_factory=set)  # groups whose slices did not all get through
     _written_groups: dict[str, Any] = field(default_factory=dict)  # group -> the model whose slices the API holds
     # (plural, name) -> (content hash, refusal) of an object the API refused; not sent again unchanged
     refused_objects: dict[tuple[str, str], tuple[str, Any]] = field(default_factory=dict)
@@ -306,11 +308,34 @@ class Publisher:
                 self.node_sizes.pop(node, None)
         return plans
 
+    def _groups_to_write(self, plans: dict[str, NodeObjects | None]) -> dict[str, Any]:
+        """The groups whose slices may need writing: those the planned nodes name that were never
+        written whole, and those the compiler says changed (or whose last write failed) that some
+        node uses. Not every group of every planned node: a member change marks every node that
+        names the group dirty, and each names hundreds of groups at scale."""
+        compiler = self.state.compiler
+        names: set[str] = set()
+        for objects in plans.values():
+            if objects is not None:
+                names |= objects.group_names - self._written_groups.keys()
+        moved = self._changed_groups | self._unwritten
+        if moved:
+            used = set().union(*self.node_groups.values()) if self.node_groups else set()
+            names |= moved & used
+        self._changed_groups = set()
+        out = {}
+        for name in names:
+            group = compiler.group(name)
+            if group is not None and self._written_groups.get(name) is not group:
+                out[name] = group
+        return out
+
     async def _publish(self, dirty: set[str]) -> bool:
         """Write what the dirty nodes' specs need, referenced objects first: group slices, then
         NodeRuleSets; delete what nothing references any more last. A node whose objects did not
         all get through keeps its last NodeRuleSet (and so its last rules)."""
         names = self.state.compiler.node_names()
+        self._changed_groups |= self.state.compiler.take_changed_groups()  # every round: else it piles up
         plans = self._plan(dirty, names)
         inline = groups_inline(sum(self.node_sizes.get(n, 0) for n in names), self.splitter.bounds)
         if inline != self.inline:
@@ -337,8 +362,9 @@ class Publisher:
         # Slices of groups not exactly as last written whole (most of a node's groups did not
         # move): those the API does not hold at all first, as the NodeRuleSets below may name
         # them; those it holds (members changed) together with the NodeRuleSets.
-        groups = {} if inline else {g.name: g for objects in plans.values() if objects is not None
-                                    for g in objects.groups if self._written_groups.get(g.name) is not g}
+        groups = {} if inline else self._groups_to_write(plans)
+        if inline:
+            self._changed_groups, self._unwritten = set(), set()
         group_objects = {name: self.splitter.group_objects(g) for name, g in groups.items()}
         new_groups = [name for name in group_objects if not self._owned.get((GROUP_SLICE_PLURAL, name))]
         whole_groups: set[str] = set()
@@ -369,6 +395,7 @@ class Publisher:
         settle_groups(old_groups, group_results)
         for name in whole_groups:
             self._written_groups[name] = groups[name]
+        self._unwritten = (self._unwritten | set(groups)) - whole_groups
         for node, outcome in ruleset_results.items():
             if outcome == "failed":
                 failed.add(node)
