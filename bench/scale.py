@@ -11,10 +11,11 @@ renders and plans against a kernel double. node-0 holds --local-pods pods (kubel
 maximum, 110); the rest of the cluster is spread over the other nodes (by default as many as
 kubelet's maximum asks for: pods / 110 + 1).
 
-Events, each on a pod of node-0, --events of each kind:
+Events on pods of node-0 and of node-1, --events of each kind on each:
   birth   a new pod (new IP, labels drawn like the others)
   ip      an existing pod gets a new IP (a restart elsewhere, same name)
   relabel an existing pod's app label changes
+  delete  a pod goes (births and deletions keep each node at its kubelet's pod count)
 Per event: bytes the controller wrote to the API (request bodies, compact JSON) and objects
 written; controller time (ClusterState.observe + one publish round with its HTTP writes); bytes
 each agent received (watch events and listings, as sent); the local agent's time from the event's
@@ -53,12 +54,13 @@ import kubernetes  # noqa: E402
 
 from bench_machine import machine  # noqa: E402
 from compile import APPS, add_cluster_arguments, synthetic_documents  # noqa: E402
+from agent.test_periodic_full_sync import RecordingKernel  # noqa: E402 - the remote agent's kernel: takes everything
 from controller.fakeapi import kubeconfig_for  # noqa: E402
 from netfence_api.runtime import freeze_heap, tune_gc  # noqa: E402
 from netfence_agent.apisource import ApiRuleSetSource  # noqa: E402
 from netfence_agent.daemon import Agent, AgentConfig  # noqa: E402
 from netfence_agent.netns import executor_in  # noqa: E402
-from netfence_agent.nft.kernel import OWNED_TABLES, Kernel  # noqa: E402
+from netfence_agent.nft.kernel import Kernel  # noqa: E402
 from netfence_agent.render import PodPort  # noqa: E402
 from netfence_operator.kube import KubeApi  # noqa: E402
 from netfence_operator.metrics import ControllerMetrics  # noqa: E402
@@ -99,6 +101,10 @@ class CountingKubeApi(KubeApi):
         self._count(patch)
         return super().patch_object(plural, name, patch)
 
+    def json_patch_object(self, plural, name, operations):
+        self._count(operations)
+        return super().json_patch_object(plural, name, operations)
+
     def delete_object(self, plural, name):
         self._count({})
         return super().delete_object(plural, name)
@@ -119,25 +125,6 @@ class KernelIn:
     def __getattr__(self, name):
         method = getattr(self.kernel, name)
         return lambda *a, **kw: self.executor.submit(method, *a, **kw).result()
-
-
-class NullKernel:
-    """The remote agent's kernel: it takes every transaction (its figure is bytes, not time)."""
-
-    def tables(self):
-        return set(OWNED_TABLES)
-
-    def inventory(self, keys=OWNED_TABLES):
-        return {}
-
-    def counters(self):
-        return {}
-
-    def set_elements(self, family, table, names):
-        return {}
-
-    def apply(self, transaction) -> None:
-        pass
 
 
 def cluster_documents(args, local: list[dict], remote: list[dict]):
@@ -243,7 +230,11 @@ def event_bodies(local: list[dict], args, rnd: random.Random, node: int = 0):
     pods = list(local)
     net = f"10.{100 + node}"
     for i in range(args.events):
-        for kind in ("birth", "ip", "relabel"):
+        for kind in ("birth", "ip", "relabel", "delete"):
+            if kind == "delete":
+                body = pods.pop(rnd.randrange(len(pods)))
+                yield kind, body
+                continue
             if kind == "birth":
                 born += 1
                 body = json.loads(json.dumps(rnd.choice(local)))
@@ -281,7 +272,7 @@ def agent_main(node: str, kubeconfig: str, netns: str, workdir: str) -> int:
             ports = {ip: PodPort(f"veth{j:08x}", f"02:42:0a:{j >> 16 & 255:02x}:{j >> 8 & 255:02x}:{j & 255:02x}", 100 + j)
                      for j, ip in enumerate(command["ips"])}
             agent, source, outcomes = start_agent(node, kubeconfig, workdir,
-                                                  KernelIn(executor) if executor else NullKernel(), ports)
+                                                  KernelIn(executor) if executor else RecordingKernel(), ports)
         wait_applied(agent, command["want"], 600)
         quiet([source], 0.3 if "ips" in command else 0.05)
         assembling = sum(source.assembled_in)
@@ -423,9 +414,13 @@ async def run(args, kubeconfig: str, netns: str, workdir: str) -> int:
     publisher._publish = timed_publish  # type: ignore[method-assign]
     rows: dict[str, dict[str, list[float]]] = {}
     own, elsewhere = event_bodies(local, args, rnd, 0), event_bodies(remote, args, rnd, 1)
-    events = [(f"{kind} of a pod of {LOCAL}", body) for kind, body in own]
-    events += [(f"{kind} of a pod of {REMOTE}", body) for kind, body in elsewhere]
-    rnd.shuffle(events)
+    # The two nodes' events interleaved at random, each node's in the order they were made (a pod
+    # is born before it changes, and changes before it is deleted).
+    queues = [[(f"{kind} of a pod of {LOCAL}", body) for kind, body in own][::-1],
+              [(f"{kind} of a pod of {REMOTE}", body) for kind, body in elsewhere][::-1]]
+    events = []
+    while any(queues):
+        events.append(rnd.choice([q for q in queues if q]).pop())
     for kind, body in events:
         w0, o0 = api.bytes_written, api.objects_written
         published_at.clear()
@@ -433,7 +428,10 @@ async def run(args, kubeconfig: str, netns: str, workdir: str) -> int:
         for process in agents.values():  # agents run on other machines: not on the controller's 2 CPUs
             process.process.send_signal(signal.SIGSTOP)
         cpu0, t0 = time.process_time(), time.perf_counter()
-        state.observe("Pod", body)
+        if kind.startswith("delete"):
+            state.forget("Pod", body)
+        else:
+            state.observe("Pod", body)
         assert await publisher._round(), "a publish round failed"
         controller_s = (published_at[0] if published_at else time.perf_counter()) - t0  # no node changed: nothing to write
         controller_cpu = (published_cpu[0] if published_cpu else time.process_time()) - cpu0
@@ -479,7 +477,7 @@ async def run(args, kubeconfig: str, netns: str, workdir: str) -> int:
           f"{start_bytes[0] / kb / kb:.1f} MiB, {REMOTE} {start_bytes[1] / kb / kb:.1f} MiB; peak RSS of their processes "
           f"{agents_rss[0]:.0f} MB, {agents_rss[1]:.0f} MB (peak, at start)")
     print()
-    print(f"per pod event ({args.events} of each kind and place, shuffled)   median / p99 / max")
+    print(f"per pod event ({args.events} of each kind and place, interleaved)   median / p99 / max")
     for kind, row in sorted(rows.items(), key=lambda kv: (kv[0].split()[-1], kv[0])):
         print(f"  {kind}:")
         print(f"    bytes written to the API       {statistics.median(row['written']) / kb:7.1f} / "

@@ -107,6 +107,10 @@ class KubeApi:
     def patch_object(self, plural: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
         return self.custom.patch_cluster_custom_object(API_GROUP, API_VERSION, plural, name, patch)
 
+    def json_patch_object(self, plural: str, name: str, operations: list[dict[str, Any]]) -> dict[str, Any]:
+        return self.custom.patch_cluster_custom_object(API_GROUP, API_VERSION, plural, name, operations,
+                                                       _content_type="application/json-patch+json")
+
     def delete_object(self, plural: str, name: str) -> None:
         self.custom.delete_cluster_custom_object(API_GROUP, API_VERSION, plural, name)
 

@@ -39,6 +39,7 @@ from netfence_api.slices import (
     canonical_size,
     groups_inline,
     ruleset_hash,
+    ruleset_patch,
     slice_hash,
 )
 from netfence_api.crd import TRIGGER_ANNOTATION
@@ -156,6 +157,8 @@ class Publisher:
     inline: bool | None = None  # the cluster's layout: groups inline in the NodeRuleSets, or in slices
     _changed_groups: set[str] = field(default_factory=set)  # members changed since their slices were looked at
     _unwritten: set[str] = field(default_factory=set)  # groups whose slices did not all get through
+    # node -> (content hash, spec) of the NodeRuleSet last written: the base of the next JSON Patch
+    _written_specs: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     _written_groups: dict[str, Any] = field(default_factory=dict)  # group -> the model whose slices the API holds
     # (plural, name) -> (content hash, refusal) of an object the API refused; not sent again unchanged
     refused_objects: dict[tuple[str, str], tuple[str, Any]] = field(default_factory=dict)
@@ -480,7 +483,10 @@ class Publisher:
         obj = {**obj, "metadata": {**obj["metadata"], "annotations": annotations}}
         patch = {"metadata": {k: obj["metadata"][k] for k in ("labels", "annotations")}, "spec": obj["spec"]}
         try:
-            if held:
+            stored = await self._patch_pods(name, obj) if plural == PLURAL and held else None
+            if stored is not None:
+                action = "patch"
+            elif held:
                 try:
                     stored, action = await asyncio.to_thread(self.api.patch_object, plural, name, patch), "patch"
                 except ApiException as e:
@@ -507,6 +513,7 @@ class Publisher:
         self.refused_objects.pop(key, None)
         if plural == PLURAL:
             self.published[name] = published_hash(stored)
+            self._written_specs[name] = (self.published[name], obj["spec"])
             self.metrics.rulesets_published.labels(action).inc()
             log.info("%s NodeRuleSet %s: %s pods, %s rules, %d groups inline, generation %s", action, name,
                      obj["metadata"]["annotations"][PODS_ANNOTATION], obj["metadata"]["annotations"][RULES_ANNOTATION],
@@ -521,6 +528,29 @@ class Publisher:
         if now != digest:
             log.error("%s %s was stored differently from what was sent (CRD schema out of date?)", obj["kind"], name)
         return None
+
+    async def _patch_pods(self, name: str, obj: dict[str, Any]) -> dict[str, Any] | None:
+        """A NodeRuleSet the API holds as this publisher last wrote it is updated by a JSON Patch of
+        the pods that changed, guarded by its spec-hash (None: write it whole instead)."""
+        previous = self._written_specs.get(name)
+        if previous is None or previous[0] != self.published.get(name):
+            return None
+        operations = [{"op": "test", "path": "/metadata/annotations/" + HASH_ANNOTATION.replace("/", "~1"),
+                       "value": previous[0]},
+                      *ruleset_patch(previous[1], obj["spec"]),
+                      {"op": "replace", "path": "/metadata/annotations", "value": obj["metadata"]["annotations"]},
+                      {"op": "replace", "path": "/metadata/labels", "value": obj["metadata"]["labels"]}]
+        try:
+            stored = await asyncio.to_thread(self.api.json_patch_object, PLURAL, name, operations)
+        except ApiException as e:
+            if e.status not in (409, 422):
+                raise
+            log.info("NodeRuleSet %s is not as last written (%s); writing it whole", name, _short(e))
+            return None
+        if published_hash(stored) != obj["metadata"]["annotations"][HASH_ANNOTATION]:
+            log.warning("NodeRuleSet %s differed from what was last written; writing it whole", name)
+            return None
+        return stored
 
     async def _refused(self, node: str, digest: str, reason: str, api_message: str, size: int) -> None:
         """Never silent: the node keeps its last rules, and the metric, an Event on the Node and
@@ -558,6 +588,7 @@ class Publisher:
                 return False
         if plural == PLURAL:
             self.published.pop(name, None)
+            self._written_specs.pop(name, None)
             self.metrics.rulesets_published.labels("delete").inc()
             log.info("deleted NodeRuleSet %s: the node is gone", name)
         else:

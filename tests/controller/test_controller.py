@@ -179,6 +179,10 @@ def test_peer_ip_change_patches_the_nodes_that_use_it(api_server, kubeconfig, la
             return
         # n1's own pods changed; n2 only sees the peer group's slice change, its NodeRuleSet stays
         assert ruleset_writes(api_server, mark) == [("PATCH", "n1")]
+        (write,) = api_server.writes(NRS_PATH)[mark:]  # web-1's entry only, guarded by the hash last written
+        assert write.content_type == "application/json-patch+json"
+        assert [op["op"] for op in write.body] == ["test", "test", "test", "replace", "replace", "replace"]
+        assert write.body[3]["path"] == "/spec/pods/0" and write.body[3]["value"]["ips"] == ["10.244.1.77"]
         assert [m for m, _ in slice_writes(api_server, slice_mark)] == ["PATCH"]
         # small objects only: the slice body within its bound (8 KiB of members) and its envelope
         bodies = [r.body for r in api_server.writes(SLICES_PATH)[slice_mark:]]
@@ -247,6 +251,25 @@ def test_restart_repairs_what_changed_while_down(api_server, kubeconfig, layout)
         # the groups nobody names any more are gone; nothing else is left behind
         assert api_objects(api_server) == {(o["kind"], o["metadata"]["name"]): o["spec"]
                                            for o in split(expected(api_server).values(), LAYOUTS[layout])}
+
+
+def test_a_rule_set_edited_by_hand_is_written_whole_again(api_server, kubeconfig):
+    """JSON Patches assume the API holds what the controller wrote last: an edit behind its back
+    (the spec-hash annotation left as it was) is noticed in the patched result and repaired."""
+    seed(api_server)
+    with running_controller(kubeconfig) as controller:
+        wait_synced(controller)
+        settle(api_server)
+        edited = api_server.get("noderulesets", "n2")
+        edited["spec"]["pods"] = edited["spec"]["pods"][1:]  # kubectl edit: a pod gone, the annotation kept
+        api_server.apply(edited)
+        mark = len(api_server.writes(NRS_PATH))
+        api_server.apply(pod("prod", "db", "n2", "10.244.2.99", {"app": "db"}))
+        wait_for(lambda: published(api_server) == expected(api_server), what="n2 repaired and up to date")
+        settle(api_server)
+        writes = api_server.writes(NRS_PATH)[mark:]  # the patch finds another pod where db was: refused
+        assert [(r.content_type, r.status) for r in writes] == [("application/json-patch+json", 422),
+                                                                ("application/merge-patch+json", 200)]
 
 
 def events_for(api: FakeApiServer, name: str) -> list[dict]:

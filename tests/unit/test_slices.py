@@ -291,3 +291,39 @@ def test_cluster_network_policy_tier_rules_and_their_groups_travel(bounds):
     np_groups = {r.peers for s in specs.values() for p in s.pods for r in (*p.ingress, *p.egress) if r.peers}
     assert tier_groups - np_groups, "the case must have groups only tier rules name"
     assert assemble_from_objects(wire(split(specs.values(), bounds))) == specs
+
+
+# --------------------------------------------------------------------------- NodeRuleSet updates as JSON Patch
+pod_dicts = st.lists(st.builds(
+    lambda ns, n, ip, rules: {"namespace": ns, "name": f"pod-{n}", "ips": [f"10.0.0.{ip}"], "ingress": rules},
+    st.sampled_from(["a", "b"]), st.integers(0, 12), st.integers(1, 4), st.lists(st.just({"origin": ["x"]}), max_size=2)),
+    max_size=14).map(lambda pods: sorted({(p["namespace"], p["name"]): p for p in pods}.values(),
+                                         key=lambda p: (p["namespace"], p["name"])))
+spec_dicts = st.builds(lambda pods, groups: {"nodeName": "n1", "pods": pods, "peerGroups": groups, "peerPortGroups": []},
+                       pod_dicts, st.lists(st.builds(dict, name=st.sampled_from(["pg-1", "pg-2"])), max_size=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec_dicts, spec_dicts)
+def test_a_rule_set_patch_turns_the_old_spec_into_the_new(old, new):
+    import jsonpatch
+
+    from netfence_api.slices import ruleset_patch
+
+    ops = ruleset_patch(old, new)
+    assert jsonpatch.apply_patch({"spec": copy.deepcopy(old)}, ops)["spec"] == new
+    if old == new:
+        assert ops == []
+
+
+def test_one_pod_changed_is_one_small_operation():
+    from netfence_api.slices import ruleset_patch
+
+    pods = [{"namespace": "a", "name": f"pod-{i:03d}", "ips": [f"10.0.{i // 250}.{i % 250}"]} for i in range(110)]
+    born = [*pods[:50], {"namespace": "a", "name": "pod-050b", "ips": ["10.9.9.9"]}, *pods[50:]]
+    assert ruleset_patch({"pods": pods}, {"pods": born}) == [{"op": "add", "path": "/spec/pods/50", "value": born[50]}]
+    moved = [*pods[:7], {**pods[7], "ips": ["10.9.9.9"]}, *pods[8:]]
+    guard = [{"op": "test", "path": "/spec/pods/7/namespace", "value": "a"},
+             {"op": "test", "path": "/spec/pods/7/name", "value": "pod-007"}]
+    assert ruleset_patch({"pods": pods}, {"pods": moved}) == [*guard, {"op": "replace", "path": "/spec/pods/7", "value": moved[7]}]
+    assert ruleset_patch({"pods": pods}, {"pods": pods[:7] + pods[8:]}) == [*guard, {"op": "remove", "path": "/spec/pods/7"}]
