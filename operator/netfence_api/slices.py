@@ -201,9 +201,14 @@ class NodeObjects:
     groups: list[Group]  # the groups its rules name, in name order (peer groups, then peer-port groups)
     group_names: frozenset[str]
     own_size: int  # bytes of the node's rule data without groups
-    inline_size: int  # bytes of the node's rule data with its groups inline (the layout decision)
+    group_sizes: list[int]  # bytes of each of its groups
     rules: int
     _ruleset: dict[bool, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def inline_size(self) -> int:
+        """Bytes of the node's rule data with its groups inline (the layout decision)."""
+        return self.own_size + sum(self.group_sizes)
 
     def ruleset(self, inline: bool) -> dict[str, Any]:
         """The NodeRuleSet object, with its groups inline or only named by its rules."""
@@ -228,8 +233,8 @@ class Splitter:
     bounds: Bounds = DEFAULT_BOUNDS
     # group name -> (the group model seen last, its JSON size, its slice objects once built)
     _groups: dict[str, list[Any]] = field(default_factory=dict)
-    # node -> {pod key: (PolicedPod, its JSON)}
-    _pods: dict[str, dict[str, tuple[Any, dict[str, Any]]]] = field(default_factory=dict)
+    # node -> {pod key: (PolicedPod, its JSON, its compact size with a comma)}
+    _pods: dict[str, dict[str, tuple[Any, dict[str, Any], int]]] = field(default_factory=dict)
     # node -> (the pods list and groups lists split last, what they gave)
     _last: dict[str, tuple[list, list, list, NodeObjects]] = field(default_factory=dict)
     _member_keys: dict[str, int] = field(default_factory=dict)
@@ -293,23 +298,26 @@ class Splitter:
             # The very same pods (the compiler hands its list over again when only group members
             # moved, which is most events for most nodes): only the groups are new.
             before = last[3]
-            objects = NodeObjects(node, before.pods_json, groups, before.group_names, before.own_size,
-                                  before.own_size + sum(self.group_size(g) for g in groups), before.rules)
+            sizes = [size if old is group else self.group_size(group)
+                     for old, group, size in zip(before.groups, groups, before.group_sizes)]
+            objects = NodeObjects(node, before.pods_json, groups, before.group_names, before.own_size, sizes, before.rules)
             if False in before._ruleset:  # without its groups the NodeRuleSet did not change
                 objects._ruleset[False] = before._ruleset[False]
         else:
             known = self._pods.get(node, {})
-            entries: dict[str, tuple[Any, dict[str, Any]]] = {}
+            entries: dict[str, tuple[Any, dict[str, Any], int]] = {}
             for pod in spec.pods:
                 old = known.get(pod.key)
-                entries[pod.key] = old if old is not None and old[0] is pod else \
-                    (pod, pod.model_dump(mode="json", exclude_none=True))
+                if old is None or old[0] is not pod:
+                    dumped = pod.model_dump(mode="json", exclude_none=True)
+                    old = (pod, dumped, len(_compact(dumped)) + 1)
+                entries[pod.key] = old
             self._pods[node] = entries
-            pods_json = [e[1] for e in entries.values()]
-            own = len(_compact({"nodeName": node, "pods": pods_json, "peerGroups": [], "peerPortGroups": []}))
-            objects = NodeObjects(node, pods_json, groups, frozenset(g.name for g in groups), own,
-                                  own + sum(self.group_size(g) for g in groups),
-                                  sum(len(p.all_rules()) for p in spec.pods))
+            # The size of the node's own part as compact JSON, from its pods' (measured once each).
+            own = len(_compact({"nodeName": node, "pods": [], "peerGroups": [], "peerPortGroups": []})) \
+                + sum(e[2] for e in entries.values()) - (1 if entries else 0)
+            objects = NodeObjects(node, [e[1] for e in entries.values()], groups, frozenset(g.name for g in groups), own,
+                                  [self.group_size(g) for g in groups], sum(len(p.all_rules()) for p in spec.pods))
         self._last[node] = (spec.pods, spec.peerGroups, spec.peerPortGroups, objects)
         return objects
 
