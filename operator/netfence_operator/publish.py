@@ -153,6 +153,8 @@ class Publisher:
     slice_owner: dict[tuple[str, str], str] = field(default_factory=dict)
     _owned: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (plural, owner) -> names
     node_groups: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> groups it reads from slices
+    _group_users: dict[str, int] = field(default_factory=dict)  # group -> how many nodes read it (set by _set_groups)
+    _unused: set[str] = field(default_factory=set)  # groups that may have no user left: their slices may go
     node_sizes: dict[str, int] = field(default_factory=dict)  # node -> bytes of its rule data, groups inline
     inline: bool | None = None  # the cluster's layout: groups inline in the NodeRuleSets, or in slices
     _changed_groups: set[str] = field(default_factory=set)  # members changed since their slices were looked at
@@ -242,6 +244,7 @@ class Publisher:
         self._written_groups = {}  # check every group against the listing again
         for name, obj in stored[GROUP_SLICE_PLURAL].items():
             self._stored_slice(GROUP_SLICE_PLURAL, name, obj)
+        self._unused |= {owner for (plural, owner) in self._owned}  # left by an earlier run, maybe
 
     def _stored_slice(self, plural: str, name: str, obj: dict[str, Any]) -> None:
         """Remember a slice the API holds: its content hash and the group it is of."""
@@ -311,6 +314,24 @@ class Publisher:
                 self.node_sizes.pop(node, None)
         return plans
 
+    def _set_groups(self, node: str, groups: frozenset[str] | None) -> None:
+        """The groups `node` reads from slices (None: the node is gone), with a count of each
+        group's users kept along, so that finding unused groups costs the groups that lost one."""
+        before = self.node_groups.get(node, frozenset())
+        now = groups or frozenset()
+        for name in now - before:
+            self._group_users[name] = self._group_users.get(name, 0) + 1
+        for name in before - now:
+            left = self._group_users.pop(name) - 1
+            if left:
+                self._group_users[name] = left
+            else:
+                self._unused.add(name)
+        if groups is None:
+            self.node_groups.pop(node, None)
+        else:
+            self.node_groups[node] = groups
+
     def _groups_to_write(self, plans: dict[str, NodeObjects | None]) -> dict[str, Any]:
         """The groups whose slices may need writing: those the planned nodes name that were never
         written whole, and those the compiler says changed (or whose last write failed) that some
@@ -321,10 +342,7 @@ class Publisher:
         for objects in plans.values():
             if objects is not None:
                 names |= objects.group_names - self._written_groups.keys()
-        moved = self._changed_groups | self._unwritten
-        if moved:
-            used = set().union(*self.node_groups.values()) if self.node_groups else set()
-            names |= moved & used
+        names |= {name for name in self._changed_groups | self._unwritten if name in self._group_users}
         self._changed_groups = set()
         out = {}
         for name in names:
@@ -358,7 +376,7 @@ class Publisher:
                 wanted[node] = frozenset() if inline else objects.group_names
                 before = self.node_groups.get(node)
                 if before is not wanted[node]:
-                    self.node_groups[node] = wanted[node] if before is None else before | wanted[node]
+                    self._set_groups(node, wanted[node] if before is None else before | wanted[node])
         failed: set[str] = set()  # nodes to publish again next round
         refused: dict[str, Any] = {}  # node -> (reason, message, size) of a refused object
 
@@ -406,7 +424,7 @@ class Publisher:
                 refused[node] = outcome
         for node, groups_now in wanted.items():
             if node not in failed and node not in refused:
-                self.node_groups[node] = groups_now
+                self._set_groups(node, groups_now)
 
         # Deletions: NodeRuleSets of gone nodes, then slices nothing references.
         doomed: list[tuple[str, str]] = []
@@ -415,17 +433,19 @@ class Publisher:
                 if node in self.published and not await self._delete(PLURAL, node):
                     failed.add(node)
                     continue
-                self.node_groups.pop(node, None)
+                self._set_groups(node, None)
         for name in whole_groups:
             keep = {o["metadata"]["name"] for o in group_objects[name]}
             doomed += [(GROUP_SLICE_PLURAL, n) for n in self._slices_of(GROUP_SLICE_PLURAL, name) - keep]
         if set(self.node_groups) >= names and not failed and not refused and not self.refused:
             # every node's groups are known and every node holds what it was given: the others are garbage
-            used = set().union(*self.node_groups.values()) if self.node_groups else set()
-            for name in {o for (p, o) in self._owned if p == GROUP_SLICE_PLURAL} - used:
+            for name in self._unused:
+                if name in self._group_users:
+                    continue
                 doomed += [(GROUP_SLICE_PLURAL, n) for n in self._slices_of(GROUP_SLICE_PLURAL, name)]
                 self.splitter.forget_group(name)
                 self._written_groups.pop(name, None)
+            self._unused = set()
         for plural, name in doomed:
             owner = self.slice_owner.get((plural, name), "")
             if not await self._delete(plural, name):
