@@ -69,7 +69,8 @@ class RuleSetReader:
         last = self._last.spec
         try:
             envelope = netfence_api.NodeRuleSet.model_validate({**data, "spec": {"nodeName": spec.get("nodeName")}})
-            pods = last.pods if spec.get("pods", []) == old.get("pods", []) else _PODS.validate_python(spec.get("pods", []))
+            pods = last.pods if spec.get("pods", []) == old.get("pods", []) else _reused(
+                spec.get("pods", []), old.get("pods", []), last.pods, netfence_api.PolicedPod, _pod_key)
             groups = _reused(spec.get("peerGroups", []), old.get("peerGroups", []), last.peerGroups, netfence_api.PeerGroup)
             port_groups = _reused(spec.get("peerPortGroups", []), old.get("peerPortGroups", []), last.peerPortGroups,
                                   netfence_api.PeerPortGroup)
@@ -81,19 +82,29 @@ class RuleSetReader:
 
 
 _SPEC_FIELDS = set(netfence_api.NodeRuleSetSpec.model_fields)
-_PODS = TypeAdapter(list[netfence_api.PolicedPod])
 
 
-def _reused(items, old_items, old_models: list, model):
-    """Models of `items`, reusing the model of an equal item of the previous update (by name)."""
+def _name(item: dict):
+    return item.get("name")
+
+
+def _pod_key(item: dict):
+    return item.get("namespace"), item.get("name")
+
+
+def _reused(items, old_items, old_models: list, model, key=_name):
+    """Models of `items`, reusing the model of an equal item of the previous update (by `key`).
+
+    A pod born, deleted or relabelled on the node thus validates that one pod, and the render
+    finds every other pod the very model it rendered before (render_update)."""
     if not isinstance(items, list) or not isinstance(old_items, list) or len(old_items) != len(old_models):
         return TypeAdapter(list[model]).validate_python(items)
     if len(items) == len(old_items):  # the common case: members changed, no group came or went
         return [m if item == old else model.model_validate(item) for item, old, m in zip(items, old_items, old_models)]
-    previous = {item.get("name"): (item, m) for item, m in zip(old_items, old_models) if isinstance(item, dict)}
+    previous = {key(item): (item, m) for item, m in zip(old_items, old_models) if isinstance(item, dict)}
     out = []
     for item in items:
-        before = previous.get(item.get("name")) if isinstance(item, dict) else None
+        before = previous.get(key(item)) if isinstance(item, dict) else None
         out.append(before[1] if before is not None and before[0] == item else model.model_validate(item))
     return out
 
