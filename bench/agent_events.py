@@ -50,10 +50,9 @@ sys.path[:0] = [str(ROOT / d) for d in ("operator", "agent", "tests", "bench")]
 import netfence_api  # noqa: E402
 from bench_machine import machine  # noqa: E402
 from compile import APPS, add_cluster_arguments, synthetic_documents  # noqa: E402
-from kernel.conftest import NetnsKernel  # noqa: E402
+from kernel.conftest import NetnsKernel, driven_agent  # noqa: E402
 from netfence_api.runtime import tune_gc  # noqa: E402
 from netfence_agent import daemon  # noqa: E402
-from netfence_agent.daemon import Agent, AgentConfig  # noqa: E402
 from netfence_agent.render import PodPort  # noqa: E402
 from netfence_agent.source import RuleSetReader  # noqa: E402
 from netfence_operator.compile import ClusterObjects, Compiler, parse_object  # noqa: E402
@@ -83,19 +82,6 @@ def placed_documents(args) -> list[dict]:
         doc["status"]["podIP"] = f"10.{100 + node}.{slot // 250}.{slot % 250 + 2}"
     assert slots[0] == args.local_pods and max(slots.values()) <= max(args.local_pods, 110), slots.most_common(2)
     return docs
-
-
-class NullSource:
-    """The agent's rule-set source: this benchmark hands it every rule set; status goes nowhere."""
-
-    def updates(self):
-        return iter(())
-
-    def report(self, status) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 class Stopwatch:
@@ -154,12 +140,7 @@ class Bench:
         for doc in self.local.values():
             self.add_veth(doc["status"]["podIP"])
         self.kernel = kernel
-        sysctl = Path(workdir) / "net" / "bridge"
-        sysctl.mkdir(parents=True)
-        for name in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables"):
-            (sysctl / name).write_text("1\n")
-        config = AgentConfig(node=LOCAL, metrics_bind_address=None, proc_sys=workdir, full_sync_period=0)
-        self.agent = Agent(config, NullSource(), kernel)
+        self.agent = driven_agent(LOCAL, kernel, Path(workdir))
         self.reader = RuleSetReader()
         self.generation = 0
         self.watch = Stopwatch()

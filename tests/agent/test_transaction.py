@@ -101,7 +101,9 @@ def test_a_member_leaving_a_large_set_deletes_only_that_element():
     tx = plan(desired, applied, no_inventory)
     assert tx.kind == "elements"
     assert tx.commands == [
-        {"delete": {"element": {"family": "inet", "table": "nftest", "name": "peers_v4", "elem": ["10.0.0.1"]}}},
+        # A single address as a full-length prefix: what deleting from an interval set needs.
+        {"delete": {"element": {"family": "inet", "table": "nftest", "name": "peers_v4",
+                                "elem": [{"prefix": {"addr": "10.0.0.1", "len": 32}}]}}},
         {"add": {"set": {"family": "inet", "table": "nftest", "name": "peers_v4", "type": "ipv4_addr",
                          "flags": ["interval"], "elem": ["10.200.0.1"]}}},
     ]

@@ -290,7 +290,8 @@ def _element_changes(table: Table, obj: Set | Map, before: dict, after: dict, de
         return [{"flush": {kind: ref}}], ([{"add": declare(table, filled)}] if everything else [])
     removals = []
     if gone:
-        removals.append({"delete": (map_elements_json if is_map else element_json)(table, obj.name, gone)})
+        removals.append({"delete": map_elements_json(table, obj.name, gone) if is_map
+                         else element_json(table, obj.name, gone, interval="interval" in obj.flags)})
     if not added:
         return removals, []
     return removals, [{"add": declare(table, replace(obj, elements=added))}]
