@@ -218,13 +218,17 @@ class Bench:
             syncs.append(("veth", self.sync()))
             self.local[key] = doc
             assert LOCAL in self.upsert(doc)
-        elif kind == "relabel":
-            key = self.rnd.choice(sorted(self.local))
-            doc = copy.deepcopy(self.local[key])
-            labels = doc["metadata"]["labels"]
-            labels["app"] = self.rnd.choice([a for a in APPS if a != labels["app"]])
-            self.local[key] = doc
-            assert LOCAL in self.upsert(doc)
+        elif kind == "relabel":  # until the pod's rules change (not every label is selected)
+            while True:
+                key = self.rnd.choice(sorted(self.local))
+                before = self.policed(key)
+                doc = copy.deepcopy(self.local[key])
+                labels = doc["metadata"]["labels"]
+                labels["app"] = self.rnd.choice([a for a in APPS if a != labels["app"]])
+                self.local[key] = doc
+                assert LOCAL in self.upsert(doc)
+                if self.policed(key) != before:
+                    break
         elif kind == "delete":
             key = self.rnd.choice(sorted(self.local))
             doc = self.local.pop(key)
@@ -246,6 +250,10 @@ class Bench:
         self.hand_spec()
         syncs.append((kind, self.sync()))
         return syncs
+
+    def policed(self, key: str):
+        """The pod as node-0's spec has it (its isolation and rules)."""
+        return next(p for p in self.compiler.node_spec(LOCAL).pods if p.key == key)
 
     def local_docs(self) -> list[dict]:
         return list(self.local.values())

@@ -43,6 +43,16 @@ from when discovery and a sync get there (measured: the real CNI plugin sets a p
 answers connections tens of milliseconds before that). Known veths never reach it (their own
 addresses are accepted first, and every known veth is in @pod_ports, pods' or let through).
 A veth whose pod has no IP yet has no own addresses, so every frame from it is dropped.
+
+Partial renders (render_update, the agent's render after its first): a node's model is built
+from one share per pod (its chains, counters, port sets and verdict-map elements; its veth's
+chain and address elements) and one per peer group (its sets), each derived from that pod or
+group alone, and then assembled in spec order. render_update keeps the shares of what did not
+change - the very objects, which the plan skips by identity - so a pod born, deleted,
+relabelled or given a new IP costs that pod, as kube-proxy's nftables proxier syncs only the
+services that changed. Assembly is the same code for both, so a partial render is the full
+render of the same inputs (tests/unit/test_render_update.py; on the kernel,
+tests/kernel/test_render_update_kernel.py).
 """
 
 from __future__ import annotations
@@ -358,6 +368,8 @@ def _render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: Render
     spoofs: dict[str, _PodSpoof] = {}
     for pod in spec.pods:
         key = pod.key
+        if key in policies:
+            raise ValueError(f"pod {key} is listed twice")
         old_policy = before.policies.get(key) if before is not None else None
         policies[key] = old_policy if old_policy is not None and (old_policy.pod is pod or old_policy.pod == pod) \
             else _pod_policy(pod, options, allow_rules, tier_matches)

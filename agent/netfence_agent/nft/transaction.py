@@ -11,7 +11,8 @@ Three kinds, all one transaction, so the kernel never holds a half-written rule 
   sets, maps and counters that changed are touched, as kube-proxy's nftables proxier does in
   its partial syncs. A chain whose rules changed is flushed and refilled; one whose comment or
   declaration changed is re-created; new objects are added, old ones deleted once nothing
-  refers to them. Everything else, and every counter's value, stays as it is.
+  refers to them; elements that go are deleted one by one (such a transaction has libnftables
+  read every declaration anyway). Everything else, and every counter's value, stays as it is.
 - **full**: nothing is known to be loaded by this process (agent start) or a change a partial
   sync cannot express safely. In the style of kube-proxy's full sync: `add table` (never
   deleted), every existing chain and map flushed, every wanted object declared with `add`
