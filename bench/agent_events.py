@@ -89,8 +89,10 @@ class Stopwatch:
 
     def __init__(self) -> None:
         self.render = self.plan = 0.0
-        for name, slot in (("render", "render"), ("render_update", "render"), ("plan", "plan")):
-            setattr(daemon, name, self._timed(getattr(daemon, name), slot))
+        for name, slot in (("render", "render"), ("render_update", "render"), ("render_group_members", "render"),
+                           ("plan", "plan")):
+            if hasattr(daemon, name):  # (render_group_members: the agent before render_update)
+                setattr(daemon, name, self._timed(getattr(daemon, name), slot))
 
     def _timed(self, fn, slot: str):
         def timed(*args, **kwargs):
@@ -143,6 +145,8 @@ class Bench:
         self.agent = driven_agent(LOCAL, kernel, Path(workdir))
         self.reader = RuleSetReader()
         self.generation = 0
+        self.read_seconds = 0.0  # json.loads + RuleSetReader of the last rule set handed over
+        self.reads: dict[str, list[float]] = collections.defaultdict(list)
         self.watch = Stopwatch()
 
     # ------------------------------------------------------------------ inputs
@@ -161,7 +165,10 @@ class Bench:
         self.generation += 1
         spec = self.compiler.node_spec(LOCAL)
         text = netfence_api.NodeRuleSet.for_node(spec, self.generation).model_dump_json()
-        self.agent.set_rule_set(self.reader.read(json.loads(text)))
+        t0 = time.perf_counter()
+        rule_set = self.reader.read(json.loads(text))
+        self.read_seconds = time.perf_counter() - t0
+        self.agent.set_rule_set(rule_set)
 
     def sync(self) -> tuple[str, float, float, float, float]:
         """One agent sync: (transaction kind, seconds in all, in render, in plan, in the kernel)."""
@@ -249,6 +256,7 @@ class Bench:
                     break
         self.hand_spec()
         syncs.append((kind, self.sync()))
+        self.reads[kind].append(self.read_seconds)
         return syncs
 
     def policed(self, key: str):
@@ -323,6 +331,9 @@ def run(args, kernel: TimedKernel, workdir: str) -> int:
         parts = " ".join(f"{statistics.median(r[j] * 1000 for r in runs):{w}.1f}" for j, w in ((2, 6), (3, 5), (4, 5)))
         print(f"{label:<40} {len(ms):>4} {pct(ms, .5):6.1f} {pct(ms, .9):6.1f} {pct(ms, .99):6.1f} {max(ms):6.1f}  "
               f"{parts}        " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
+    size = len(netfence_api.NodeRuleSet.for_node(spec, 1).model_dump_json())
+    print(f"\nbefore the sync: the rule set's JSON ({size // 1024} KiB) decoded and read (RuleSetReader), ms p50/p99: "
+          + ", ".join(f"{k} {pct(bench.reads[k], .5) * 1000:.1f}/{pct(bench.reads[k], .99) * 1000:.1f}" for k in KINDS))
     full_p50 = pct([r[1] for r in figures["full"]], .5)
     for key in KINDS:
         p99 = pct([r[1] for r in figures[key]], .99)
