@@ -45,9 +45,8 @@ from netfence_agent.render import (
     PodPort,
     RenderOptions,
     RenderResult,
-    only_group_members_changed,
     render,
-    render_group_members,
+    render_update,
 )
 from netfence_agent.source import RuleSetSource
 
@@ -212,11 +211,11 @@ class Agent:
         hold = self._next_hold(rule_set, ports, unaddressed)
         holds = self._holds(hold, other_ports)
         try:
-            if (self.applied is not None and self.applied_object is not None and ports == self._applied_ports
-                    and holds == self._applied_holds
-                    and only_group_members_changed(self.applied_object.spec, rule_set.spec)):
-                result = render_group_members(self.applied, self.applied_object.spec, rule_set.spec)
+            if self.applied is not None and not (periodic or repair):
+                # What changed only: a pod's chains and elements, a group's sets (render_update).
+                result = render_update(self.applied, rule_set.spec, ports, self.config.render_options, holds=holds)
             else:
+                # The safety net renders everything anew, trusting nothing kept from before.
                 result = render(rule_set.spec, ports, self.config.render_options, holds=holds)
         except ValueError as exc:  # e.g. an address that is none: nothing sensible to load
             return self._failed(rule_set, started, f"cannot render: {exc}", "InvalidRuleSet", retry=False)

@@ -43,6 +43,16 @@ from when discovery and a sync get there (measured: the real CNI plugin sets a p
 answers connections tens of milliseconds before that). Known veths never reach it (their own
 addresses are accepted first, and every known veth is in @pod_ports, pods' or let through).
 A veth whose pod has no IP yet has no own addresses, so every frame from it is dropped.
+
+Partial renders (render_update, the agent's render after its first): a node's model is built
+from one share per pod (its chains, counters, port sets and verdict-map elements; its veth's
+chain and address elements) and one per peer group (its sets), each derived from that pod or
+group alone, and then assembled in spec order. render_update keeps the shares of what did not
+change - the very objects, which the plan skips by identity - so a pod born, deleted,
+relabelled or given a new IP costs that pod, as kube-proxy's nftables proxier syncs only the
+services that changed. Assembly is the same code for both, so a partial render is the full
+render of the same inputs (tests/unit/test_render_update.py; on the kernel,
+tests/kernel/test_render_update_kernel.py).
 """
 
 from __future__ import annotations
@@ -50,8 +60,8 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import socket
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Callable, Literal, NamedTuple, TypeVar
 
@@ -177,6 +187,8 @@ class RenderResult:
     counters: dict[str, CounterLabels] = field(default_factory=dict)
     rule_counters: dict[str, RuleCounterLabels] = field(default_factory=dict)
     families: tuple[int, ...] = (4,)  # IP versions rendered (the spec's, and held IPs')
+    # What render_update reuses: the inputs and each pod's and group's share of the model.
+    parts: "_RenderParts | None" = field(default=None, repr=False, compare=False)
 
 
 # Parsing addresses dominates render time; the same pod IPs recur in every group and sync.
@@ -268,13 +280,113 @@ def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderO
     """The node's nftables model. Pass one `memo` to the renders of many nodes of one compile.
     `holds`: local veths and IPs the spec does not cover, to be held closed."""
     memo = RenderMemo() if memo is None else memo
+    return _render(spec, ports, options, holds, _families(spec, holds.held), memo, None)
+
+
+def render_update(previous: RenderResult, spec: NodeRuleSetSpec, ports: Mapping[str, PodPort],
+                  options: RenderOptions = RenderOptions(), holds: Holds = NO_HOLDS) -> RenderResult:
+    """render(spec, ports, options, holds=holds), rebuilding only what changed since `previous`.
+
+    The agent's render after the first: a pod of the node born, deleted, relabelled or given a
+    new IP rebuilds that pod's chains, counters and elements only; a peer group whose members
+    changed, its sets only. Everything else is `previous`'s very objects, which the plan then
+    skips by identity (nft/transaction.py), so the transaction touches what changed, as
+    kube-proxy's partial syncs do. The result equals a full render of the same inputs (property
+    and kernel tested); a change of the node's name, address families or options renders all.
+    """
+    before = previous.parts
     families = _families(spec, holds.held)
+    if before is None or (before.node, before.families, before.options) != (spec.nodeName, families, options):
+        return render(spec, ports, options, holds=holds)
+    if ((before.pods is spec.pods or before.pods == spec.pods) and before.holds == holds and before.ports == ports
+            and [g.name for g in (*spec.peerGroups, *spec.peerPortGroups)] == list(before.groups)):
+        return _with_group_members(previous, spec)
+    return _render(spec, ports, options, holds, families, RenderMemo(), before)
+
+
+class _PodPolicy(NamedTuple):
+    """What one local pod brings to the inet table, derived from the pod, the address families
+    and the options alone: render_update keeps it for as long as the pod does not change."""
+
+    pod: PolicedPod
+    chains: tuple[Chain, ...]
+    # Its drop counters and its Deny rules' counters (CounterLabels / RuleCounterLabels), in the
+    # order render meets them; a Deny rule's counter is shared by every pod the rule applies to.
+    counters: tuple[tuple[Counter, CounterLabels | RuleCounterLabels], ...]
+    port_sets: tuple[_SetContent, ...]  # in the order its rules use them; shared as well
+    dispatch: tuple[tuple[str, Any, Verdict], ...]  # (direction, address, jump to its chain)
+    own_node: Verdict | None  # its egress chain, for its traffic to this node (the input hook)
+
+
+class _PodSpoof(NamedTuple):
+    """What one local pod's veth brings to the bridge table (from its IPs and veth alone)."""
+
+    ips: tuple[str, ...]
+    port: PodPort
+    counter: Counter
+    labels: CounterLabels
+    chain: Chain
+    v4: tuple  # its elements of pod_addresses_v4, pod_addresses_v6, pod_arp_senders
+    v6: tuple
+    arp: tuple
+
+
+@dataclass(frozen=True)
+class _RenderParts:
+    """A render's inputs and each pod's and group's share of its model, for render_update."""
+
+    node: str
+    families: tuple[int, ...]
+    options: RenderOptions
+    pods: list[PolicedPod]  # the spec's very list
+    ports: Mapping[str, PodPort]
+    holds: Holds
+    groups: dict[str, tuple[PeerGroup | PeerPortGroup, tuple[Set, ...]]]  # by name, in spec order
+    policies: dict[str, _PodPolicy]  # by pod key
+    spoofs: dict[str, _PodSpoof]
+    port_sets: dict[str, Set]
+
+
+def _render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderOptions, holds: Holds,
+            families: tuple[int, ...], memo: RenderMemo, before: _RenderParts | None) -> RenderResult:
+    """The node's model, from the parts of `before` that did not change and new ones for the rest."""
+    groups: dict[str, tuple[PeerGroup | PeerPortGroup, tuple[Set, ...]]] = {}
+    group_sets: list[Set] = []
+    derive = (memo.derived(_derive_peer_sets, families), memo.derived(_derive_peer_port_sets, families))
+    for group_list, sets_of in zip((spec.peerGroups, spec.peerPortGroups), derive):
+        for group in group_list:
+            old = before.groups.get(group.name) if before is not None else None
+            sets = old[1] if old is not None and (old[0] is group or old[0] == group) else \
+                tuple([content.new_set() for content in sets_of(group)])
+            groups[group.name] = (group, sets)
+            group_sets += sets
+
+    allow_rules = {direction: memo.derived(_derive_allow_rules, direction, families) for direction in ("egress", "ingress")}
+    tier_matches = {direction: memo.derived(_derive_tier_matches, direction, families)
+                    for direction in ("egress", "ingress")}
+    policies: dict[str, _PodPolicy] = {}
+    spoofs: dict[str, _PodSpoof] = {}
+    for pod in spec.pods:
+        key = pod.key
+        if key in policies:
+            raise ValueError(f"pod {key} is listed twice")
+        old_policy = before.policies.get(key) if before is not None else None
+        policies[key] = old_policy if old_policy is not None and (old_policy.pod is pod or old_policy.pod == pod) \
+            else _pod_policy(pod, options, allow_rules, tier_matches)
+        port = _veth_of(pod, ports)
+        if port is None:
+            continue  # veth not found yet: IP-keyed policy still applies
+        old_spoof = before.spoofs.get(key) if before is not None else None
+        ips = tuple(pod.ips)
+        spoofs[key] = old_spoof if old_spoof is not None and old_spoof.ips == ips and old_spoof.port == port \
+            else _pod_anti_spoofing(pod, ips, port, options)
+
     result = RenderResult(Ruleset(), families=families)
     inet = Table("inet", TABLE_NAME, comment=f"netfence: NetworkPolicy of node {spec.nodeName}")
     bridge = Table("bridge", TABLE_NAME, comment=f"netfence: anti-spoofing on pod veths of node {spec.nodeName}")
     result.ruleset.tables += [inet, bridge]
-
-    _render_groups(inet, spec, families, memo)
+    for s in group_sets:
+        inet.add(s)
     dispatch = {
         (direction, fam): inet.add(
             Map(f"{direction}_{_FAMILY[fam][2]}", (_FAMILY[fam][1],),
@@ -285,70 +397,97 @@ def render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: RenderO
     }
     inet.add(_forward_chain(families))
     inet.add(_ingress_dispatch_chain(families))
-    allow_rules = {direction: memo.derived(_derive_allow_rules, direction, families) for direction in ("egress", "ingress")}
-    tier_matches = {direction: memo.derived(_derive_tier_matches, direction, families)
-                    for direction in ("egress", "ingress")}
+    known_port_sets = before.port_sets if before is not None else {}
+    port_sets: dict[str, Set] = {}
     own_node_egress = []  # pods whose traffic to this node ClusterNetworkPolicy egress rules police
-    for pod in spec.pods:
-        isolation = pod.isolation
-        key = pod.key
-        for direction, isolated, rules, policies in (
-            ("egress", isolation.egress, pod.egress, pod.egressPolicies),
-            ("ingress", isolation.ingress, pod.ingress, pod.ingressPolicies),
-        ):
-            admin = pod.tier_rules("Admin", direction)
-            # Baseline rules apply only where no NetworkPolicy isolates the pod.
-            baseline = [] if isolated else pod.tier_rules("Baseline", direction)
-            if not (isolated or admin or baseline):
-                continue
-            # The counter and the chain share a name, in separate namespaces of the table.
-            name = counter_name(pod.namespace, pod.name, direction)
-            result.counters[name] = CounterLabels(pod.namespace, pod.name, direction)
-            inet.add(Counter(name, comment=f"{key} {direction} drops"))
-            chain = inet.add(Chain(name, comment=_chain_comment(key, direction, isolated, policies, admin, baseline)))
-            allow = _ACCEPT if direction == "ingress" else _GOTO_INGRESS
-            tail = chain
-            if any(r.action == "Pass" for r in admin):
-                # Pass skips the rest of the Admin tier: those rules and the tiers after them
-                # get a chain of their own to go to.
-                tail = inet.add(Chain(f"{name}_np", comment=f"{key} {direction} after the Admin tier"))
-            tier_context = (inet, result, options, tier_matches[direction], name, direction, allow)
-            for rule in admin:
-                _add_tier_rule(chain, rule, Verdict("goto", tail.name) if rule.action == "Pass" else None, *tier_context)
-            if tail is not chain:
-                chain.rules.append(Rule((Verdict("goto", tail.name),), f"{key} {direction}: the Admin tier did not decide"))
-            if isolated:
-                if admin and direction == "egress":
-                    tail.rules.append(Rule((Match(Fib(("daddr",), "type"), _NODE_ADDRESS_TYPES), _ACCEPT),
-                                           "NetworkPolicy: a pod's traffic to its own node is always allowed"))
-                nft_of = allow_rules[direction]
-                for rule in rules:
-                    nft_rules, port_set = nft_of(rule)
-                    # A port set joins the table with the first rule that matches against it.
-                    if port_set is not None and port_set.name not in inet.sets:
-                        inet.add(port_set.new_set())
-                    tail.rules += nft_rules
-                if options.log_drops:
-                    tail.rules.append(_log_sample(options, name, f"{key} {direction}: log a sample of drops"))
-                tail.rules.append(Rule((CounterRef(name), _DROP), f"{key} {direction}: no policy rule allows this"))
-            else:
-                for rule in baseline:
-                    # Pass in the Baseline tier goes on to the default: allowed.
-                    _add_tier_rule(tail, rule, allow if rule.action == "Pass" else None, *tier_context)
-                tail.rules.append(Rule((allow,), f"{key} {direction}: no NetworkPolicy isolates it, "
-                                                 "no ClusterNetworkPolicy rule decided: allowed"))
-            jump = Verdict("jump", name)
-            for ip in pod.ips:
-                address = _address(ip)
-                dispatch[(direction, address.version)].elements.append((address, jump))
-            if direction == "egress" and (admin or baseline):
-                own_node_egress.append((pod, jump))
+    for part in policies.values():
+        for counter, labels in part.counters:
+            if isinstance(labels, CounterLabels):
+                result.counters[counter.name] = labels
+                inet.add(counter)
+            elif counter.name not in inet.counters:  # a Deny rule's counter, met first with this pod
+                inet.add(counter)
+                result.rule_counters[counter.name] = labels
+        for chain in part.chains:
+            inet.add(chain)
+        for content in part.port_sets:
+            # A port set joins the table with the first rule that matches against it.
+            if content.name not in inet.sets:
+                port_sets[content.name] = inet.add(known_port_sets.get(content.name) or content.new_set())
+        for direction, address, jump in part.dispatch:
+            dispatch[(direction, address.version)].elements.append((address, jump))
+        if part.own_node is not None:
+            own_node_egress.append((part.pod, part.own_node))
     if own_node_egress:
         _render_input_hook(inet, families, own_node_egress)
 
     _render_held_policy(inet, holds.held, dispatch, result, options)
-    _render_anti_spoofing(bridge, spec, ports, result, options, families, holds)
+    _render_anti_spoofing(bridge, spoofs.values(), result, options, families, holds)
+    result.parts = _RenderParts(spec.nodeName, families, options, spec.pods, dict(ports), holds, groups, policies,
+                                spoofs, port_sets)
     return result
+
+
+def _pod_policy(pod: PolicedPod, options: RenderOptions, allow_rules: dict, tier_matches: dict) -> _PodPolicy:
+    """One local pod's chains (per direction it is isolated in, or has ClusterNetworkPolicy
+    rules for), their counters and the verdict-map elements that lead its traffic there."""
+    chains: list[Chain] = []
+    counters: dict[str, tuple[Counter, CounterLabels | RuleCounterLabels]] = {}
+    port_sets: dict[str, _SetContent] = {}
+    dispatch: list[tuple[str, Any, Verdict]] = []
+    own_node = None
+    isolation = pod.isolation
+    key = pod.key
+    for direction, isolated, rules, policies in (
+        ("egress", isolation.egress, pod.egress, pod.egressPolicies),
+        ("ingress", isolation.ingress, pod.ingress, pod.ingressPolicies),
+    ):
+        admin = pod.tier_rules("Admin", direction)
+        # Baseline rules apply only where no NetworkPolicy isolates the pod.
+        baseline = [] if isolated else pod.tier_rules("Baseline", direction)
+        if not (isolated or admin or baseline):
+            continue
+        # The counter and the chain share a name, in separate namespaces of the table.
+        name = counter_name(pod.namespace, pod.name, direction)
+        counters[name] = (Counter(name, comment=f"{key} {direction} drops"), CounterLabels(pod.namespace, pod.name, direction))
+        chain = Chain(name, comment=_chain_comment(key, direction, isolated, policies, admin, baseline))
+        chains.append(chain)
+        allow = _ACCEPT if direction == "ingress" else _GOTO_INGRESS
+        tail = chain
+        if any(r.action == "Pass" for r in admin):
+            # Pass skips the rest of the Admin tier: those rules and the tiers after them
+            # get a chain of their own to go to.
+            tail = Chain(f"{name}_np", comment=f"{key} {direction} after the Admin tier")
+            chains.append(tail)
+        tier_context = (port_sets, counters, options, tier_matches[direction], name, direction, allow)
+        for rule in admin:
+            _add_tier_rule(chain, rule, Verdict("goto", tail.name) if rule.action == "Pass" else None, *tier_context)
+        if tail is not chain:
+            chain.rules.append(Rule((Verdict("goto", tail.name),), f"{key} {direction}: the Admin tier did not decide"))
+        if isolated:
+            if admin and direction == "egress":
+                tail.rules.append(Rule((Match(Fib(("daddr",), "type"), _NODE_ADDRESS_TYPES), _ACCEPT),
+                                       "NetworkPolicy: a pod's traffic to its own node is always allowed"))
+            nft_of = allow_rules[direction]
+            for rule in rules:
+                nft_rules, port_set = nft_of(rule)
+                if port_set is not None:
+                    port_sets.setdefault(port_set.name, port_set)
+                tail.rules += nft_rules
+            if options.log_drops:
+                tail.rules.append(_log_sample(options, name, f"{key} {direction}: log a sample of drops"))
+            tail.rules.append(Rule((CounterRef(name), _DROP), f"{key} {direction}: no policy rule allows this"))
+        else:
+            for rule in baseline:
+                # Pass in the Baseline tier goes on to the default: allowed.
+                _add_tier_rule(tail, rule, allow if rule.action == "Pass" else None, *tier_context)
+            tail.rules.append(Rule((allow,), f"{key} {direction}: no NetworkPolicy isolates it, "
+                                             "no ClusterNetworkPolicy rule decided: allowed"))
+        jump = Verdict("jump", name)
+        dispatch += [(direction, _address(ip), jump) for ip in pod.ips]
+        if direction == "egress" and (admin or baseline):
+            own_node = jump
+    return _PodPolicy(pod, tuple(chains), tuple(counters.values()), tuple(port_sets.values()), tuple(dispatch), own_node)
 
 
 def only_group_members_changed(old: NodeRuleSetSpec, new: NodeRuleSetSpec) -> bool:
@@ -374,21 +513,39 @@ def render_group_members(previous: RenderResult, old: NodeRuleSetSpec, new: Node
     render of `new` with the same ports and options (tested), at the cost of the groups that
     changed instead of the whole node.
     """
+    changed = {g.name for g, before in zip(new.peerGroups, old.peerGroups) if g.cidrs != before.cidrs}
+    changed |= {g.name for g, before in zip(new.peerPortGroups, old.peerPortGroups) if g.entries != before.entries}
+    return _with_group_members(previous, new, changed)
+
+
+def _with_group_members(previous: RenderResult, new: NodeRuleSetSpec, changed: set[str] | None = None) -> RenderResult:
+    """`previous` with the sets of the groups of `new` that `changed` built again (None: those
+    that differ from the groups `previous` rendered); every other object is shared."""
     families = previous.families  # the spec's families are unchanged; held IPs may add IPv6
     old_inet = previous.ruleset.table(*INET_TABLE)
     inet = Table(old_inet.family, old_inet.name, comment=old_inet.comment, chains=old_inet.chains,
                  sets=dict(old_inet.sets), maps=old_inet.maps, counters=old_inet.counters)
-    changed = NodeRuleSetSpec.model_construct(
-        nodeName=new.nodeName,
-        pods=[],
-        peerGroups=[g for g, before in zip(new.peerGroups, old.peerGroups) if g.cidrs != before.cidrs],
-        peerPortGroups=[g for g, before in zip(new.peerPortGroups, old.peerPortGroups) if g.entries != before.entries],
-    )
-    fresh = Table(inet.family, inet.name)
-    _render_groups(fresh, changed, families, RenderMemo())
-    inet.sets.update(fresh.sets)
+    before = previous.parts
+    groups = dict(before.groups) if before is not None else {}
+    memo = RenderMemo()
+    for group_list, sets_of in zip((new.peerGroups, new.peerPortGroups),
+                                   (memo.derived(_derive_peer_sets, families), memo.derived(_derive_peer_port_sets, families))):
+        for group in group_list:
+            if changed is not None:
+                if group.name not in changed:
+                    continue
+            else:
+                old = groups.get(group.name)
+                if old is not None and (old[0] is group or old[0] == group):
+                    continue
+            sets = tuple([content.new_set() for content in sets_of(group)])
+            groups[group.name] = (group, sets)
+            inet.sets.update((s.name, s) for s in sets)
     tables = [inet if t is old_inet else t for t in previous.ruleset.tables]
-    return RenderResult(Ruleset(tables), previous.counters, previous.rule_counters, families)
+    result = RenderResult(Ruleset(tables), previous.counters, previous.rule_counters, families)
+    if before is not None:
+        result.parts = replace(before, pods=new.pods, groups=groups)
+    return result
 
 
 # --------------------------------------------------------------------------- ClusterNetworkPolicy tiers
@@ -421,19 +578,20 @@ def _derive_tier_matches(rule: TierRule, direction: str,
     return tuple((_group_match(rule.peers, f, peer_field), *ports) for f in families), port_set
 
 
-def _add_tier_rule(chain: Chain, rule: TierRule, verdict: Verdict | None, inet: Table, result: RenderResult,
-                   options: RenderOptions, matches_of, pod_counter: str, direction: str, allow: Verdict) -> None:
+def _add_tier_rule(chain: Chain, rule: TierRule, verdict: Verdict | None, port_sets: dict[str, _SetContent],
+                   counters: dict[str, tuple[Counter, CounterLabels | RuleCounterLabels]], options: RenderOptions,
+                   matches_of, pod_counter: str, direction: str, allow: Verdict) -> None:
     """One ClusterNetworkPolicy rule in a pod's chain: Accept allows this direction, Deny drops
     (counted for the pod and for the rule), Pass goes where `verdict` says."""
     matches, port_set = matches_of(rule)
-    if port_set is not None and port_set.name not in inet.sets:
-        inet.add(port_set.new_set())
+    if port_set is not None:
+        port_sets.setdefault(port_set.name, port_set)
     comment = f"{rule.action}: {rule.origin}"
     if rule.action == "Deny":
         counter = rule_counter_name(rule.policy, rule.rule)
-        if counter not in inet.counters:
-            inet.add(Counter(counter, comment=rule.origin))
-            result.rule_counters[counter] = RuleCounterLabels(rule.policy, rule.tier, rule.label, direction)
+        if counter not in counters:
+            counters[counter] = (Counter(counter, comment=rule.origin),
+                                 RuleCounterLabels(rule.policy, rule.tier, rule.label, direction))
         if options.log_drops:
             limit = Limit(options.log_rate_per_second, "second", burst=options.log_rate_per_second)
             chain.rules += [Rule((*m, limit, Log(options.nflog_group, log_prefix(pod_counter))),
@@ -478,17 +636,6 @@ def _families(spec: NodeRuleSetSpec, held: Sequence[HeldPort] = ()) -> tuple[int
         or any(":" in e.address for g in spec.peerPortGroups for e in g.entries)
     )
     return (4, 6) if has_v6 else (4,)
-
-
-def _render_groups(inet: Table, spec: NodeRuleSetSpec, families: tuple[int, ...], memo: RenderMemo) -> None:
-    peer_sets = memo.derived(_derive_peer_sets, families)
-    peer_port_sets = memo.derived(_derive_peer_port_sets, families)
-    for group in spec.peerGroups:
-        for content in peer_sets(group):
-            inet.add(content.new_set())
-    for group in spec.peerPortGroups:
-        for content in peer_port_sets(group):
-            inet.add(content.new_set())
 
 
 def _derive_peer_sets(group: PeerGroup, families: tuple[int, ...]) -> tuple[_SetContent, ...]:
@@ -591,7 +738,7 @@ def _port_match(ports: tuple[tuple[str, int, int | None], ...]) -> tuple[tuple[M
     anonymous sets (measured: 20,000 rules load in minutes, with named sets in 2 s).
     """
     elements = tuple(
-        (_PROTO[protocol], port if end is None or end == port else Range(port, end)) for protocol, port, end in ports
+        (_PROTO[protocol], lo if hi == lo else Range(lo, hi)) for protocol, lo, hi in _disjoint_port_ranges(ports)
     )
     if len(elements) == 1:
         protocol, port = elements[0]
@@ -600,6 +747,23 @@ def _port_match(ports: tuple[tuple[str, int, int | None], ...]) -> tuple[tuple[M
     comment = "ports " + ", ".join(f"{port}{'-' + str(end) if end else ''}/{protocol}" for protocol, port, end in ports)
     return (Match(_PROTO_PORT, SetRef(name)),), _SetContent(name, ("inet_proto", "inet_service"), elements,
                                                             flags=("interval",), comment=comment)
+
+
+def _disjoint_port_ranges(ports: tuple[tuple[str, int, int | None], ...]) -> list[tuple[str, int, int]]:
+    """(protocol, first, last) of the ports, in their order; ranges that overlap (80 and 80-81,
+    or a port twice) merged, in the order of the protocol's ranges: the kernel refuses
+    overlapping elements in a set of concatenated intervals ("File exists")."""
+    ranges = [(protocol, port, port if end is None else end) for protocol, port, end in ports]
+    ordered = sorted(ranges)
+    if all(a[0] != b[0] or a[2] < b[1] for a, b in zip(ordered, ordered[1:])):
+        return ranges  # the common case, as written
+    merged: list[tuple[str, int, int]] = []
+    for protocol, lo, hi in ordered:
+        if merged and merged[-1][0] == protocol and lo <= merged[-1][2]:
+            merged[-1] = (protocol, merged[-1][1], max(hi, merged[-1][2]))
+        else:
+            merged.append((protocol, lo, hi))
+    return merged
 
 
 @lru_cache(maxsize=1 << 14)
@@ -618,9 +782,23 @@ def _log_sample(options: RenderOptions, counter: str, comment: str) -> Rule:
 
 
 # --------------------------------------------------------------------------- bridge
-def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[str, PodPort],
-                          result: RenderResult, options: RenderOptions, families: tuple[int, ...],
-                          holds: Holds) -> None:
+# Every pod chain holds the same rules, looking up the frame's (port, MAC, source) in node-wide
+# sets; only the counter differs per pod. A veth's addresses are set elements, and the rules are
+# shared objects, so render and the kernel carry little per pod. They accept rather than return:
+# with new pods held, the hook's last rule would drop a return.
+_SPOOF_SHARED = (
+    # Link-local IPv6 (router solicitation, MLD, DAD) leaves every pod with IPv6 up, even an
+    # IPv4-only one; it is never routed, so allowing it from the pod's MAC opens nothing and
+    # keeps the spoofing counter for real spoofing.
+    Rule((Match(Concat((_IIF, _ETHER_SADDR, _ADDR[("ip6", "saddr")])), SetRef("pod_addresses_v6")), _ACCEPT),
+         "its own MAC and IPv6 address, link-local or unspecified"),
+    Rule((Match(Concat((_IIF, _ETHER_SADDR, _ARP_SADDR_IP)), SetRef("pod_arp_senders")), _ACCEPT),
+         "ARP from its own MAC and address, or 0.0.0.0 for duplicate address detection"),
+)
+
+
+def _render_anti_spoofing(bridge: Table, spoofs: Iterable[_PodSpoof], result: RenderResult, options: RenderOptions,
+                          families: tuple[int, ...], holds: Holds) -> None:
     dispatch = bridge.add(Map("pod_ports", ("ifname",),
                               comment="host-side veths of local pods, and bridge ports let through"))
     hook = bridge.add(Chain(SPOOF_CHAIN, hook="prerouting", priority=-200, policy="accept",
@@ -648,60 +826,54 @@ def _render_anti_spoofing(bridge: Table, spec: NodeRuleSetSpec, ports: Mapping[s
         for fam in families
     ]
     hook.rules.append(Rule((VMap(Meta("iifname"), dispatch.name),), "other frames entering the bridge from a pod veth"))
-    # Every pod chain holds the same rules, looking up the frame's (port, MAC, source) in
-    # node-wide sets; only the counter differs per pod. A veth's addresses are set elements,
-    # and the rules are shared objects, so render and the kernel carry little per pod. They
-    # accept rather than return: with new pods held, the hook's last rule would drop a return.
-    shared = (
-        # Link-local IPv6 (router solicitation, MLD, DAD) leaves every pod with IPv6 up, even an
-        # IPv4-only one; it is never routed, so allowing it from the pod's MAC opens nothing and
-        # keeps the spoofing counter for real spoofing.
-        Rule((Match(Concat((_IIF, _ETHER_SADDR, _ADDR[("ip6", "saddr")])), SetRef(own["v6"].name)), _ACCEPT),
-             "its own MAC and IPv6 address, link-local or unspecified"),
-        Rule((Match(Concat((_IIF, _ETHER_SADDR, _ARP_SADDR_IP)), SetRef(own["arp"].name)), _ACCEPT),
-             "ARP from its own MAC and address, or 0.0.0.0 for duplicate address detection"),
-    )
-    for pod in spec.pods:
-        port = _veth_of(pod, ports)
-        if port is None:
-            continue  # veth not found yet: IP-keyed policy still applies
-        key = pod.key
-        # The counter and the chain share a name, in separate namespaces of the table.
-        name = counter_name(pod.namespace, pod.name, "spoof")
-        result.counters[name] = CounterLabels(pod.namespace, pod.name, "spoof")
-        bridge.add(Counter(name, comment=f"{key} spoofed frames"))
-        chain = bridge.add(Chain(name, comment=f"{key} on {port.ifname}"))
-        addresses = [_address(ip) for ip in pod.ips]
-        if port.mac and port.ifindex is not None:
-            _add_own_addresses(own, port, addresses)
-            chain.rules += shared
-        else:
-            # MAC or ifindex unknown (a port given without them): check the source address alone.
-            comment = f"{key}: its own address (MAC unknown)"
-            chain.rules += [Rule((Match(_ADDR[(_FAMILY[a.version][0], "saddr")], a), _ACCEPT), comment)
-                            for a in addresses]
-        if options.log_drops:
-            chain.rules.append(_log_sample(options, name, f"{key}: log a sample of spoofed frames"))
-        chain.rules.append(Rule((CounterRef(name), _DROP), f"{key}: source address or MAC is not the pod's"))
-        dispatch.elements.append((port.ifname, Verdict("jump", name)))
-    _render_held_veths(bridge, holds, hook, own, shared, dispatch, result, options)
+    for part in spoofs:
+        result.counters[part.counter.name] = part.labels
+        bridge.add(part.counter)
+        bridge.add(part.chain)
+        own["v4"].elements += part.v4
+        own["v6"].elements += part.v6
+        own["arp"].elements += part.arp
+        dispatch.elements.append((part.port.ifname, Verdict("jump", part.chain.name)))
+    _render_held_veths(bridge, holds, hook, own, dispatch, result, options)
 
 
-def _add_own_addresses(own: dict[str, Set], port: PodPort, addresses: list) -> None:
-    """A veth's own (ifindex, MAC, address) elements: its IPs, link-local IPv6 and ARP."""
+def _pod_anti_spoofing(pod: PolicedPod, ips: tuple[str, ...], port: PodPort, options: RenderOptions) -> _PodSpoof:
+    """A local pod's veth: its chain (what its own addresses do not cover: ARP, link-local IPv6,
+    spoofing counted and dropped) and its own addresses as elements of the node-wide sets."""
+    key = pod.key
+    # The counter and the chain share a name, in separate namespaces of the table.
+    name = counter_name(pod.namespace, pod.name, "spoof")
+    chain = Chain(name, comment=f"{key} on {port.ifname}")
+    addresses = [_address(ip) for ip in ips]
+    if port.mac and port.ifindex is not None:
+        v4, v6, arp = _own_addresses(port, addresses)
+        chain.rules += _SPOOF_SHARED
+    else:
+        # MAC or ifindex unknown (a port given without them): check the source address alone.
+        v4 = v6 = arp = ()
+        comment = f"{key}: its own address (MAC unknown)"
+        chain.rules += [Rule((Match(_ADDR[(_FAMILY[a.version][0], "saddr")], a), _ACCEPT), comment)
+                        for a in addresses]
+    if options.log_drops:
+        chain.rules.append(_log_sample(options, name, f"{key}: log a sample of spoofed frames"))
+    chain.rules.append(Rule((CounterRef(name), _DROP), f"{key}: source address or MAC is not the pod's"))
+    return _PodSpoof(ips, port, Counter(name, comment=f"{key} spoofed frames"),
+                     CounterLabels(pod.namespace, pod.name, "spoof"), chain, v4, v6, arp)
+
+
+def _own_addresses(port: PodPort, addresses: list) -> tuple[tuple, tuple, tuple]:
+    """A veth's own (ifindex, MAC, address) elements of pod_addresses_v4, pod_addresses_v6 and
+    pod_arp_senders: its IPs, link-local IPv6 and ARP."""
     mac, veth = port.mac.lower(), port.ifindex
-    v4 = [(veth, mac, a) for a in addresses if a.version == 4]
-    own["v4"].elements += v4
-    if len(v4) < len(addresses):
-        own["v6"].elements += [(veth, mac, _network(f"{a}/128")) for a in addresses if a.version == 6]
-    own["v6"].elements += [(veth, mac, _LINK_LOCAL6), (veth, mac, _UNSPECIFIED6_NET)]
-    if v4:
-        own["arp"].elements += v4
-        own["arp"].elements.append((veth, mac, _UNSPECIFIED4))
+    v4 = tuple([(veth, mac, a) for a in addresses if a.version == 4])
+    v6 = tuple([(veth, mac, _network(f"{a}/128")) for a in addresses if a.version == 6]) \
+        + ((veth, mac, _LINK_LOCAL6), (veth, mac, _UNSPECIFIED6_NET))
+    arp = (*v4, (veth, mac, _UNSPECIFIED4)) if v4 else ()
+    return v4, v6, arp
 
 
-def _render_held_veths(bridge: Table, holds: Holds, hook: Chain, own: dict[str, Set], shared: tuple[Rule, ...],
-                       dispatch: Map, result: RenderResult, options: RenderOptions) -> None:
+def _render_held_veths(bridge: Table, holds: Holds, hook: Chain, own: dict[str, Set], dispatch: Map,
+                       result: RenderResult, options: RenderOptions) -> None:
     """Held veths are anti-spoofed like any pod's, into one node-wide chain and counter.
 
     Their own MAC and IPs pass the bridge (the forward hook refuses them towards other pods and
@@ -713,7 +885,7 @@ def _render_held_veths(bridge: Table, holds: Holds, hook: Chain, own: dict[str, 
     result.counters[HELD_VETH] = HELD_LABELS["egress"]
     bridge.add(Counter(HELD_VETH, comment="frames from held or unknown veths, other than their own addresses"))
     chain = bridge.add(Chain(HELD_VETH, comment="veths of local pods held closed until the rule set covers them"))
-    chain.rules += shared
+    chain.rules += _SPOOF_SHARED
     if options.log_drops:
         chain.rules.append(_log_sample(options, HELD_VETH, "held veths: log a sample of drops"))
     chain.rules.append(Rule((CounterRef(HELD_VETH), _DROP),
@@ -726,7 +898,8 @@ def _render_held_veths(bridge: Table, holds: Holds, hook: Chain, own: dict[str, 
             continue  # a pod of the rule set has this veth: only the uncovered IPs are held
         taken.add(port.ifname)
         if port.mac and port.ifindex is not None and entry.ips:
-            _add_own_addresses(own, port, [_address(ip) for ip in entry.ips])
+            for name, elements in zip(("v4", "v6", "arp"), _own_addresses(port, [_address(ip) for ip in entry.ips])):
+                own[name].elements += elements
         dispatch.elements.append((port.ifname, jump))
     for port in holds.passed:
         if port.ifname not in taken:

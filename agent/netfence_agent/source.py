@@ -70,8 +70,8 @@ class RuleSetReader:
         last = self._last.spec
         try:
             envelope = netfence_api.NodeRuleSet.model_validate({**data, "spec": {"nodeName": spec.get("nodeName")}})
-            pods = last.pods if spec.get("pods", []) == old.get("pods", []) else \
-                _reused(spec.get("pods", []), old.get("pods", []), last.pods, netfence_api.PolicedPod, _pod_key)
+            pods = last.pods if spec.get("pods", []) == old.get("pods", []) else _reused(
+                spec.get("pods", []), old.get("pods", []), last.pods, netfence_api.PolicedPod, _pod_key)
             groups = _reused(spec.get("peerGroups", []), old.get("peerGroups", []), last.peerGroups, netfence_api.PeerGroup)
             port_groups = _reused(spec.get("peerPortGroups", []), old.get("peerPortGroups", []), last.peerPortGroups,
                                   netfence_api.PeerPortGroup)
@@ -85,12 +85,19 @@ class RuleSetReader:
 _SPEC_FIELDS = set(netfence_api.NodeRuleSetSpec.model_fields)
 
 
-def _pod_key(item: dict) -> tuple:
+def _name(item: dict):
+    return item.get("name")
+
+
+def _pod_key(item: dict):
     return item.get("namespace"), item.get("name")
 
 
-def _reused(items, old_items, old_models: list, model, key=lambda item: item.get("name")):
-    """Models of `items`, reusing the model of an equal item of the previous update (by key)."""
+def _reused(items, old_items, old_models: list, model, key=_name):
+    """Models of `items`, reusing the model of an equal item of the previous update (by `key`).
+
+    A pod born, deleted or relabelled on the node thus validates that one pod, and the render
+    finds every other pod the very model it rendered before (render_update)."""
     if not isinstance(items, list) or not isinstance(old_items, list) or len(old_items) != len(old_models):
         return TypeAdapter(list[model]).validate_python(items)
     if len(items) == len(old_items):  # the common case: members changed, no group came or went

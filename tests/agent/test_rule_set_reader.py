@@ -63,6 +63,13 @@ CHANGES = [
     lambda data: data["spec"]["peerGroups"].reverse(),
     lambda data: data["spec"]["peerGroups"].append(copy.deepcopy(data["spec"]["peerGroups"][0])),  # a name twice
     lambda data: data["spec"].pop("peerPortGroups"),
+    # Pods of the node born, deleted, relabelled (other rules), renamed, or one name in two namespaces.
+    lambda data: data["spec"]["pods"].append({"namespace": "y", "name": "a", "ips": ["10.244.0.7"]}),
+    lambda data: data["spec"]["pods"].pop(0),
+    _set(("spec", "pods", 0, "isolation"), {"egress": True}),
+    _set(("spec", "pods", 1, "name"), "c"),
+    _set(("spec", "pods", 1, "isolation"), "closed"),  # invalid
+    lambda data: data["spec"]["pods"].insert(0, {"namespace": "x", "name": "z", "ips": []}),  # invalid: no IP
 ]
 
 
@@ -109,6 +116,21 @@ def test_a_group_change_reuses_the_validated_pods_and_other_groups():
     assert second.spec.peerGroups[1] is not first.spec.peerGroups[1]
     assert second.spec.peerGroups[1].cidrs == ["10.244.7.7/32"]
     assert second == netfence_api.NodeRuleSet.model_validate(data)
+
+
+def test_a_pod_born_or_changed_validates_that_pod_and_reuses_the_others():
+    reader = RuleSetReader()
+    first = reader.read(base())
+    data = base()
+    data["spec"]["pods"].append({"namespace": "y", "name": "b", "ips": ["10.244.0.9"]})
+    born = reader.read(data)
+    assert born.spec.pods[0] is first.spec.pods[0] and born.spec.pods[1] is first.spec.pods[1]
+    data = copy.deepcopy(data)
+    data["spec"]["pods"][0]["isolation"] = {"egress": True}
+    relabelled = reader.read(data)
+    assert relabelled.spec.pods[0] is not born.spec.pods[0]
+    assert relabelled.spec.pods[1:] == born.spec.pods[1:] and relabelled.spec.pods[2] is born.spec.pods[2]
+    assert relabelled == netfence_api.NodeRuleSet.model_validate(data)
 
 
 def test_an_invalid_update_is_refused_and_the_next_compares_with_the_last_good_one():

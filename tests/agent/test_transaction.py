@@ -101,10 +101,27 @@ def test_a_member_leaving_a_large_set_deletes_only_that_element():
     tx = plan(desired, applied, no_inventory)
     assert tx.kind == "elements"
     assert tx.commands == [
-        {"delete": {"element": {"family": "inet", "table": "nftest", "name": "peers_v4", "elem": ["10.0.0.1"]}}},
+        # A single address as a full-length prefix: what deleting from an interval set needs.
+        {"delete": {"element": {"family": "inet", "table": "nftest", "name": "peers_v4",
+                                "elem": [{"prefix": {"addr": "10.0.0.1", "len": 32}}]}}},
         {"add": {"set": {"family": "inet", "table": "nftest", "name": "peers_v4", "type": "ipv4_addr",
                          "flags": ["interval"], "elem": ["10.200.0.1"]}}},
     ]
+
+
+def test_an_element_leaving_a_set_of_concatenated_intervals_is_deleted_not_refilled():
+    """The kernel takes a pipapo set's elements out one at a time (~0.2 ms each): a refill of
+    the bridge table's pod_addresses_v6 cost 40 ms at 110 pods, deleting the two that go 1.7 ms."""
+    key = ("iface_index", "ether_addr", "ipv6_addr")
+    applied = base_ruleset()
+    elements = [(10 + i, "02:00:00:00:00:01", NET(f"fd00::{i}/128")) for i in range(4)]
+    applied.tables[0].add(Set("own_v6", key, elements=elements, flags=("interval",)))
+    desired = copy.deepcopy(applied)
+    desired.tables[0].sets["own_v6"].elements = elements[1:]
+    tx = plan(desired, applied, no_inventory)
+    assert tx.kind == "elements"
+    assert verbs(tx) == [("delete", "element", "own_v6")]
+    assert len(tx.commands[0]["delete"]["element"]["elem"]) == 1
 
 
 def test_map_verdict_change_refills_the_map():
@@ -141,10 +158,11 @@ def test_pod_removal_unhooks_before_deleting():
     assert verbs(tx) == [
         ("flush", "chain", "pod_b_ingress"),           # its rule referred to the counter
         ("delete", "counter", "pod_b_ingress"),
-        ("flush", "map", "ingress_v4"),                # the map jumped to the chain
+        ("delete", "element", "ingress_v4"),           # the map's entry jumped to the chain
         ("delete", "chain", "pod_b_ingress"),
-        ("add", "map", "ingress_v4"),                  # the other pod's entry, back in the same batch
     ]
+    # A partial sync has libnftables read every declaration anyway: only what goes is written.
+    assert tx.commands[2]["delete"]["element"]["elem"] == [["10.244.0.3", {"jump": {"target": "pod_b_ingress"}}]]
 
 
 def test_changed_rules_flush_and_refill_that_chain_only():
@@ -163,7 +181,7 @@ def test_changed_chain_comment_recreates_the_chain_and_its_map_entry():
     assert tx.kind == "partial"
     assert verbs(tx) == [
         ("flush", "chain", "pod_b_ingress"),
-        ("flush", "map", "ingress_v4"),
+        ("delete", "element", "ingress_v4"),
         ("delete", "chain", "pod_b_ingress"),
         ("add", "chain", "pod_b_ingress"),
         ("add", "map", "ingress_v4"),

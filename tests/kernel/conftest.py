@@ -64,6 +64,32 @@ class NetnsKernel:
         self.executor.shutdown(wait=True)
 
 
+class NullSource:
+    """A rule-set source for an agent the caller feeds itself (set_rule_set); status goes nowhere."""
+
+    def updates(self):
+        return iter(())
+
+    def report(self, status) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def driven_agent(node: str, kernel, workdir: Path, **config):
+    """An agent run by its caller, one sync_once at a time, on `kernel` (a NetnsKernel): no
+    source, no HTTP, no discovery; br_netfilter's sysctls faked under `workdir`."""
+    from netfence_agent.daemon import Agent, AgentConfig
+
+    sysctl = Path(workdir) / "net" / "bridge"
+    sysctl.mkdir(parents=True, exist_ok=True)
+    for name in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables"):
+        (sysctl / name).write_text("1\n")
+    config = AgentConfig(node=node, metrics_bind_address=None, proc_sys=str(workdir), **{"full_sync_period": 0, **config})
+    return Agent(config, NullSource(), kernel)
+
+
 @pytest.fixture
 def kernel_in(netns_factory) -> Iterator:
     made: list[NetnsKernel] = []

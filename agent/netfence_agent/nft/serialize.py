@@ -338,10 +338,23 @@ def rule_json(table: Table, chain: Chain, rule: Rule) -> dict:
     return {"rule": body}
 
 
-def element_json(table: Table, set_name: str, elements: list) -> dict:
-    """Set elements for an `add`/`delete element` command."""
+def element_json(table: Table, set_name: str, elements: list, interval: bool = False) -> dict:
+    """Set elements for an `add`/`delete element` command. In an interval set a single address
+    is written as a full-length prefix: libnftables 1.0.6 turns a bare address into a range when
+    adding but not when deleting from a set of concatenated intervals (the kernel then finds no
+    such element)."""
     return {"element": {"family": table.family, "table": table.name, "name": set_name,
-                        "elem": [_elem_json(e) for e in elements]}}
+                        "elem": [_interval_elem_json(e) if interval else _elem_json(e) for e in elements]}}
+
+
+def _interval_elem_json(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return {"concat": [_interval_elem_json(v) for v in value]}
+    if isinstance(value, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        return {"prefix": {"addr": str(value.network_address), "len": value.prefixlen}}
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+        return {"prefix": {"addr": str(value), "len": value.max_prefixlen}}
+    return _elem_json(value)
 
 
 def map_elements_json(table: Table, map_name: str, elements: list[tuple[Any, Verdict]]) -> dict:
