@@ -13,7 +13,7 @@ Where groups live is one decision for the whole cluster, made from the content a
 every NodeRuleSet while all of the nodes' rule data (pods, rules and the groups each names) is
 at most `Bounds.inline_groups_bytes` (64 KiB: a change rewriting every NodeRuleSet then costs
 what one object costs), in PeerGroupSlices otherwise. A small cluster reads as one object per
-node; a large one writes a member change into one slice of at most 8 KiB instead of into every
+node; a large one writes a member change into one slice of at most 4 KiB instead of into every
 NodeRuleSet that names the group.
 
 Members are placed by a hash trie: a slice holds the members whose hash starts with its `<bits>`,
@@ -92,7 +92,7 @@ class Bounds:
     stay inline in the NodeRuleSets while the nodes' rule data, each node with the groups it
     names, adds up to at most this (0: always in PeerGroupSlices)."""
 
-    group_slice_bytes: int = 8 * 1024
+    group_slice_bytes: int = 4 * 1024
     inline_groups_bytes: int = 64 * 1024
 
 

@@ -184,9 +184,9 @@ def test_peer_ip_change_patches_the_nodes_that_use_it(api_server, kubeconfig, la
         assert [op["op"] for op in write.body] == ["test", "test", "test", "replace", "replace", "replace"]
         assert write.body[3]["path"] == "/spec/pods/0" and write.body[3]["value"]["ips"] == ["10.244.1.77"]
         assert [m for m, _ in slice_writes(api_server, slice_mark)] == ["PATCH"]
-        # small objects only: the slice body within its bound (8 KiB of members) and its envelope
+        # small objects only: the slice body within its bound (4 KiB of members) and its envelope
         bodies = [r.body for r in api_server.writes(SLICES_PATH)[slice_mark:]]
-        assert bodies and all(len(json.dumps(b, separators=(",", ":"))) <= 9 * 1024 for b in bodies)
+        assert bodies and all(len(json.dumps(b, separators=(",", ":"))) <= 5 * 1024 for b in bodies)
 
 
 @layouts
@@ -468,7 +468,7 @@ def test_a_refused_peer_group_slice_is_loud_on_the_node_that_needs_it(api_server
         before = published(api_server)
         largest = max(len(json.dumps(o)) for plural in ("noderulesets", "peergroupslices")
                       for o in api_server.list(plural))
-        api_server.max_object_bytes = max(largest, 4096) + 200  # the wide group's 8 KiB slices do not fit
+        api_server.max_object_bytes = max(largest, 2048) + 200  # the wide group's 4 KiB slices do not fit
         api_server.apply(pod("prod", "db", "n2", "10.244.2.20", {"app": "db-2"}))
         wait_for(lambda: 'netfence_controller_rulesets_refused{node="n2"} 1.0' in metrics_text(controller),
                  what="the refusal metric")
