@@ -24,6 +24,7 @@ and generation are never touched by the agent.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import queue
@@ -104,10 +105,10 @@ class _Follower:
         while not self._stop.is_set():
             try:
                 if resource_version is None:
-                    listing = self.api.list_cluster_custom_object(GROUP, VERSION, self.plural, _request_timeout=30,
-                                                                  **self.selectors)
+                    listing = self._read(self.api.list_cluster_custom_object(
+                        GROUP, VERSION, self.plural, _request_timeout=30, _preload_content=False,
+                        _headers=_GZIP, **self.selectors))
                     resource_version = listing["metadata"]["resourceVersion"]
-                    self.bytes_received += len(json.dumps(listing))
                     items = [o for o in listing.get("items") or [] if self.accept(o)]
                     self._have = {_name(o): _version(o) for o in items}
                     self.out.put((self.plural, "LIST", items))
@@ -143,15 +144,24 @@ class _Follower:
 
     def _get(self, name: str) -> dict[str, Any] | None:
         try:
-            response = self.api.get_cluster_custom_object(GROUP, VERSION, self.plural, name, _preload_content=False,
-                                                          _request_timeout=30)
+            return self._read(self.api.get_cluster_custom_object(GROUP, VERSION, self.plural, name, _preload_content=False,
+                                                                 _request_timeout=30, _headers=_GZIP))
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
-        data = response.data
-        self.bytes_received += len(data)
-        return json.loads(data)
+
+    def _read(self, response: Any) -> dict[str, Any]:
+        """A GET or LIST response's object, counting the bytes as they came over the wire (the
+        apiserver gzips those over 128 KiB: a node of 1,000 pods' NodeRuleSet is ~430 KiB)."""
+        try:
+            raw = response.read(decode_content=False)
+        finally:
+            response.release_conn()
+        self.bytes_received += len(raw)
+        if response.headers.get("Content-Encoding") == "gzip":
+            raw = gzip.decompress(raw)
+        return json.loads(raw)
 
     def _watch(self, resource_version: str) -> Iterator[dict[str, Any]]:
         headers = {"Accept": f"{_PARTIAL_METADATA}, application/json"} if self.spec_changes_only else None
@@ -201,6 +211,7 @@ class _Follower:
 
 
 _PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+_GZIP = {"Accept-Encoding": "gzip"}
 
 
 def _name(obj: dict[str, Any]) -> str:

@@ -48,6 +48,7 @@ import asyncio
 import collections
 import copy
 import datetime
+import gzip
 import json
 import re
 import secrets
@@ -698,7 +699,7 @@ class FakeApiServer:
             if method == "GET" and q.get("watch") in ("true", "1"):
                 return await self._watch(request, rtype, ns, metadata_only)
             if method == "GET":
-                return aiohttp.web.Response(body=self._list(rtype, ns, q, metadata_only), content_type="application/json")
+                return _compressed(request, self._list(rtype, ns, q, metadata_only))
             if method == "POST":
                 if not isinstance(body, dict):
                     raise ApiError(400, "BadRequest", "body must be an object")
@@ -723,7 +724,8 @@ class FakeApiServer:
         if old is None:
             raise ApiError(404, "NotFound", f'{rtype.plural}.{rtype.group or "core"} "{name}" not found')
         if method == "GET":
-            return aiohttp.web.json_response(partial_metadata(old)) if metadata_only else self._respond(old, key)
+            return aiohttp.web.json_response(partial_metadata(old)) if metadata_only else \
+                _compressed(request, self._data(old, key))
         if method == "PUT":
             if not isinstance(body, dict) or (body.get("metadata") or {}).get("name") != name:
                 raise ApiError(400, "BadRequest", "the name of the object does not match the name in the URL")
@@ -878,6 +880,18 @@ class FakeApiServer:
                 resources.append({"name": f"{t.plural}/status", "singularName": "", "namespaced": t.namespaced,
                                   "kind": t.kind, "verbs": ["get", "patch", "update"]})
         return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": resources}
+
+
+# The apiserver gzips GET and LIST responses over 128 KiB for clients that accept it
+# (APIResponseCompression, on by default since 1.16; level 1 since 1.25); watches never.
+GZIP_THRESHOLD = 128 * 1024
+
+
+def _compressed(request: aiohttp.web.Request, body: bytes) -> aiohttp.web.Response:
+    if len(body) > GZIP_THRESHOLD and "gzip" in request.headers.get("Accept-Encoding", ""):
+        return aiohttp.web.Response(body=gzip.compress(body, compresslevel=1), content_type="application/json",
+                                    headers={"Content-Encoding": "gzip", "Vary": "Accept-Encoding"})
+    return aiohttp.web.Response(body=body, content_type="application/json")
 
 
 # `Accept: application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1`: the apiserver answers

@@ -304,3 +304,18 @@ def test_status_changes_cost_a_metadata_event_not_the_whole_object(api_server: F
     api_server.apply(ruleset("n1", [*pods, {**a_pod("10.9.9.9"), "name": "newcomer"}]))
     assert len(c.next().spec.pods) == 201
     assert size < c.source.bytes_received - before < size + 3000  # the metadata event and one GET
+
+
+def test_a_large_rule_set_comes_gzipped(api_server: FakeApiServer, consumer):
+    """A node of ~1,000 pods has a NodeRuleSet of ~430 KiB: its GET travels gzipped, as the
+    apiserver sends responses over 128 KiB to clients that accept it."""
+    pods = [{**a_pod(f"10.0.{i // 250}.{i % 250 + 1}"), "name": f"pod-{i}"} for i in range(2000)]
+    api_server.apply(ruleset("n1", pods[:10]))
+    c = consumer("n1")
+    c.next()
+    wait_for(lambda: [r for r in api_server.requests if r.path == NRS_PATH and r.query.get("watch")], what="the watch")
+    api_server.apply(ruleset("n1", pods))
+    size = len(json.dumps(api_server.get("noderulesets", "n1"), separators=(",", ":")))
+    before = c.source.bytes_received
+    assert len(c.next().spec.pods) == 2000
+    assert size > 128 * 1024 and c.source.bytes_received - before < size / 4

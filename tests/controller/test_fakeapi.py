@@ -416,3 +416,24 @@ def test_recorded_requests_keep_the_body_as_sent(k8s, api_server):
     post, patch = api_server.writes(f"/apis/{GROUP}/{VERSION}/{PLURAL}")[-2:]
     assert post.method == "POST" and post.body["metadata"] == {"name": "a"}  # not what the server added
     assert patch.method == "PATCH" and patch.body == {"spec": {"x": 3}} and patch.status == 200
+
+
+def test_get_and_list_over_128_kib_are_gzipped_for_clients_that_accept_it(api_server):
+    """As the apiserver's APIResponseCompression: GET and LIST bodies over 128 KiB, only when asked."""
+    import gzip
+
+    pods = [{"namespace": "x", "name": f"p-{i}", "ips": [f"10.0.{i // 250}.{i % 250}"]} for i in range(3000)]
+    api_server.apply({"apiVersion": "netfence.io/v1alpha1", "kind": "NodeRuleSet", "metadata": {"name": "big"},
+                      "spec": {"nodeName": "big", "pods": pods}})
+    api_server.apply({"apiVersion": "netfence.io/v1alpha1", "kind": "NodeRuleSet", "metadata": {"name": "small"},
+                      "spec": {"nodeName": "small", "pods": pods[:3]}})
+    base = f"{api_server.url}/apis/netfence.io/v1alpha1/noderulesets"
+    for path, compressed in ((base + "/big", True), (base, True), (base + "/small", False)):
+        request = urllib.request.Request(path, headers={"Accept-Encoding": "gzip"})
+        with urllib.request.urlopen(request, timeout=5) as r:
+            raw, encoding = r.read(), r.headers.get("Content-Encoding")
+        assert (encoding == "gzip") == compressed, path
+        body = json.loads(gzip.decompress(raw) if compressed else raw)
+        assert body["kind"] in ("NodeRuleSet", "NodeRuleSetList")
+        with urllib.request.urlopen(path, timeout=5) as r:  # not asked: never compressed
+            assert r.headers.get("Content-Encoding") is None and json.loads(r.read()) == body
