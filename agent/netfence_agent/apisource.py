@@ -136,6 +136,9 @@ class _Follower:
         elif obj.get("kind") == "PartialObjectMetadata":
             if self._have.get(name) == _version(obj):
                 return  # status or metadata only
+            # Say it is on its way: group slices changed by the same event, arriving meanwhile,
+            # wait for it, and the agent syncs once instead of twice.
+            self.out.put((self.plural, "COMING", None))
             obj = self._get(name)
             if obj is None:
                 return  # gone meanwhile: its DELETED event follows
@@ -227,6 +230,9 @@ class ApiRuleSetSource:
     # Objects in flight (a slice ahead of the NodeRuleSet naming it) resolve in milliseconds;
     # what is still missing after this long is reported.
     INCOMPLETE_GRACE = 3.0
+    # How long changes wait for a NodeRuleSet whose new generation was announced (its GET): a
+    # bound for a GET that fails (the watch then re-lists).
+    COMING_WAIT = 1.0
 
     def __init__(self, node: str, kubeconfig: str | None = None, *, client: kubernetes.client.ApiClient | None = None):
         self.node = node
@@ -248,6 +254,7 @@ class ApiRuleSetSource:
         self._read: tuple[dict[str, Any], netfence_api.NodeRuleSet] | None = None  # the NodeRuleSet last read
         self._delivered: netfence_api.NodeRuleSet | None = None
         self._waiting: tuple[str, float] | None = None  # (why the spec is incomplete, since)
+        self._coming: float | None = None  # monotonic time a new NodeRuleSet was announced, until it is here
         self._reported_problem: str | None = None
 
     @property
@@ -263,6 +270,9 @@ class ApiRuleSetSource:
             timeout = None
             if self._waiting is not None:
                 timeout = max(0.05, self._waiting[1] + self.INCOMPLETE_GRACE - time.monotonic())
+            if self._coming is not None:
+                left = max(0.0, self._coming + self.COMING_WAIT - time.monotonic())
+                timeout = left if timeout is None else min(timeout, left)
             try:
                 item = self._events.get(timeout=timeout)
             except queue.Empty:
@@ -277,6 +287,9 @@ class ApiRuleSetSource:
                     self._take(item)
             if self._stop.is_set():
                 break
+            if self._coming is not None and time.monotonic() - self._coming < self.COMING_WAIT:
+                continue  # the NodeRuleSet is being fetched: assemble with it
+            self._coming = None
             found = self._assemble()
             if found is not None:
                 yield found
@@ -286,6 +299,9 @@ class ApiRuleSetSource:
             return
         plural, kind, payload = item
         if plural == PLURAL:
+            self._coming = time.monotonic() if kind == "COMING" else None
+            if kind == "COMING":
+                return
             if kind == "LIST":
                 self._ruleset = payload[0] if payload else None
             elif kind == "DELETED":

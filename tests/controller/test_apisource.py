@@ -6,6 +6,7 @@ import copy
 import json
 import queue
 import threading
+import time
 from typing import Iterator
 
 import pytest
@@ -15,7 +16,7 @@ from controller.fakeapi import FakeApiServer
 from controller.harness import NRS_PATH, node, pod, policy, running_controller, settle, wait_for, wait_synced
 from controller.test_controller import expected
 from netfence_agent.apisource import ApiRuleSetSource
-from netfence_api.slices import DEFAULT_BOUNDS, Bounds, publish_order, split
+from netfence_api.slices import DEFAULT_BOUNDS, Bounds, cidr_key, publish_order, split
 
 pytestmark = pytest.mark.slow
 
@@ -319,3 +320,39 @@ def test_a_large_rule_set_comes_gzipped(api_server: FakeApiServer, consumer):
     before = c.source.bytes_received
     assert len(c.next().spec.pods) == 2000
     assert size > 128 * 1024 and c.source.bytes_received - before < size / 4
+
+
+def test_changes_wait_for_an_announced_rule_set_and_are_synced_once(api_server: FakeApiServer, consumer):
+    """One pod event may change a group slice and the NodeRuleSet; the NodeRuleSet's watch says a
+    new generation is coming before its GET is back: the slice waits for it (one delivery, one
+    sync), and not longer than COMING_WAIT if the GET never comes."""
+    publish(api_server, [db_spec()], SMALL)
+    c = consumer("n1")
+    c.next()
+    source = c.source
+    source.COMING_WAIT = 30.0
+    grown = GROUP.model_copy(update={"cidrs": [*GROUP.cidrs, "10.1.0.99/32"]})
+    before = {o["metadata"]["name"] for o in split([db_spec()], SMALL) if o["kind"] == "PeerGroupSlice"}
+    after = split([db_spec(grown, pods=4)], SMALL)
+    slices = [o for o in after if o["kind"] == "PeerGroupSlice"]
+    ruleset_obj = next(o for o in after if o["kind"] == "NodeRuleSet")
+    ruleset_obj["metadata"].update(generation=2, uid="u")
+    source._events.put(("noderulesets", "COMING", None))  # as the follower does before its GET
+    for name in before - {o["metadata"]["name"] for o in slices}:
+        source._events.put(("peergroupslices", "DELETED", {"metadata": {"name": name}}))
+    for obj in slices:
+        source._events.put(("peergroupslices", "MODIFIED", obj))
+    assert c.nothing_for(0.5)
+    source._events.put(("noderulesets", "MODIFIED", ruleset_obj))
+    assert c.next().spec == db_spec(grown, pods=4)
+    assert c.nothing_for(0.3)
+    # announced, never fetched: the group change goes through after COMING_WAIT
+    source.COMING_WAIT = 0.5
+    source._events.put(("noderulesets", "COMING", None))
+    regrown = grown.model_copy(update={"cidrs": sorted([*grown.cidrs, "10.1.0.98/32"], key=cidr_key)})
+    for obj in split([db_spec(regrown, pods=4)], SMALL):
+        if obj["kind"] == "PeerGroupSlice":
+            source._events.put(("peergroupslices", "MODIFIED", obj))
+    started = time.monotonic()
+    assert c.next(timeout=5).spec == db_spec(regrown, pods=4)
+    assert 0.4 <= time.monotonic() - started
