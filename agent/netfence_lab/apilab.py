@@ -401,6 +401,19 @@ def current_plan(lab: "Lab", state: LabState) -> LabPlan:
 
 
 # ---------------------------------------------------------------------- down
+def agent_statuses(state: LabState) -> dict[str, dict[str, Any]]:
+    """node -> what its agent reported in its NodeRuleSet's status, with the NodeRuleSet's
+    generation (`{}` for a node without one; `{"error": ...}` when the API cannot be read)."""
+    api = LabApi(state.kubeconfig or "")
+    try:
+        return {o["metadata"]["name"]: {**(o.get("status") or {}), "generation": o["metadata"].get("generation")}
+                for o in api.items(NODE_RULE_SETS)}
+    except Exception as e:  # noqa: BLE001 - status must answer even with the API down
+        return {"": {"error": short(e)}}
+    finally:
+        api.close()
+
+
 def tear_down(lab: "Lab", state: LabState) -> list[str]:
     done: list[str] = []
     # The lab's processes first: the controller and kubelet must not react to what follows.

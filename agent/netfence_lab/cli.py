@@ -146,7 +146,8 @@ def format_status(st: dict[str, Any]) -> str:
     for n in st.get("nodes", []):
         agent = "-" if n["agent"] is None else ("running" if n["agent"] else "NOT RUNNING")
         lines.append(f"  node {n['name']:<12} netns {n['netns']:<20} {n['internalIP']:<15} podCIDR {n['podCIDR']:<18} "
-                     f"agent {agent} observedGeneration {n['observedGeneration']}")
+                     f"agent {agent} observedGeneration {n['observedGeneration']}"
+                     + (f" of {n['generation']}" if n.get("generation") is not None else ""))
     for p in st.get("pods", []):
         lines.append(f"  pod  {p['pod']:<20} {p['node']:<10} {p['ip']:<15} {p['netns']:<22} "
                      f"{','.join(p['ports'])} server {'up' if p['server'] else 'DOWN'}")

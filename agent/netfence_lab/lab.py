@@ -302,6 +302,10 @@ class Lab:
             "notes": state.notes,
         }
         if plan:
+            # The agents report in their rule set's status: a file beside the rules, or the
+            # NodeRuleSet's status on the API.
+            reported = apilab.agent_statuses(state) if state.on_api else {
+                n.name: read_status(self.store.node_dir(n.name) / "status.json") for n in plan.nodes}
             out["nodes"] = [
                 {
                     "name": n.name,
@@ -309,10 +313,13 @@ class Lab:
                     "internalIP": n.underlay_ip,
                     "podCIDR": n.pod_cidr,
                     "agent": (alive("agent", n.name) if state.agents else None),
-                    "observedGeneration": read_status(self.store.node_dir(n.name) / "status.json").get("observedGeneration"),
+                    "observedGeneration": reported.get(n.name, {}).get("observedGeneration"),
+                    "generation": reported.get(n.name, {}).get("generation"),
                 }
                 for n in plan.nodes
             ]
+            if "" in reported:
+                out["notes"] = [*out["notes"], f"cannot read the NodeRuleSets: {reported['']['error']}"]
             out["pods"] = [
                 {
                     "pod": p.key,

@@ -149,6 +149,9 @@ def test_lab_up_registers_a_kubelets_view_of_its_nodes_and_pods(api_lab, api_ser
     for rs in api_server.list("noderulesets"):
         assert rs["status"]["observedGeneration"] == rs["metadata"]["generation"]
         assert rs["status"]["appliedHash"] == rs["metadata"]["annotations"]["netfence.io/spec-hash"]
+    # and `lab status` shows what they reported there
+    shown = {n["name"]: (n["observedGeneration"], n["generation"]) for n in api_lab.status()["nodes"]}
+    assert shown == {rs["metadata"]["name"]: (rs["metadata"]["generation"],) * 2 for rs in api_server.list("noderulesets")}
 
 
 def test_policies_created_replaced_and_deleted_through_the_api(api_lab, k8s):

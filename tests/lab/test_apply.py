@@ -60,6 +60,7 @@ def test_apply_hands_every_node_its_rules_and_waits(make_lab, stub_agent):
         assert rs.metadata.name == n.name and rs.metadata.generation == 1 and rs.spec.nodeName == n.name
         status = json.loads((lab.store.node_dir(n.name) / "status.json").read_text())
         assert status["observedGeneration"] == 1
+    assert [n["observedGeneration"] for n in lab.status()["nodes"]] == [1] * len(plan.nodes)
     assert lab.apply([DENY_X]) == 2
     assert isolated(lab) == {"x/a", "x/b", "x/c"}
     assert all(rules(lab, n.name).metadata.generation == 2 for n in plan.nodes)
