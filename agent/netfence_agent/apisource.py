@@ -345,7 +345,7 @@ class ApiRuleSetSource:
                 self._read = (self._ruleset, self._reader.read(
                     {k: self._ruleset[k] for k in ("apiVersion", "kind", "metadata", "spec", "status") if k in self._ruleset}))
             read = self._read[1]
-            spec = assemble(read.spec, _GroupLookup(self))
+            spec = assemble(read.spec, self.group)
             rule_set = read if spec is read.spec else read.model_copy(update={
                 "spec": spec, "metadata": read.metadata.model_copy(update={"annotations": self._latest_trigger(spec)})})
         except ValidationError as e:
@@ -453,17 +453,6 @@ class ApiRuleSetSource:
         self._events.put(None)
         for follower in self._followers:
             follower.interrupt()
-
-
-class _GroupLookup:
-    """groups[name] for assemble(): assembled on demand from the slices held."""
-
-    def __init__(self, source: ApiRuleSetSource):
-        self.source = source
-
-    def get(self, name: str, default: Any = None) -> Any:
-        found = self.source.group(name)
-        return default if found is None else found
 
 
 def _short(e: Exception) -> str:

@@ -135,7 +135,7 @@ def parse_rule_set(text: str, origin: str = "rule set", reader: RuleSetReader | 
         )
         raise RuleSetFileError(f"{origin}: invalid NodeRuleSet: {problems}") from None
     try:
-        assemble(rule_set.spec, {})  # a file holds the groups its rules name (or the List their slices)
+        assemble(rule_set.spec, lambda name: None)  # a file holds the groups its rules name (or the List their slices)
     except Incomplete as exc:
         raise RuleSetFileError(f"{origin}: {exc}") from None
     return rule_set

@@ -36,7 +36,7 @@ import heapq
 import json
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from pydantic import Field, model_validator
 
@@ -321,6 +321,11 @@ class Splitter:
         self._last[node] = (spec.pods, spec.peerGroups, spec.peerPortGroups, objects)
         return objects
 
+    def inline_size(self, node: str) -> int:
+        """The node's inline size as last laid out (0 for a node not laid out)."""
+        last = self._last.get(node)
+        return last[3].inline_size if last is not None else 0
+
     def forget_node(self, node: str) -> None:
         self._pods.pop(node, None)
         self._last.pop(node, None)
@@ -426,10 +431,11 @@ def assemble_group(name: str, slices: Iterable[PeerGroupSliceSpec]) -> Group:
     return PeerPortGroup.model_construct(name=name, selector=first.selector, entries=entries)
 
 
-def assemble(ruleset: NodeRuleSetSpec, groups: Mapping[str, Group]) -> NodeRuleSetSpec:
+def assemble(ruleset: NodeRuleSetSpec, group_of: Callable[[str], Group | None]) -> NodeRuleSetSpec:
     """The complete spec of a node from its NodeRuleSet's spec and the groups held in slices
-    (name -> group): every group its rules name, inline in the spec or else from `groups`.
-    Incomplete names what is missing."""
+    (`group_of(name)`: the group, None if no slice holds it, or Incomplete if they are not one
+    whole): every group its rules name, inline in the spec or else from `group_of`. Incomplete
+    names what is missing."""
     inline: dict[str, Group] = {g.name: g for g in (*ruleset.peerGroups, *ruleset.peerPortGroups)}
     named, named_ports = named_groups(ruleset)
     picked: list[list] = []
@@ -438,7 +444,7 @@ def assemble(ruleset: NodeRuleSetSpec, groups: Mapping[str, Group]) -> NodeRuleS
         for name in names:
             group = inline.get(name)
             if group is None:
-                group = groups.get(name)
+                group = group_of(name)
             if group is None:
                 raise Incomplete(f"peer group {name} is missing (neither inline in NodeRuleSet "
                                  f"{ruleset.nodeName} nor a complete set of PeerGroupSlices)")
@@ -473,25 +479,11 @@ def assemble_from_objects(objects: Iterable[Mapping[str, Any]]) -> dict[str, Nod
         elif kind == GROUP_SLICE_KIND:
             parsed = PeerGroupSliceSpec.model_validate(spec)
             group_slices.setdefault(parsed.group.name, []).append(parsed)
-    return {node: assemble(NodeRuleSetSpec.model_validate(spec), _HeldGroups(group_slices))
-            for node, spec in sorted(rulesets.items())}
 
+    def group_of(name: str) -> Group | None:
+        return assemble_group(name, group_slices[name]) if name in group_slices else None
 
-class _HeldGroups:
-    """groups[name] for assemble() from the slices held: Incomplete says why one is not whole."""
-
-    def __init__(self, slices: Mapping[str, list[PeerGroupSliceSpec]]):
-        self.slices = slices
-
-    def get(self, name: str, default: Any = None) -> Any:
-        held = self.slices.get(name)
-        return default if not held else assemble_group(name, held)
-
-
-def publish_order(objects: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Referenced objects before those that reference them: group slices, then rule sets."""
-    rank = {GROUP_SLICE_KIND: 0, KIND: 1}
-    return sorted(objects, key=lambda o: rank.get(o.get("kind"), 2))
+    return {node: assemble(NodeRuleSetSpec.model_validate(spec), group_of) for node, spec in sorted(rulesets.items())}
 
 
 def canonical_size(obj: Mapping[str, Any]) -> int:

@@ -21,7 +21,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
@@ -148,14 +148,13 @@ class Publisher:
     refused: dict[str, tuple[str, str, str]] = field(default_factory=dict)
     write_concurrency: int = 8
     splitter: Splitter = field(default_factory=Splitter)
-    # (plural, name) -> content hash held by the API, and the group it is of
-    published_slices: dict[tuple[str, str], str] = field(default_factory=dict)
-    slice_owner: dict[tuple[str, str], str] = field(default_factory=dict)
-    _owned: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (plural, owner) -> names
+    # PeerGroupSlice name -> content hash held by the API, and the group it is of
+    published_slices: dict[str, str] = field(default_factory=dict)
+    slice_owner: dict[str, str] = field(default_factory=dict)
+    _owned: dict[str, set[str]] = field(default_factory=dict)  # group -> names of its slices the API holds
     node_groups: dict[str, frozenset[str]] = field(default_factory=dict)  # node -> groups it reads from slices
     _group_users: dict[str, int] = field(default_factory=dict)  # group -> how many nodes read it (set by _set_groups)
     _unused: set[str] = field(default_factory=set)  # groups that may have no user left: their slices may go
-    node_sizes: dict[str, int] = field(default_factory=dict)  # node -> bytes of its rule data, groups inline
     inline: bool | None = None  # the cluster's layout: groups inline in the NodeRuleSets, or in slices
     _changed_groups: set[str] = field(default_factory=set)  # members changed since their slices were looked at
     _unwritten: set[str] = field(default_factory=set)  # groups whose slices did not all get through
@@ -243,29 +242,28 @@ class Publisher:
         self.published_slices, self.slice_owner, self._owned = {}, {}, {}
         self._written_groups = {}  # check every group against the listing again
         for name, obj in stored[GROUP_SLICE_PLURAL].items():
-            self._stored_slice(GROUP_SLICE_PLURAL, name, obj)
-        self._unused |= {owner for (plural, owner) in self._owned}  # left by an earlier run, maybe
+            self._stored_slice(name, obj)
+        self._unused |= set(self._owned)  # left by an earlier run, maybe
 
-    def _stored_slice(self, plural: str, name: str, obj: dict[str, Any]) -> None:
-        """Remember a slice the API holds: its content hash and the group it is of."""
-        spec = obj.get("spec") or {}
+    def _stored_slice(self, name: str, obj: dict[str, Any]) -> None:
+        """Remember a PeerGroupSlice the API holds: its content hash and the group it is of."""
         owner = ((obj.get("metadata") or {}).get("labels") or {}).get(GROUP_LABEL, "")
-        self._forget_slice(plural, name)
-        self.published_slices[(plural, name)] = slice_hash(spec)
-        self.slice_owner[(plural, name)] = owner
-        self._owned.setdefault((plural, owner), set()).add(name)
+        self._forget_slice(name)
+        self.published_slices[name] = slice_hash(obj.get("spec") or {})
+        self.slice_owner[name] = owner
+        self._owned.setdefault(owner, set()).add(name)
 
-    def _forget_slice(self, plural: str, name: str) -> None:
-        self.published_slices.pop((plural, name), None)
-        owner = self.slice_owner.pop((plural, name), None)
+    def _forget_slice(self, name: str) -> None:
+        self.published_slices.pop(name, None)
+        owner = self.slice_owner.pop(name, None)
         if owner is not None:
-            names = self._owned.get((plural, owner), set())
+            names = self._owned.get(owner, set())
             names.discard(name)
             if not names:
-                self._owned.pop((plural, owner), None)
+                self._owned.pop(owner, None)
 
-    def _slices_of(self, plural: str, owner: str) -> set[str]:
-        return set(self._owned.get((plural, owner), ()))
+    def _slices_of(self, group: str) -> set[str]:
+        return set(self._owned.get(group, ()))
 
     async def _round(self) -> bool:
         """One publish round; False if something failed and must be retried."""
@@ -303,15 +301,12 @@ class Publisher:
             if node in names:
                 try:
                     with self.metrics.compile_duration.labels("publish").time():
-                        plans[node] = objects = self.splitter.node_objects(self.state.compiler.node_spec(node))
-                    self.node_sizes[node] = objects.inline_size
+                        plans[node] = self.splitter.node_objects(self.state.compiler.node_spec(node))
                 except Exception:  # noqa: BLE001 - a compiler bug: keep the published rules, say so loudly
                     log.exception("compiling node %s failed; its published rules stay", node)
                     self.metrics.publish_failures.inc()
             elif node in self.published:
                 plans[node] = None
-            if node not in names:
-                self.node_sizes.pop(node, None)
         return plans
 
     def _set_groups(self, node: str, groups: frozenset[str] | None) -> None:
@@ -358,13 +353,13 @@ class Publisher:
         names = self.state.compiler.node_names()
         self._changed_groups |= self.state.compiler.take_changed_groups()  # every round: else it piles up
         plans = self._plan(dirty, names)
-        inline = groups_inline(sum(self.node_sizes.get(n, 0) for n in names), self.splitter.bounds)
+        total = sum(self.splitter.inline_size(n) for n in names)
+        inline = groups_inline(total, self.splitter.bounds)
         if inline != self.inline:
             # The layout is the cluster's: every NodeRuleSet is written again in the new one.
             if self.inline is not None:
                 log.info("peer groups move %s (the rule data of all nodes is %d bytes)",
-                         "inline into the NodeRuleSets" if inline else "out into PeerGroupSlices",
-                         sum(self.node_sizes.get(n, 0) for n in names))
+                         "inline into the NodeRuleSets" if inline else "out into PeerGroupSlices", total)
             self.inline = inline
             plans.update(self._plan(names - set(plans), names))
             if inline:
@@ -387,7 +382,7 @@ class Publisher:
         if inline:
             self._changed_groups, self._unwritten = set(), set()
         group_objects = {name: self.splitter.group_objects(g) for name, g in groups.items()}
-        new_groups = [name for name in group_objects if not self._owned.get((GROUP_SLICE_PLURAL, name))]
+        new_groups = [name for name in group_objects if not self._owned.get(name)]
         whole_groups: set[str] = set()
 
         def settle_groups(names: list[str], results: dict[str, Any]) -> None:
@@ -406,12 +401,12 @@ class Publisher:
 
         if new_groups:
             settle_groups(new_groups, await self._put_all(
-                GROUP_SLICE_PLURAL, [_outgoing(o) for name in new_groups for o in group_objects[name]]))
+                GROUP_SLICE_PLURAL, [o for name in new_groups for o in group_objects[name]]))
         old_groups = [name for name in group_objects if name not in new_groups]
-        rulesets = [_outgoing(objects.ruleset(inline)) for node, objects in plans.items()
+        rulesets = [objects.ruleset(inline) for node, objects in plans.items()
                     if objects is not None and node not in failed and node not in refused]
         group_results, ruleset_results = await asyncio.gather(
-            self._put_all(GROUP_SLICE_PLURAL, [_outgoing(o) for name in old_groups for o in group_objects[name]]),
+            self._put_all(GROUP_SLICE_PLURAL, [o for name in old_groups for o in group_objects[name]]),
             self._put_all(PLURAL, rulesets))
         settle_groups(old_groups, group_results)
         for name in whole_groups:
@@ -427,7 +422,7 @@ class Publisher:
                 self._set_groups(node, groups_now)
 
         # Deletions: NodeRuleSets of gone nodes, then slices nothing references.
-        doomed: list[tuple[str, str]] = []
+        doomed: list[str] = []  # PeerGroupSlices
         for node, objects in plans.items():
             if objects is None:
                 if node in self.published and not await self._delete(PLURAL, node):
@@ -436,19 +431,19 @@ class Publisher:
                 self._set_groups(node, None)
         for name in whole_groups:
             keep = {o["metadata"]["name"] for o in group_objects[name]}
-            doomed += [(GROUP_SLICE_PLURAL, n) for n in self._slices_of(GROUP_SLICE_PLURAL, name) - keep]
+            doomed += self._slices_of(name) - keep
         if set(self.node_groups) >= names and not failed and not refused and not self.refused:
             # every node's groups are known and every node holds what it was given: the others are garbage
             for name in self._unused:
                 if name in self._group_users:
                     continue
-                doomed += [(GROUP_SLICE_PLURAL, n) for n in self._slices_of(GROUP_SLICE_PLURAL, name)]
+                doomed += self._slices_of(name)
                 self.splitter.forget_group(name)
                 self._written_groups.pop(name, None)
             self._unused = set()
-        for plural, name in doomed:
-            owner = self.slice_owner.get((plural, name), "")
-            if not await self._delete(plural, name):
+        for name in doomed:
+            owner = self.slice_owner.get(name, "")
+            if not await self._delete(GROUP_SLICE_PLURAL, name):
                 # a stale slice overlapping its group's new ones: agents wait until it is gone
                 self._written_groups.pop(owner, None)
                 failed |= {n for n, used in self.node_groups.items() if owner in used} or {""}
@@ -468,35 +463,35 @@ class Publisher:
         self.state.dirty |= failed - {""}
         return not failed
 
-    async def _put_all(self, plural: str, items: list[tuple[str, str, Callable[[], dict[str, Any]]]]) -> dict[str, Any]:
-        """Write the objects (name, content hash, how to build it) whose content the API does not
-        hold yet, a few at a time. Per name: None (stored), "failed" (retry) or (reason, message,
-        size) of a refusal."""
+    async def _put_all(self, plural: str, objects: list[dict[str, Any]]) -> dict[str, Any]:
+        """Write the objects whose content (their spec-hash annotation) the API does not hold yet,
+        a few at a time. Per name: None (stored), "failed" (retry) or (reason, message, size) of a
+        refusal."""
+        held = self.published if plural == PLURAL else self.published_slices
         results: dict[str, Any] = {}
         todo = []
-        for name, digest, build in items:
-            key = (plural, name)
-            held = self.published.get(name) if plural == PLURAL else self.published_slices.get(key)
-            if held == digest:
+        for obj in objects:
+            name, digest = obj["metadata"]["name"], obj["metadata"]["annotations"][HASH_ANNOTATION]
+            if held.get(name) == digest:
                 results[name] = None
-            elif self.refused_objects.get(key, (None,))[0] == digest:
-                results[name] = self.refused_objects[key][1]  # the API would refuse it again
+            elif self.refused_objects.get((plural, name), (None,))[0] == digest:
+                results[name] = self.refused_objects[(plural, name)][1]  # the API would refuse it again
             else:
-                todo.append((name, build))
+                todo.append(obj)
         semaphore = asyncio.Semaphore(self.write_concurrency)
 
-        async def put(name: str, build: Callable[[], dict[str, Any]]) -> None:
-            async with semaphore:  # built here: a full publish never holds every object's JSON at once
-                results[name] = await self._put(plural, build())
+        async def put(obj: dict[str, Any]) -> None:
+            async with semaphore:
+                results[obj["metadata"]["name"]] = await self._put(plural, obj)
 
-        await asyncio.gather(*(put(name, build) for name, build in todo))
+        await asyncio.gather(*(put(obj) for obj in todo))
         return results
 
     async def _put(self, plural: str, obj: dict[str, Any]) -> Any:
         name = obj["metadata"]["name"]
         key = (plural, name)
         digest = obj["metadata"]["annotations"][HASH_ANNOTATION]
-        held = name in self.published if plural == PLURAL else key in self.published_slices
+        held = name in (self.published if plural == PLURAL else self.published_slices)
         # The trigger time rides on every object (an agent applies group-slice changes without a
         # new NodeRuleSet); the object's own dict may be shared with the splitter's memory.
         annotations = {**obj["metadata"]["annotations"], TRIGGER_ANNOTATION: trigger_time(self._trigger or time.time())}
@@ -543,10 +538,10 @@ class Publisher:
                      (stored.get("metadata") or {}).get("generation"))
             now = self.published[name]
         else:
-            self._stored_slice(plural, name, stored)
+            self._stored_slice(name, stored)
             self.metrics.slices_published.labels(obj["kind"], action).inc()
             log.debug("%s %s %s", action, obj["kind"], name)
-            now = self.published_slices[key]
+            now = self.published_slices[name]
         if now != digest:
             log.error("%s %s was stored differently from what was sent (CRD schema out of date?)", obj["kind"], name)
         return None
@@ -614,7 +609,7 @@ class Publisher:
             self.metrics.rulesets_published.labels("delete").inc()
             log.info("deleted NodeRuleSet %s: the node is gone", name)
         else:
-            self._forget_slice(plural, name)
+            self._forget_slice(name)
             self.metrics.slices_published.labels(GROUP_SLICE_KIND, "delete").inc()
         return True
 
@@ -659,10 +654,6 @@ class Publisher:
         # What is no longer a problem is forgotten, so that it is reported again if it comes back.
         self._reported = reported
         return ok
-
-
-def _outgoing(obj: dict[str, Any]) -> tuple[str, str, Callable[[], dict[str, Any]]]:
-    return obj["metadata"]["name"], obj["metadata"]["annotations"][HASH_ANNOTATION], lambda: obj
 
 
 def _short(e: Exception) -> str:

@@ -16,7 +16,7 @@ from controller.fakeapi import FakeApiServer
 from controller.harness import NRS_PATH, node, pod, policy, running_controller, settle, wait_for, wait_synced
 from controller.test_controller import expected
 from netfence_agent.apisource import ApiRuleSetSource
-from netfence_api.slices import DEFAULT_BOUNDS, Bounds, cidr_key, publish_order, split
+from netfence_api.slices import DEFAULT_BOUNDS, Bounds, cidr_key, split
 
 pytestmark = pytest.mark.slow
 
@@ -182,7 +182,7 @@ def test_with_the_controller_status_is_visible_and_nothing_is_republished(api_se
 # --------------------------------------------------------------------------- groups in PeerGroupSlices (issue 14)
 def publish(api: FakeApiServer, specs: list[netfence_api.NodeRuleSetSpec], bounds: Bounds = DEFAULT_BOUNDS) -> list[dict]:
     """Write the objects the way the controller does: referenced objects first."""
-    objects = publish_order(split(specs, bounds))
+    objects = split(specs, bounds)  # referenced objects first
     for obj in objects:
         api.apply(obj)
     return objects

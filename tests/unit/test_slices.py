@@ -21,7 +21,6 @@ from netfence_api.slices import (
     cidr_key,
     exact_partition,
     member_hash,
-    publish_order,
     split,
 )
 
@@ -263,8 +262,8 @@ def test_an_overlapping_set_of_group_slices_is_not_a_group():
         assemble_from_objects([*objects, parent])
 
 
-def test_publish_order_puts_referenced_objects_first():
-    kinds = [o["kind"] for o in publish_order(split(sample(), SMALL))]
+def test_split_puts_referenced_objects_first():
+    kinds = [o["kind"] for o in split(sample(), SMALL)]
     assert kinds == sorted(kinds, key=[GROUP_SLICE_KIND, KIND].index)
 
 
