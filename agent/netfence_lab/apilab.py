@@ -342,6 +342,7 @@ def wait_applied(lab: "Lab", state: LabState, api: LabApi, timeout: float | None
         specs = compile_rule_sets(api.cluster_objects(), nodes)
         published = api.published_specs(nodes)
         pending: list[str] = []
+        failures: list[str] = []  # all of them, once every node has answered
         for node in nodes:
             want = specs[node].content_hash()
             if node not in published:
@@ -361,15 +362,18 @@ def wait_applied(lab: "Lab", state: LabState, api: LabApi, timeout: float | None
                           and c.get("status") == "False" and c.get("reason") not in (None, "Pending")]
                 if failed and status.get("observedGeneration") == generation:
                     c = failed[0]
-                    raise system.LabError(f"agent of node {node} failed to apply generation {generation}: "
-                                          f"{c.get('reason')}: {c.get('message')}")
+                    failures.append(f"agent of node {node} failed to apply generation {generation}: "
+                                    f"{c.get('reason')}: {c.get('message')}")
+                    continue
                 pending.append(f"{node}: agent reports generation {status.get('observedGeneration')} "
                                f"({status.get('appliedHash')}), not {generation} ({want})")
         _check_processes(lab, state)
+        if failures and not pending:
+            raise system.LabError("; ".join(failures))
         if not pending:
             return max((published[n][0]["metadata"].get("generation") or 0) for n in nodes)
         if time.monotonic() > deadline:
-            raise system.LabError(f"not applied within {timeout:.0f}s: " + "; ".join(pending))
+            raise system.LabError("; ".join(failures + [f"not applied within {timeout:.0f}s: " + "; ".join(pending)]))
         time.sleep(0.1)
 
 

@@ -236,6 +236,9 @@ class Lab:
         plan = state.lab_plan()
         agents = {r.owner: r for r in state.processes if r.role == "agent"}
         pending = {n.name for n in plan.nodes}
+        # Every node's answer is awaited, so the error names all the nodes that failed, not
+        # whichever one happened to write its status first.
+        failures: dict[str, str] = {}
         deadline = time.monotonic() + timeout
         while True:
             for node in sorted(pending):
@@ -244,13 +247,16 @@ class Lab:
                     failed = [c for c in status.get("conditions") or [] if c.get("type") == "Applied" and c.get("status") == "False"]
                     if failed:
                         c = failed[0]
-                        raise system.LabError(f"agent of node {node} failed to apply generation {generation}: {c.get('reason')}: {c.get('message')}")
+                        failures[node] = f"agent of node {node} failed to apply generation {generation}: {c.get('reason')}: {c.get('message')}"
                     pending.discard(node)
                     continue
                 rec = agents.get(node)
                 if rec is None or not system.is_alive(rec.pid, rec.starttime):
                     log = self.store.node_dir(node) / "agent.log"
-                    raise system.LabError(f"agent of node {node} is not running: {tail(log)}")
+                    failures[node] = f"agent of node {node} is not running: {tail(log)}"
+                    pending.discard(node)
+            if not pending and failures:
+                raise system.LabError("; ".join(failures[n] for n in sorted(failures)))
             if not pending:
                 return
             if time.monotonic() > deadline:
@@ -258,7 +264,8 @@ class Lab:
                     f"{n}: observedGeneration {read_status(self.store.node_dir(n) / 'status.json').get('observedGeneration')}"
                     for n in sorted(pending)
                 )
-                raise system.LabError(f"agents did not apply generation {generation} within {timeout:.0f}s ({detail})")
+                raise system.LabError("; ".join([failures[n] for n in sorted(failures)]
+                                                + [f"agents did not apply generation {generation} within {timeout:.0f}s ({detail})"]))
             time.sleep(0.05)
 
     # ------------------------------------------------------------------ probe

@@ -134,8 +134,10 @@ def test_apply_times_out_naming_the_node(make_lab, stub_agent, monkeypatch):
 
 def test_apply_reports_a_failed_or_dead_agent(make_lab, stub_agent):
     stub_agent("fail")
-    with pytest.raises(system.LabError, match="agent of node node-1 failed to apply generation 1: StubFailure"):
+    with pytest.raises(system.LabError, match="agent of node node-1 failed to apply generation 1: StubFailure") as failed:
         make_lab(DEMO_CLUSTER, agents=True)
+    # every failing node is named, whichever wrote its status first
+    assert "agent of node node-2 failed to apply generation 1: StubFailure" in str(failed.value)
     stub_agent("ack")
     lab = make_lab(DEMO_CLUSTER, agents=True)
     state = lab.store.load()
