@@ -296,17 +296,22 @@ def run_size(lab: Lab, docs: list[dict[str, Any]], size: int, a: argparse.Namesp
     }
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_cluster_and_probe_arguments(ap: argparse.ArgumentParser, step: str, steps: str, iterations: int) -> None:
+    """The lab's shape and the prober's timing, shared by the benchmarks that toggle a policy."""
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--namespaces", type=int, default=10)
     ap.add_argument("--pods", type=int, default=2, help="pods per namespace")
     ap.add_argument("--policies", default="100,500", help="comma-separated policy counts (default 100,500)")
-    ap.add_argument("--iterations", type=int, default=50, help="applies per size (default 50)")
+    ap.add_argument("--iterations", type=int, default=iterations, help=f"{steps} per size (default {iterations})")
     ap.add_argument("--interval", type=float, default=0.01, help="seconds between probe attempts (the resolution)")
     ap.add_argument("--attempt-timeout", type=float, default=0.15, help="a connect not done by then is blocked")
     ap.add_argument("--settle", type=float, default=0.25, help="the new state must hold this long")
-    ap.add_argument("--max-wait", type=float, default=10.0, help="give up on one apply after this long")
+    ap.add_argument("--max-wait", type=float, default=10.0, help=f"give up on one {step} after this long")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cluster_and_probe_arguments(ap, "apply", "applies", 50)
     a = ap.parse_args()
     if a.namespaces < 2 or a.pods < 2:
         ap.error("--namespaces and --pods must be at least 2")

@@ -38,7 +38,7 @@ sys.path[:0] = [str(REPO / "operator"), str(REPO / "agent"), str(REPO / "tests")
 import kubernetes  # noqa: E402
 from kubernetes.client import NetworkingV1Api  # noqa: E402
 
-from convergence import TOGGLED, ProbeStream, cluster, machine, static_policies, summary, wait_enforced  # noqa: E402
+from convergence import TOGGLED, add_cluster_and_probe_arguments, ProbeStream, cluster, machine, static_policies, summary, wait_enforced  # noqa: E402
 from netfence_lab.lab import Lab, read_node_metrics  # noqa: E402
 from netfence_lab.state import StateStore  # noqa: E402
 
@@ -90,15 +90,7 @@ def run_size(lab: Lab, net: NetworkingV1Api, size: int, a: argparse.Namespace, s
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kubeconfig", help="an API server to use (default: the test API server, in this process)")
-    ap.add_argument("--nodes", type=int, default=2)
-    ap.add_argument("--namespaces", type=int, default=10)
-    ap.add_argument("--pods", type=int, default=2, help="pods per namespace")
-    ap.add_argument("--policies", default="100,500", help="comma-separated policy counts (default 100,500)")
-    ap.add_argument("--iterations", type=int, default=20, help="toggles per size (default 20)")
-    ap.add_argument("--interval", type=float, default=0.01, help="seconds between probe attempts (the resolution)")
-    ap.add_argument("--attempt-timeout", type=float, default=0.15, help="a connect not done by then is blocked")
-    ap.add_argument("--settle", type=float, default=0.25, help="the new state must hold this long")
-    ap.add_argument("--max-wait", type=float, default=10.0, help="give up on one toggle after this long")
+    add_cluster_and_probe_arguments(ap, "toggle", "toggles", 20)
     a = ap.parse_args()
     sizes = [int(s) for s in a.policies.split(",")]
     nodes = [f"pl-{i + 1}" for i in range(a.nodes)]

@@ -22,7 +22,7 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -44,7 +44,7 @@ from netfence_lab.kubeapi import (
     wait_gone,
 )
 from netfence_lab.kubelet import LabKubelet, kubelet_store, node_status
-from netfence_lab.model import LabPlan, ManifestError, object_name, pod_namespace
+from netfence_lab.model import ApplyRequest, LabPlan, ManifestError, object_name, pod_namespace
 from netfence_lab.state import LabState, ProcessRecord, write_atomic
 from netfence_lab.topology import env_with_source_roots, tail, teardown
 
@@ -243,33 +243,12 @@ def _policy_body(doc: dict[str, Any]) -> dict[str, Any]:
     return {"apiVersion": POLICY_KINDS[kind].api_version, "kind": kind, "metadata": meta, "spec": copy.deepcopy(doc.get("spec") or {})}
 
 
-def apply(lab: "Lab", state: LabState, docs: Sequence[dict[str, Any]]) -> int:
+def apply(lab: "Lab", state: LabState, request: ApplyRequest) -> int:
     from netfence_lab.lab import compile_rule_sets
 
-    plan = state.lab_plan()
-    node_names = [n.name for n in plan.nodes]
-    desired: dict[tuple[str, str, str], dict[str, Any]] = {}
-    ns_labels: dict[str, dict[str, str]] = {}
-    pod_labels: dict[tuple[str, str], dict[str, str]] = {}
-    ignored: set[str] = set()
-    for d in docs:
-        kind = d.get("kind")
-        if kind in POLICY_KINDS:
-            key = _policy_key(d)
-            if key in desired:
-                raise ManifestError(f"{kind} {'/'.join(k for k in key[1:] if k)} is given twice")
-            desired[key] = _policy_body(d)
-        elif kind == "Namespace":
-            ns_labels[object_name(d)] = dict((d.get("metadata") or {}).get("labels") or {})
-        elif kind == "Pod":
-            pod_labels[(pod_namespace(d), object_name(d))] = dict((d.get("metadata") or {}).get("labels") or {})
-        elif kind == "Node":
-            if object_name(d) not in node_names:
-                raise ManifestError(f"Node {object_name(d)}: the lab cannot add nodes; bring it up with them")
-        else:
-            ignored.add(str(kind))
-    if ignored:
-        print(f"note: ignoring kinds the lab does not model: {', '.join(sorted(ignored))}", file=sys.stderr)
+    node_names = [n.name for n in state.lab_plan().nodes]
+    desired = {_policy_key(d): _policy_body(d) for d in request.policies}
+    ns_labels, pod_labels = request.namespace_labels, request.pod_labels
     api = LabApi(state.kubeconfig or "")
     try:
         for kind in sorted({k[0] for k in desired}):

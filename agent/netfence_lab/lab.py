@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shlex
@@ -18,8 +17,7 @@ from netfence_lab import apilab, system
 from netfence_lab.model import (
     LabPlan,
     ManifestError,
-    POLICY_KINDS,
-    PodPlan,
+    read_apply_documents,
     flatten_documents,
     namespace_object,
     object_name,
@@ -163,36 +161,19 @@ class Lab:
         update the labels of the lab's objects of the same name. Returns the generation applied."""
         with self.store.locked():
             state = self._require_up()
+            plan = state.lab_plan()
+            request = read_apply_documents(docs, [n.name for n in plan.nodes])
+            if request.ignored_kinds:
+                print(f"note: ignoring kinds the lab does not model: {', '.join(sorted(request.ignored_kinds))}", file=sys.stderr)
             if state.on_api:
                 if not state.agents:
                     raise system.LabError(f"the lab runs without agents ({NO_AGENT_ENV}=1 at `lab up`): nothing enforces policies")
-                return apilab.apply(self, state, docs)
-            plan = state.lab_plan()
-            policies: list[dict[str, Any]] = []
-            ignored: set[str] = set()
-            seen: set[str] = set()
-            for d in docs:
-                kind = d.get("kind")
-                if kind in POLICY_KINDS:
-                    key = policy_label(d)
-                    if key in seen:
-                        raise ManifestError(f"{kind} {key} is given twice")
-                    seen.add(key)
-                    d = copy.deepcopy(d)
-                    if kind == "NetworkPolicy":
-                        d.setdefault("metadata", {})["namespace"] = pod_namespace(d)
-                    policies.append(d)
-                elif kind == "Namespace":
-                    _update_namespace(plan, d)
-                elif kind == "Pod":
-                    _update_pod(plan, d)
-                elif kind == "Node":
-                    if object_name(d) not in {n.name for n in plan.nodes}:
-                        raise ManifestError(f"Node {object_name(d)}: the lab cannot add nodes; bring it up with them")
-                else:
-                    ignored.add(str(kind))
-            if ignored:
-                print(f"note: ignoring kinds the lab does not model: {', '.join(sorted(ignored))}", file=sys.stderr)
+                return apilab.apply(self, state, request)
+            for name, labels in request.namespace_labels.items():
+                _update_namespace(plan, name, labels)
+            for (namespace, name), labels in request.pod_labels.items():
+                _update_pod(plan, namespace, name, labels)
+            policies = request.policies
             # Compile before recording: input the compiler rejects never becomes the lab's state.
             specs = compile_rule_sets(plan.node_objects + plan.namespaces + plan.pod_objects + policies, [n.name for n in plan.nodes])
             state.plan = plan.to_dict()
@@ -405,9 +386,7 @@ class Lab:
 
 
 # ---------------------------------------------------------------------- apply helpers
-def _update_namespace(plan: LabPlan, doc: dict[str, Any]) -> None:
-    name = object_name(doc)
-    labels = (doc.get("metadata") or {}).get("labels") or {}
+def _update_namespace(plan: LabPlan, name: str, labels: dict[str, str]) -> None:
     for ns in plan.namespaces:
         if ns["metadata"]["name"] == name:
             ns["metadata"]["labels"] = dict(labels)
@@ -418,14 +397,12 @@ def _update_namespace(plan: LabPlan, doc: dict[str, Any]) -> None:
     plan.namespaces.append(with_name_label(new))
 
 
-def _update_pod(plan: LabPlan, doc: dict[str, Any]) -> None:
-    key = f"{pod_namespace(doc)}/{object_name(doc)}"
-    labels = (doc.get("metadata") or {}).get("labels") or {}
+def _update_pod(plan: LabPlan, namespace: str, name: str, labels: dict[str, str]) -> None:
     for obj in plan.pod_objects:
-        if f"{pod_namespace(obj)}/{object_name(obj)}" == key:
+        if (pod_namespace(obj), object_name(obj)) == (namespace, name):
             obj["metadata"]["labels"] = dict(labels)
             return
-    raise ManifestError(f"Pod {key}: not in the lab; `lab apply` changes labels of the lab's pods, bring new pods up with `lab up`")
+    raise ManifestError(f"Pod {namespace}/{name}: not in the lab; `lab apply` changes labels of the lab's pods, bring new pods up with `lab up`")
 
 
 def read_status(path: Path) -> dict[str, Any]:

@@ -508,3 +508,44 @@ def _node_object(doc: dict[str, Any] | None, node: NodePlan) -> dict[str, Any]:
     addrs = [a for a in status.get("addresses") or [] if a.get("type") != "InternalIP"]
     status["addresses"] = [{"type": "InternalIP", "address": node.underlay_ip}] + addrs
     return doc
+
+
+@dataclass
+class ApplyRequest:
+    """What `lab apply` was given, sorted by what each document changes (the same reading for a
+    lab of files and a lab on an API server)."""
+
+    # The complete desired policy set, deep copies in the order given; a NetworkPolicy without
+    # a namespace is in "default", as kubectl would put it.
+    policies: list[dict[str, Any]] = field(default_factory=list)
+    namespace_labels: dict[str, dict[str, str]] = field(default_factory=dict)
+    pod_labels: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    ignored_kinds: set[str] = field(default_factory=set)
+
+
+def read_apply_documents(docs: Iterable[dict[str, Any]], node_names: Iterable[str]) -> ApplyRequest:
+    nodes = set(node_names)
+    request = ApplyRequest()
+    seen: set[str] = set()
+    for doc in docs:
+        kind = doc.get("kind")
+        labels = dict((doc.get("metadata") or {}).get("labels") or {})
+        if kind in POLICY_KINDS:
+            label = policy_label(doc)
+            if label in seen:
+                raise ManifestError(f"{'' if kind == 'ClusterNetworkPolicy' else kind + ' '}{label} is given twice")
+            seen.add(label)
+            doc = copy.deepcopy(doc)
+            if kind == "NetworkPolicy":
+                doc.setdefault("metadata", {})["namespace"] = pod_namespace(doc)
+            request.policies.append(doc)
+        elif kind == "Namespace":
+            request.namespace_labels[object_name(doc)] = labels
+        elif kind == "Pod":
+            request.pod_labels[(pod_namespace(doc), object_name(doc))] = labels
+        elif kind == "Node":
+            if object_name(doc) not in nodes:
+                raise ManifestError(f"Node {object_name(doc)}: the lab cannot add nodes; bring it up with them")
+        else:
+            request.ignored_kinds.add(str(kind))
+    return request

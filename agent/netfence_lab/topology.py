@@ -13,7 +13,6 @@ The layout is flannel's vxlan backend, node by node:
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import sys
@@ -105,7 +104,6 @@ class Builder:
             system.ip(ns, "route", "add", other.pod_cidr, "via", other.vtep_ip, "dev", "flannel.1", "onlink")
             system.ip(ns, "neigh", "add", other.vtep_ip, "lladdr", other.vtep_mac, "dev", "flannel.1", "nud", "permanent")
             system.bridge(ns, "fdb", "append", other.vtep_mac, "dev", "flannel.1", "dst", other.underlay_ip)
-        ndir = self.store.node_dir(node.name)
         cni_results_dir(self.store, node.name).mkdir(parents=True, exist_ok=True)
         cni_networks_dir(self.store, node.name).mkdir(parents=True, exist_ok=True)
 

@@ -15,7 +15,7 @@ from availability import shared_path
 from netfence_lab.cli import parse_port
 from netfence_lab.lab import format_table, load_manifests
 from netfence_lab import cni
-from netfence_lab.model import ManifestError, PortSpec, plan_lab
+from netfence_lab.model import ManifestError, PortSpec, plan_lab, read_apply_documents
 
 HERE = Path(__file__).resolve().parent
 K3S_CLUSTER = HERE / "data" / "k3s-style-cluster.yaml"
@@ -182,3 +182,34 @@ def test_table_and_port_parsing():
     for bad in ("x/TCP", "0/TCP", "80/ICMP"):
         with pytest.raises(ManifestError):
             parse_port(bad)
+
+
+def test_apply_documents_sorted_by_what_they_change():
+    np = {"kind": "NetworkPolicy", "metadata": {"name": "p"}, "spec": {"podSelector": {}}}
+    cnp = {"kind": "ClusterNetworkPolicy", "metadata": {"name": "c"}, "spec": {}}
+    docs = [np, cnp,
+            {"kind": "Namespace", "metadata": {"name": "x", "labels": {"team": "a"}}},
+            {"kind": "Pod", "metadata": {"name": "a", "namespace": "x", "labels": {"app": "web"}}},
+            {"kind": "Pod", "metadata": {"name": "b"}},
+            {"kind": "Node", "metadata": {"name": "node-1"}},
+            {"kind": "ConfigMap", "metadata": {"name": "cm"}}]
+    request = read_apply_documents(docs, ["node-1"])
+    assert [p["metadata"]["name"] for p in request.policies] == ["p", "c"]
+    # an unnamespaced NetworkPolicy goes to "default"; the caller's document is left as it was
+    assert request.policies[0]["metadata"]["namespace"] == "default" and "namespace" not in np["metadata"]
+    assert "namespace" not in request.policies[1]["metadata"]
+    assert request.namespace_labels == {"x": {"team": "a"}}
+    assert request.pod_labels == {("x", "a"): {"app": "web"}, ("default", "b"): {}}
+    assert request.ignored_kinds == {"ConfigMap"}
+
+
+@pytest.mark.parametrize("docs, message", [
+    ([{"kind": "NetworkPolicy", "metadata": {"name": "p"}},
+      {"kind": "NetworkPolicy", "metadata": {"name": "p", "namespace": "default"}}], "NetworkPolicy default/p is given twice"),
+    ([{"kind": "ClusterNetworkPolicy", "metadata": {"name": "c"}}] * 2, "^ClusterNetworkPolicy c is given twice"),
+    ([{"kind": "Node", "metadata": {"name": "node-9"}}], "Node node-9: the lab cannot add nodes"),
+    ([{"kind": "Pod", "metadata": {}}], "Pod without metadata.name"),
+])
+def test_apply_documents_refused_naming_the_object(docs, message):
+    with pytest.raises(ManifestError, match=message):
+        read_apply_documents(docs, ["node-1"])
