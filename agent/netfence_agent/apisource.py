@@ -24,6 +24,7 @@ and generation are never touched by the agent.
 
 from __future__ import annotations
 
+import collections
 import gzip
 import json
 import logging
@@ -41,7 +42,7 @@ from pydantic import ValidationError
 
 import netfence_api
 from netfence_api.client import load_client
-from netfence_api.crd import TRIGGER_ANNOTATION
+from netfence_api.crd import HASH_ANNOTATION, TRIGGER_ANNOTATION, companion_of, is_companion
 from netfence_api.slices import GROUP_SLICE_PLURAL, Incomplete, PeerGroupSliceSpec, assemble, assemble_group
 from netfence_agent.source import RuleSetReader
 
@@ -255,6 +256,7 @@ class ApiRuleSetSource:
         self._delivered: netfence_api.NodeRuleSet | None = None
         self._waiting: tuple[str, float] | None = None  # (why the spec is incomplete, since)
         self._coming: float | None = None  # monotonic time a new NodeRuleSet was announced, until it is here
+        self._ruleset_hashes: collections.deque[str] = collections.deque(maxlen=8)  # spec-hashes received lately
         self._reported_problem: str | None = None
 
     @property
@@ -309,11 +311,19 @@ class ApiRuleSetSource:
                 self._ruleset = None
             else:
                 self._ruleset = payload
+            if self._ruleset is not None:
+                self._ruleset_hashes.append(((self._ruleset.get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION))
             return
         objects = payload if kind == "LIST" else [payload]
         if kind == "LIST":
             for name in list(self._group_slices):
                 self._drop(plural, name)
+        elif kind != "DELETED" and self._coming is None:
+            # Written with a NodeRuleSet of this node not here yet: wait for it (as announced).
+            # Not on a listing: its slices carry the companions of rounds long past.
+            wanted = companion_of((payload.get("metadata") or {}).get("annotations"), self.node)
+            if wanted is not None and not any(is_companion(h, wanted) for h in self._ruleset_hashes):
+                self._coming = time.monotonic()
         for obj in objects:
             name = (obj.get("metadata") or {}).get("name", "")
             self._drop(plural, name)

@@ -42,7 +42,7 @@ from netfence_api.slices import (
     ruleset_patch,
     slice_hash,
 )
-from netfence_api.crd import TRIGGER_ANNOTATION
+from netfence_api.crd import COMPANIONS_ANNOTATION, TRIGGER_ANNOTATION, companions_value
 from netfence_operator.compile.objects import CNP_API_VERSION
 from netfence_operator.kube import KubeApi, conflict_or_missing
 from netfence_operator.metrics import ControllerMetrics
@@ -405,8 +405,14 @@ class Publisher:
         old_groups = [name for name in group_objects if name not in new_groups]
         rulesets = [objects.ruleset(inline) for node, objects in plans.items()
                     if objects is not None and node not in failed and node not in refused]
+        # The slices name the NodeRuleSets written with them: an agent that sees its slice first
+        # waits for its rule set and applies both in one sync.
+        companions = companions_value({name: digest for rs in rulesets
+                                       if self._will_write(PLURAL, name := rs["metadata"]["name"],
+                                                           digest := rs["metadata"]["annotations"][HASH_ANNOTATION])})
         group_results, ruleset_results = await asyncio.gather(
-            self._put_all(GROUP_SLICE_PLURAL, [o for name in old_groups for o in group_objects[name]]),
+            self._put_all(GROUP_SLICE_PLURAL, [o for name in old_groups for o in group_objects[name]],
+                          {COMPANIONS_ANNOTATION: companions}),
             self._put_all(PLURAL, rulesets))
         settle_groups(old_groups, group_results)
         for name in whole_groups:
@@ -463,40 +469,48 @@ class Publisher:
         self.state.dirty |= failed - {""}
         return not failed
 
-    async def _put_all(self, plural: str, objects: list[dict[str, Any]]) -> dict[str, Any]:
-        """Write the objects whose content (their spec-hash annotation) the API does not hold yet,
-        a few at a time. Per name: None (stored), "failed" (retry) or (reason, message, size) of a
-        refusal."""
+    def _will_write(self, plural: str, name: str, digest: str) -> bool:
+        """Whether _put_all sends this content: the API holds other content, and has not refused it."""
         held = self.published if plural == PLURAL else self.published_slices
+        return held.get(name) != digest and self.refused_objects.get((plural, name), (None,))[0] != digest
+
+    async def _put_all(self, plural: str, objects: list[dict[str, Any]],
+                       annotations: dict[str, str | None] | None = None) -> dict[str, Any]:
+        """Write the objects whose content (their spec-hash annotation) the API does not hold yet,
+        a few at a time, with these annotations too (None: removed). Per name: None (stored),
+        "failed" (retry) or (reason, message, size) of a refusal."""
         results: dict[str, Any] = {}
         todo = []
         for obj in objects:
             name, digest = obj["metadata"]["name"], obj["metadata"]["annotations"][HASH_ANNOTATION]
-            if held.get(name) == digest:
-                results[name] = None
-            elif self.refused_objects.get((plural, name), (None,))[0] == digest:
+            if self._will_write(plural, name, digest):
+                todo.append(obj)
+            elif (plural, name) in self.refused_objects and self.refused_objects[(plural, name)][0] == digest:
                 results[name] = self.refused_objects[(plural, name)][1]  # the API would refuse it again
             else:
-                todo.append(obj)
+                results[name] = None
         semaphore = asyncio.Semaphore(self.write_concurrency)
 
         async def put(obj: dict[str, Any]) -> None:
             async with semaphore:
-                results[obj["metadata"]["name"]] = await self._put(plural, obj)
+                results[obj["metadata"]["name"]] = await self._put(plural, obj, annotations or {})
 
         await asyncio.gather(*(put(obj) for obj in todo))
         return results
 
-    async def _put(self, plural: str, obj: dict[str, Any]) -> Any:
+    async def _put(self, plural: str, obj: dict[str, Any], extra: dict[str, str | None]) -> Any:
         name = obj["metadata"]["name"]
         key = (plural, name)
         digest = obj["metadata"]["annotations"][HASH_ANNOTATION]
         held = name in (self.published if plural == PLURAL else self.published_slices)
         # The trigger time rides on every object (an agent applies group-slice changes without a
         # new NodeRuleSet); the object's own dict may be shared with the splitter's memory.
-        annotations = {**obj["metadata"]["annotations"], TRIGGER_ANNOTATION: trigger_time(self._trigger or time.time())}
+        annotations = {**obj["metadata"]["annotations"], TRIGGER_ANNOTATION: trigger_time(self._trigger or time.time()),
+                       **{k: v for k, v in extra.items() if v is not None}}
         obj = {**obj, "metadata": {**obj["metadata"], "annotations": annotations}}
-        patch = {"metadata": {k: obj["metadata"][k] for k in ("labels", "annotations")}, "spec": obj["spec"]}
+        # a merge patch removes what is null (an earlier round's companions)
+        patch = {"metadata": {"labels": obj["metadata"]["labels"], "annotations": {**annotations, **{
+            k: None for k, v in extra.items() if v is None}}}, "spec": obj["spec"]}
         try:
             stored = await self._patch_pods(name, obj) if plural == PLURAL and held else None
             patched = stored is not None

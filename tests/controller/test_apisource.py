@@ -16,6 +16,7 @@ from controller.fakeapi import FakeApiServer
 from controller.harness import NRS_PATH, node, pod, policy, running_controller, settle, wait_for, wait_synced
 from controller.test_controller import expected
 from netfence_agent.apisource import ApiRuleSetSource
+from netfence_api.crd import COMPANIONS_ANNOTATION, HASH_ANNOTATION, companions_value
 from netfence_api.slices import DEFAULT_BOUNDS, Bounds, cidr_key, split
 
 pytestmark = pytest.mark.slow
@@ -356,3 +357,45 @@ def test_changes_wait_for_an_announced_rule_set_and_are_synced_once(api_server: 
     started = time.monotonic()
     assert c.next(timeout=5).spec == db_spec(regrown, pods=4)
     assert 0.4 <= time.monotonic() - started
+
+
+def test_a_slice_written_with_its_rule_set_waits_for_it(api_server: FakeApiServer, consumer):
+    """A slice written in the same round as this node's NodeRuleSet names it (and its spec-hash):
+    seen first, it waits for the rule set, so both are applied in one sync; a slice naming another
+    node, a rule set already here, or one in a listing does not wait."""
+    publish(api_server, [db_spec()], SMALL)
+    c = consumer("n1")
+    c.next()
+    source = c.source
+    source.COMING_WAIT = 30.0
+    grown = GROUP.model_copy(update={"cidrs": [*GROUP.cidrs, "10.1.0.99/32"]})
+    after = split([db_spec(grown, pods=4)], SMALL)
+    ruleset_obj = next(o for o in after if o["kind"] == "NodeRuleSet")
+    ruleset_obj["metadata"].update(generation=2, uid="u")
+    digest = ruleset_obj["metadata"]["annotations"][HASH_ANNOTATION]
+    changed = [o for o in after if o["kind"] == "PeerGroupSlice" and api_server.get("peergroupslices", o["metadata"]["name"]) != o]
+
+    def stamped(obj: dict, companions: dict[str, str]) -> dict:
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["annotations"][COMPANIONS_ANNOTATION] = companions_value(companions)
+        return obj
+
+    for obj in changed:
+        source._events.put(("peergroupslices", "MODIFIED", stamped(obj, {"n0": "sha256:00", "n1": digest})))
+    assert c.nothing_for(0.5)  # no announcement from the NodeRuleSet's watch: the slice said it
+    source._events.put(("noderulesets", "MODIFIED", ruleset_obj))
+    assert c.next().spec == db_spec(grown, pods=4)
+    assert c.nothing_for(0.3)
+
+    regrown = grown.model_copy(update={"cidrs": sorted([*grown.cidrs, "10.1.0.98/32"], key=cidr_key)})
+    slices = [o for o in split([db_spec(regrown, pods=4)], SMALL) if o["kind"] == "PeerGroupSlice"]
+    for companions in ({"n1": digest}, {"n2": "sha256:1234"}):  # a rule set already here; another node's
+        for obj in slices:
+            source._events.put(("peergroupslices", "MODIFIED", stamped(obj, companions)))
+        assert c.next(timeout=0.3).spec == db_spec(regrown, pods=4)
+        slices = [o for o in split([db_spec(grown, pods=4)], SMALL) if o["kind"] == "PeerGroupSlice"]
+        regrown = grown
+    # a listing: the companions are of some earlier round
+    source._events.put(("peergroupslices", "LIST", [stamped(o, {"n1": "sha256:feed"}) for o in split(
+        [db_spec(GROUP, pods=4)], SMALL) if o["kind"] == "PeerGroupSlice"]))
+    assert c.next(timeout=0.3).spec == db_spec(GROUP, pods=4)

@@ -23,6 +23,7 @@ from controller.harness import (
     wait_synced,
 )
 from netfence_api import NodeRuleSetSpec
+from netfence_api.crd import COMPANIONS_ANNOTATION, HASH_ANNOTATION
 from netfence_api.slices import Bounds, Incomplete, assemble_from_objects, ruleset_hash, split
 from netfence_operator.compile import ClusterObjects, compile_cluster, parse_object
 
@@ -187,6 +188,29 @@ def test_peer_ip_change_patches_the_nodes_that_use_it(api_server, kubeconfig, la
         # small objects only: the slice body within its bound (4 KiB of members) and its envelope
         bodies = [r.body for r in api_server.writes(SLICES_PATH)[slice_mark:]]
         assert bodies and all(len(json.dumps(b, separators=(",", ":"))) <= 5 * 1024 for b in bodies)
+        # the slice names the NodeRuleSet written with it: n1's agent applies both in one sync
+        n1_hash = api_server.get("noderulesets", "n1")["metadata"]["annotations"][HASH_ANNOTATION]
+        (name,) = [n for _, n in slice_writes(api_server, slice_mark)]
+        stamp = api_server.get("peergroupslices", name)["metadata"]["annotations"][COMPANIONS_ANNOTATION]
+        assert stamp == f"n1={n1_hash.removeprefix('sha256:')[:16]}"
+        # the client in dev (team b) moves: web's peer group of team b and n3's NodeRuleSet change
+        slice_mark = len(api_server.writes(SLICES_PATH))
+        api_server.apply(pod("dev", "client", "n3", "10.244.3.77", {"app": "client"}))
+        wait_for(lambda: published(api_server) == expected(api_server), what="the client's new IP everywhere")
+        settle(api_server)
+        (team_b,) = [n for _, n in slice_writes(api_server, slice_mark)]
+        n3_hash = api_server.get("noderulesets", "n3")["metadata"]["annotations"][HASH_ANNOTATION]
+        assert api_server.get("peergroupslices", team_b)["metadata"]["annotations"][COMPANIONS_ANNOTATION] == \
+            f"n3={n3_hash.removeprefix('sha256:')[:16]}"
+        # prod joins team b: that group's members change, no node's pods or rules do; the slice is
+        # written alone, and the companions of the earlier round go
+        mark, slice_mark = len(api_server.writes(NRS_PATH)), len(api_server.writes(SLICES_PATH))
+        api_server.apply(namespace("prod", team="b"))
+        wait_for(lambda: published(api_server) == expected(api_server), what="prod's pods as web's peers")
+        settle(api_server)
+        assert ruleset_writes(api_server, mark) == []
+        assert [n for _, n in slice_writes(api_server, slice_mark)] == [team_b]
+        assert COMPANIONS_ANNOTATION not in api_server.get("peergroupslices", team_b)["metadata"]["annotations"]
 
 
 @layouts
