@@ -17,6 +17,9 @@ name inline or held by slices covering it exactly once). Otherwise the agent kee
 what it has; if that lasts (the objects are missing, not just in flight) or an object is
 invalid, the NodeRuleSet's status says so (Degraded). A deleted NodeRuleSet is not an empty
 rule set either: the agent keeps enforcing what it has until the controller publishes a new one.
+A NodeRuleSet and the slices written in the same round name each other (annotation
+netfence.io/written-with), and the NodeRuleSet's watch announces a new generation before its GET:
+what arrives first waits for the rest (at most COMING_WAIT), so one pod event is one sync.
 
 Status goes to the /status subresource as a JSON merge patch of the whole status, so the spec
 and generation are never touched by the agent.
@@ -42,7 +45,7 @@ from pydantic import ValidationError
 
 import netfence_api
 from netfence_api.client import load_client
-from netfence_api.crd import HASH_ANNOTATION, TRIGGER_ANNOTATION, companion_of, is_companion
+from netfence_api.crd import HASH_ANNOTATION, TRIGGER_ANNOTATION, companion_of, companions_of, is_companion
 from netfence_api.slices import GROUP_SLICE_PLURAL, Incomplete, PeerGroupSliceSpec, assemble, assemble_group
 from netfence_agent.source import RuleSetReader
 
@@ -218,6 +221,10 @@ _PARTIAL_METADATA = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v
 _GZIP = {"Accept-Encoding": "gzip"}
 
 
+def _annotations(obj: dict[str, Any]) -> dict[str, str]:
+    return (obj.get("metadata") or {}).get("annotations") or {}
+
+
 def _name(obj: dict[str, Any]) -> str:
     return (obj.get("metadata") or {}).get("name", "")
 
@@ -255,8 +262,12 @@ class ApiRuleSetSource:
         self._read: tuple[dict[str, Any], netfence_api.NodeRuleSet] | None = None  # the NodeRuleSet last read
         self._delivered: netfence_api.NodeRuleSet | None = None
         self._waiting: tuple[str, float] | None = None  # (why the spec is incomplete, since)
-        self._coming: float | None = None  # monotonic time a new NodeRuleSet was announced, until it is here
+        # One pod event changes the NodeRuleSet and group slices, written in one round; what
+        # arrives first waits for the rest (at most COMING_WAIT), so that it is one sync:
+        self._coming: float | None = None  # since when a new NodeRuleSet is expected, until it is here
         self._ruleset_hashes: collections.deque[str] = collections.deque(maxlen=8)  # spec-hashes received lately
+        self._slices_due: dict[str, str] = {}  # slices the NodeRuleSet was written with -> their hash start
+        self._slices_due_since = 0.0
         self._reported_problem: str | None = None
 
     @property
@@ -272,8 +283,9 @@ class ApiRuleSetSource:
             timeout = None
             if self._waiting is not None:
                 timeout = max(0.05, self._waiting[1] + self.INCOMPLETE_GRACE - time.monotonic())
-            if self._coming is not None:
-                left = max(0.0, self._coming + self.COMING_WAIT - time.monotonic())
+            due = self._expecting_since()
+            if due is not None:
+                left = max(0.0, due + self.COMING_WAIT - time.monotonic())
                 timeout = left if timeout is None else min(timeout, left)
             try:
                 item = self._events.get(timeout=timeout)
@@ -289,9 +301,10 @@ class ApiRuleSetSource:
                     self._take(item)
             if self._stop.is_set():
                 break
-            if self._coming is not None and time.monotonic() - self._coming < self.COMING_WAIT:
-                continue  # the NodeRuleSet is being fetched: assemble with it
-            self._coming = None
+            due = self._expecting_since()
+            if due is not None and time.monotonic() - due < self.COMING_WAIT:
+                continue  # the rest of the change is on its way: assemble with it
+            self._coming, self._slices_due = None, {}
             found = self._assemble()
             if found is not None:
                 yield found
@@ -304,6 +317,7 @@ class ApiRuleSetSource:
             self._coming = time.monotonic() if kind == "COMING" else None
             if kind == "COMING":
                 return
+            self._slices_due = {}
             if kind == "LIST":
                 self._ruleset = payload[0] if payload else None
             elif kind == "DELETED":
@@ -311,24 +325,37 @@ class ApiRuleSetSource:
                 self._ruleset = None
             else:
                 self._ruleset = payload
+                # written with slices not here yet: wait for them (not on a listing, whose
+                # annotations are of some earlier round)
+                self._slices_due = {name: digest for name, digest in companions_of(_annotations(payload)).items()
+                                    if not (name in self._group_slices and is_companion(
+                                        _annotations(self._group_slices[name].obj).get(HASH_ANNOTATION), digest))}
+                self._slices_due_since = time.monotonic()
             if self._ruleset is not None:
-                self._ruleset_hashes.append(((self._ruleset.get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION))
+                self._ruleset_hashes.append(_annotations(self._ruleset).get(HASH_ANNOTATION))
             return
         objects = payload if kind == "LIST" else [payload]
         if kind == "LIST":
             for name in list(self._group_slices):
                 self._drop(plural, name)
         elif kind != "DELETED" and self._coming is None:
-            # Written with a NodeRuleSet of this node not here yet: wait for it (as announced).
-            # Not on a listing: its slices carry the companions of rounds long past.
-            wanted = companion_of((payload.get("metadata") or {}).get("annotations"), self.node)
+            # Written with a NodeRuleSet of this node not here yet: wait for it (as for an
+            # announced one). Not on a listing either.
+            wanted = companion_of(_annotations(payload), self.node)
             if wanted is not None and not any(is_companion(h, wanted) for h in self._ruleset_hashes):
                 self._coming = time.monotonic()
         for obj in objects:
             name = (obj.get("metadata") or {}).get("name", "")
+            if name in self._slices_due and (kind == "DELETED" or is_companion(
+                    _annotations(obj).get(HASH_ANNOTATION), self._slices_due[name])):
+                del self._slices_due[name]  # here (or gone): nothing more to wait for
             self._drop(plural, name)
             if kind != "DELETED":
                 self._keep(plural, name, obj)
+
+    def _expecting_since(self) -> float | None:
+        """Since when part of a change is awaited (None: nothing is)."""
+        return self._coming if self._coming is not None else (self._slices_due_since if self._slices_due else None)
 
     def _keep(self, plural: str, name: str, obj: dict[str, Any]) -> None:
         entry = _Held(obj)

@@ -40,30 +40,32 @@ HASH_ANNOTATION = f"{API_GROUP}/spec-hash"
 # When the change that led to this content was seen (kube-proxy's last-change-trigger-time):
 # the agent measures network programming latency from it.
 TRIGGER_ANNOTATION = f"{API_GROUP}/last-change-trigger-time"
-# On a PeerGroupSlice written in the same publish round as some NodeRuleSets: "node=hash ..."
-# (hash: the start of each one's spec-hash). One pod event often changes both a group and its
-# node's rule set; that node's agent, seeing the slice first, waits for its NodeRuleSet and
-# applies the two in one sync instead of two.
+# On the PeerGroupSlices and NodeRuleSets written in one publish round, each kind names the
+# others: "name=hash ..." (hash: the start of each one's spec-hash). One pod event often changes
+# a group and its node's rule set; that node's agent, receiving one before the other, waits for
+# the other and applies the two in one sync instead of two.
 COMPANIONS_ANNOTATION = f"{API_GROUP}/written-with"
-COMPANIONS_MAX = 32  # nodes named at most; a larger round (a policy change) names none
+COMPANIONS_MAX = 32  # objects named at most; a larger round (a policy change) names none
 COMPANION_HASH_CHARS = 16
 
 
 def companions_value(hashes: dict[str, str]) -> str | None:
-    """The annotation for NodeRuleSets of these nodes with these spec-hashes ("sha256:..."), or
-    None for none or too many."""
+    """The annotation naming these objects (name -> spec-hash "sha256:..."), or None for none or
+    too many."""
     if not hashes or len(hashes) > COMPANIONS_MAX:
         return None
     return " ".join(f"{node}={_companion_hash(digest)}" for node, digest in sorted(hashes.items()))
 
 
-def companion_of(annotations: dict[str, str] | None, node: str) -> str | None:
-    """The hash start a slice's annotation names for this node's NodeRuleSet, if any."""
-    for pair in ((annotations or {}).get(COMPANIONS_ANNOTATION) or "").split():
-        name, _, digest = pair.partition("=")
-        if name == node and digest:
-            return digest
-    return None
+def companions_of(annotations: dict[str, str] | None) -> dict[str, str]:
+    """name -> hash start, of the objects an object's annotation names."""
+    pairs = (pair.partition("=") for pair in ((annotations or {}).get(COMPANIONS_ANNOTATION) or "").split())
+    return {name: digest for name, _, digest in pairs if name and digest}
+
+
+def companion_of(annotations: dict[str, str] | None, name: str) -> str | None:
+    """The hash start an object's annotation names for this one, if any."""
+    return companions_of(annotations).get(name)
 
 
 def is_companion(digest: str | None, wanted: str) -> bool:

@@ -405,15 +405,12 @@ class Publisher:
         old_groups = [name for name in group_objects if name not in new_groups]
         rulesets = [objects.ruleset(inline) for node, objects in plans.items()
                     if objects is not None and node not in failed and node not in refused]
-        # The slices name the NodeRuleSets written with them: an agent that sees its slice first
-        # waits for its rule set and applies both in one sync.
-        companions = companions_value({name: digest for rs in rulesets
-                                       if self._will_write(PLURAL, name := rs["metadata"]["name"],
-                                                           digest := rs["metadata"]["annotations"][HASH_ANNOTATION])})
+        # Each side names the other (written-with): an agent that receives one of them first waits
+        # for the rest and applies the pod event in one sync.
+        slices = [o for name in old_groups for o in group_objects[name]]
         group_results, ruleset_results = await asyncio.gather(
-            self._put_all(GROUP_SLICE_PLURAL, [o for name in old_groups for o in group_objects[name]],
-                          {COMPANIONS_ANNOTATION: companions}),
-            self._put_all(PLURAL, rulesets))
+            self._put_all(GROUP_SLICE_PLURAL, slices, {COMPANIONS_ANNOTATION: self._companions(PLURAL, rulesets)}),
+            self._put_all(PLURAL, rulesets, {COMPANIONS_ANNOTATION: self._companions(GROUP_SLICE_PLURAL, slices)}))
         settle_groups(old_groups, group_results)
         for name in whole_groups:
             self._written_groups[name] = groups[name]
@@ -468,6 +465,11 @@ class Publisher:
                 log.info("the objects of node %s are accepted by the API again", node)
         self.state.dirty |= failed - {""}
         return not failed
+
+    def _companions(self, plural: str, objects: list[dict[str, Any]]) -> str | None:
+        """The written-with annotation naming those of the objects that will be written."""
+        return companions_value({name: digest for obj in objects if self._will_write(
+            plural, name := obj["metadata"]["name"], digest := obj["metadata"]["annotations"][HASH_ANNOTATION])})
 
     def _will_write(self, plural: str, name: str, digest: str) -> bool:
         """Whether _put_all sends this content: the API holds other content, and has not refused it."""

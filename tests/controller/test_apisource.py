@@ -373,7 +373,8 @@ def test_a_slice_written_with_its_rule_set_waits_for_it(api_server: FakeApiServe
     ruleset_obj = next(o for o in after if o["kind"] == "NodeRuleSet")
     ruleset_obj["metadata"].update(generation=2, uid="u")
     digest = ruleset_obj["metadata"]["annotations"][HASH_ANNOTATION]
-    changed = [o for o in after if o["kind"] == "PeerGroupSlice" and api_server.get("peergroupslices", o["metadata"]["name"]) != o]
+    changed = [o for o in after if o["kind"] == "PeerGroupSlice"
+               and (api_server.get("peergroupslices", o["metadata"]["name"]) or {}).get("spec") != o["spec"]]
 
     def stamped(obj: dict, companions: dict[str, str]) -> dict:
         obj = copy.deepcopy(obj)
@@ -399,3 +400,38 @@ def test_a_slice_written_with_its_rule_set_waits_for_it(api_server: FakeApiServe
     source._events.put(("peergroupslices", "LIST", [stamped(o, {"n1": "sha256:feed"}) for o in split(
         [db_spec(GROUP, pods=4)], SMALL) if o["kind"] == "PeerGroupSlice"]))
     assert c.next(timeout=0.3).spec == db_spec(GROUP, pods=4)
+
+
+def test_a_rule_set_written_with_slices_waits_for_them(api_server: FakeApiServer, consumer):
+    """The other order: the NodeRuleSet is here first and names the slices written with it; it
+    waits for them (one delivery), but not for slices already here, nor longer than COMING_WAIT."""
+    publish(api_server, [db_spec()], SMALL)
+    c = consumer("n1")
+    c.next()
+    source = c.source
+    source.COMING_WAIT = 30.0
+    grown = GROUP.model_copy(update={"cidrs": [*GROUP.cidrs, "10.1.0.99/32"]})
+    after = split([db_spec(grown, pods=4)], SMALL)
+    changed = [o for o in after if o["kind"] == "PeerGroupSlice"
+               and (api_server.get("peergroupslices", o["metadata"]["name"]) or {}).get("spec") != o["spec"]]
+    unchanged = [o for o in after if o["kind"] == "PeerGroupSlice" and o not in changed]
+    assert changed and unchanged
+    ruleset_obj = copy.deepcopy(next(o for o in after if o["kind"] == "NodeRuleSet"))
+    ruleset_obj["metadata"].update(generation=2, uid="u")
+    ruleset_obj["metadata"]["annotations"][COMPANIONS_ANNOTATION] = companions_value(
+        {o["metadata"]["name"]: o["metadata"]["annotations"][HASH_ANNOTATION] for o in changed + unchanged})
+    source._events.put(("noderulesets", "MODIFIED", ruleset_obj))
+    assert c.nothing_for(0.5)
+    for obj in changed:
+        source._events.put(("peergroupslices", "MODIFIED", obj))
+    assert c.next().spec == db_spec(grown, pods=4)
+    assert c.nothing_for(0.3)
+    # written with a slice that never comes: delivered after COMING_WAIT with what is here
+    source.COMING_WAIT = 0.5
+    ruleset_obj = copy.deepcopy(next(o for o in split([db_spec(grown, pods=5)], SMALL) if o["kind"] == "NodeRuleSet"))
+    ruleset_obj["metadata"].update(generation=3, uid="u")
+    ruleset_obj["metadata"]["annotations"][COMPANIONS_ANNOTATION] = companions_value({"pg-lost-0": "sha256:0123"})
+    started = time.monotonic()
+    source._events.put(("noderulesets", "MODIFIED", ruleset_obj))
+    assert c.next(timeout=5).spec == db_spec(grown, pods=5)
+    assert 0.4 <= time.monotonic() - started

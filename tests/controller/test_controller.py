@@ -188,11 +188,13 @@ def test_peer_ip_change_patches_the_nodes_that_use_it(api_server, kubeconfig, la
         # small objects only: the slice body within its bound (4 KiB of members) and its envelope
         bodies = [r.body for r in api_server.writes(SLICES_PATH)[slice_mark:]]
         assert bodies and all(len(json.dumps(b, separators=(",", ":"))) <= 5 * 1024 for b in bodies)
-        # the slice names the NodeRuleSet written with it: n1's agent applies both in one sync
-        n1_hash = api_server.get("noderulesets", "n1")["metadata"]["annotations"][HASH_ANNOTATION]
+        # the slice and the NodeRuleSet written together name each other: n1's agent, whichever
+        # it receives first, waits for the other and applies both in one sync
+        n1 = api_server.get("noderulesets", "n1")["metadata"]["annotations"]
         (name,) = [n for _, n in slice_writes(api_server, slice_mark)]
-        stamp = api_server.get("peergroupslices", name)["metadata"]["annotations"][COMPANIONS_ANNOTATION]
-        assert stamp == f"n1={n1_hash.removeprefix('sha256:')[:16]}"
+        web = api_server.get("peergroupslices", name)["metadata"]["annotations"]
+        assert web[COMPANIONS_ANNOTATION] == f"n1={n1[HASH_ANNOTATION].removeprefix('sha256:')[:16]}"
+        assert n1[COMPANIONS_ANNOTATION] == f"{name}={web[HASH_ANNOTATION].removeprefix('sha256:')[:16]}"
         # the client in dev (team b) moves: web's peer group of team b and n3's NodeRuleSet change
         slice_mark = len(api_server.writes(SLICES_PATH))
         api_server.apply(pod("dev", "client", "n3", "10.244.3.77", {"app": "client"}))
@@ -211,6 +213,15 @@ def test_peer_ip_change_patches_the_nodes_that_use_it(api_server, kubeconfig, la
         assert ruleset_writes(api_server, mark) == []
         assert [n for _, n in slice_writes(api_server, slice_mark)] == [team_b]
         assert COMPANIONS_ANNOTATION not in api_server.get("peergroupslices", team_b)["metadata"]["annotations"]
+        # and a NodeRuleSet written alone (a pod on n3 that is nobody's peer) loses its companions
+        assert COMPANIONS_ANNOTATION in api_server.get("noderulesets", "n3")["metadata"]["annotations"]
+        api_server.apply(namespace("ops"))
+        mark, slice_mark = len(api_server.writes(NRS_PATH)), len(api_server.writes(SLICES_PATH))
+        api_server.apply(pod("ops", "cron", "n3", "10.244.3.30", {"app": "cron"}))
+        wait_for(lambda: published(api_server) == expected(api_server), what="the new pod on n3")
+        settle(api_server)
+        assert ruleset_writes(api_server, mark) == [("PATCH", "n3")] and slice_writes(api_server, slice_mark) == []
+        assert COMPANIONS_ANNOTATION not in api_server.get("noderulesets", "n3")["metadata"]["annotations"]
 
 
 @layouts

@@ -329,7 +329,8 @@ def test_one_pod_changed_is_one_small_operation():
 
 
 def test_companions_name_each_node_with_its_hash_start_and_only_a_few():
-    from netfence_api.crd import COMPANIONS_ANNOTATION, COMPANIONS_MAX, companion_of, companions_value, is_companion
+    from netfence_api.crd import (COMPANIONS_ANNOTATION, COMPANIONS_MAX, companion_of, companions_of, companions_value,
+                                  is_companion)
 
     h1, h2 = "sha256:" + "ab" * 32, "sha256:" + "cd" * 32
     value = companions_value({"n2": h2, "n1": h1})
@@ -337,5 +338,7 @@ def test_companions_name_each_node_with_its_hash_start_and_only_a_few():
     annotations = {COMPANIONS_ANNOTATION: value}
     assert is_companion(h1, companion_of(annotations, "n1")) and not is_companion(h2, companion_of(annotations, "n1"))
     assert companion_of(annotations, "n3") is None and companion_of({}, "n1") is None and companion_of(None, "n1") is None
+    assert companions_of(annotations) == {"n1": "ab" * 8, "n2": "cd" * 8}
+    assert companions_of({COMPANIONS_ANNOTATION: "a= =b c=1"}) == {"c": "1"}  # malformed pairs are no one
     assert companions_value({}) is None
     assert companions_value({f"n{i}": h1 for i in range(COMPANIONS_MAX + 1)}) is None  # a policy change: no one waits
