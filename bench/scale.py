@@ -56,7 +56,7 @@ from bench_machine import machine  # noqa: E402
 from compile import APPS, add_cluster_arguments, synthetic_documents  # noqa: E402
 from agent.test_periodic_full_sync import RecordingKernel  # noqa: E402 - the remote agent's kernel: takes everything
 from controller.fakeapi import kubeconfig_for  # noqa: E402
-from netfence_api.runtime import freeze_heap, tune_gc  # noqa: E402
+from netfence_api.runtime import freeze_heap, tune_gc, tune_threads  # noqa: E402
 from netfence_agent.apisource import ApiRuleSetSource  # noqa: E402
 from netfence_agent.daemon import Agent, AgentConfig  # noqa: E402
 from netfence_agent.netns import executor_in  # noqa: E402
@@ -272,6 +272,7 @@ def agent_main(node: str, kubeconfig: str, netns: str, workdir: str) -> int:
     {"want": hash}: wait until the agent applied this, then answer with the bytes it received
     and its assemble + apply seconds since the last answer."""
     tune_gc()
+    tune_threads()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     executor = executor_in(netns) if netns != "-" else None
     agent = source = outcomes = None
@@ -332,6 +333,7 @@ def main() -> int:
     if args.nodes is None:
         args.nodes = -(-args.pods // 110) + 1
     tune_gc()  # as every netfence process does at start
+    tune_threads()
     if os.geteuid() != 0:
         print("bench/scale.py needs root (the local agent loads nftables in a network namespace)", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from netfence_api.slices import DEFAULT_BOUNDS, Bounds, split
 from netfence_api.manifests import dump_yaml_all
-from netfence_api.runtime import tune_gc
+from netfence_api.runtime import tune_gc, tune_threads
 from netfence_operator.compile import InputError
 from netfence_cli import offline
 
@@ -152,6 +152,7 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     tune_gc()
+    tune_threads()
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command).parse_args(argv)
