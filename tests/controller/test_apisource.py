@@ -359,22 +359,29 @@ def test_changes_wait_for_an_announced_rule_set_and_are_synced_once(api_server: 
     assert 0.4 <= time.monotonic() - started
 
 
+def one_round_change(api_server: FakeApiServer, consumer):
+    """n1's agent has its rule set; then one round's objects: a member more in GROUP, a pod more.
+    Returns the consumer, the grown group, the new NodeRuleSet, its changed and unchanged slices."""
+    publish(api_server, [db_spec()], SMALL)
+    c = consumer("n1")
+    c.next()
+    c.source.COMING_WAIT = 30.0
+    grown = GROUP.model_copy(update={"cidrs": [*GROUP.cidrs, "10.1.0.99/32"]})
+    after = split([db_spec(grown, pods=4)], SMALL)
+    ruleset_obj = copy.deepcopy(next(o for o in after if o["kind"] == "NodeRuleSet"))
+    ruleset_obj["metadata"].update(generation=2, uid="u")
+    slices = [o for o in after if o["kind"] == "PeerGroupSlice"]
+    changed = [o for o in slices if (api_server.get("peergroupslices", o["metadata"]["name"]) or {}).get("spec") != o["spec"]]
+    return c, grown, ruleset_obj, changed, [o for o in slices if o not in changed]
+
+
 def test_a_slice_written_with_its_rule_set_waits_for_it(api_server: FakeApiServer, consumer):
     """A slice written in the same round as this node's NodeRuleSet names it (and its spec-hash):
     seen first, it waits for the rule set, so both are applied in one sync; a slice naming another
     node, a rule set already here, or one in a listing does not wait."""
-    publish(api_server, [db_spec()], SMALL)
-    c = consumer("n1")
-    c.next()
+    c, grown, ruleset_obj, changed, _ = one_round_change(api_server, consumer)
     source = c.source
-    source.COMING_WAIT = 30.0
-    grown = GROUP.model_copy(update={"cidrs": [*GROUP.cidrs, "10.1.0.99/32"]})
-    after = split([db_spec(grown, pods=4)], SMALL)
-    ruleset_obj = next(o for o in after if o["kind"] == "NodeRuleSet")
-    ruleset_obj["metadata"].update(generation=2, uid="u")
     digest = ruleset_obj["metadata"]["annotations"][HASH_ANNOTATION]
-    changed = [o for o in after if o["kind"] == "PeerGroupSlice"
-               and (api_server.get("peergroupslices", o["metadata"]["name"]) or {}).get("spec") != o["spec"]]
 
     def stamped(obj: dict, companions: dict[str, str]) -> dict:
         obj = copy.deepcopy(obj)
@@ -405,19 +412,9 @@ def test_a_slice_written_with_its_rule_set_waits_for_it(api_server: FakeApiServe
 def test_a_rule_set_written_with_slices_waits_for_them(api_server: FakeApiServer, consumer):
     """The other order: the NodeRuleSet is here first and names the slices written with it; it
     waits for them (one delivery), but not for slices already here, nor longer than COMING_WAIT."""
-    publish(api_server, [db_spec()], SMALL)
-    c = consumer("n1")
-    c.next()
+    c, grown, ruleset_obj, changed, unchanged = one_round_change(api_server, consumer)
     source = c.source
-    source.COMING_WAIT = 30.0
-    grown = GROUP.model_copy(update={"cidrs": [*GROUP.cidrs, "10.1.0.99/32"]})
-    after = split([db_spec(grown, pods=4)], SMALL)
-    changed = [o for o in after if o["kind"] == "PeerGroupSlice"
-               and (api_server.get("peergroupslices", o["metadata"]["name"]) or {}).get("spec") != o["spec"]]
-    unchanged = [o for o in after if o["kind"] == "PeerGroupSlice" and o not in changed]
     assert changed and unchanged
-    ruleset_obj = copy.deepcopy(next(o for o in after if o["kind"] == "NodeRuleSet"))
-    ruleset_obj["metadata"].update(generation=2, uid="u")
     ruleset_obj["metadata"]["annotations"][COMPANIONS_ANNOTATION] = companions_value(
         {o["metadata"]["name"]: o["metadata"]["annotations"][HASH_ANNOTATION] for o in changed + unchanged})
     source._events.put(("noderulesets", "MODIFIED", ruleset_obj))
