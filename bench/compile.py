@@ -31,8 +31,13 @@ APPS = [f"app-{i}" for i in range(10)]
 TEAMS = [f"team-{i}" for i in range(8)]
 
 
+MAX_NODES = 156  # node n's pods are in 10.(100+n).0.0/16
+
+
 def synthetic_documents(pods: int, policies: int, namespaces: int, nodes: int, seed: int = 1) -> Iterator[dict]:
     """The cluster's objects as manifests, in the shape `kubectl get -o yaml|json` prints them."""
+    if not 1 <= nodes <= MAX_NODES:
+        raise ValueError(f"the synthetic cluster has 1 to {MAX_NODES} nodes (a /16 of 10.100-255 each), not {nodes}")
     rnd = random.Random(seed)
     for n in range(nodes):
         yield {"apiVersion": "v1", "kind": "Node", "metadata": {"name": f"node-{n}"},

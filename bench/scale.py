@@ -53,7 +53,7 @@ sys.path[:0] = [str(ROOT / d) for d in ("operator", "agent", "tests", "bench")]
 import kubernetes  # noqa: E402
 
 from bench_machine import machine  # noqa: E402
-from compile import APPS, add_cluster_arguments, synthetic_documents  # noqa: E402
+from compile import APPS, MAX_NODES, add_cluster_arguments, synthetic_documents  # noqa: E402
 from agent.test_periodic_full_sync import RecordingKernel  # noqa: E402 - the remote agent's kernel: takes everything
 from controller.fakeapi import kubeconfig_for  # noqa: E402
 from netfence_api.runtime import freeze_heap, tune_gc, tune_threads  # noqa: E402
@@ -332,6 +332,9 @@ def main() -> int:
     args = ap.parse_args()
     if args.nodes is None:
         args.nodes = -(-args.pods // 110) + 1
+    if not 2 <= args.nodes <= MAX_NODES:
+        ap.error(f"--nodes must be 2 to {MAX_NODES} (the synthetic pod CIDRs); "
+                 f"{args.pods} pods at kubelet's 110 a node would need {args.nodes}: give --nodes")
     tune_gc()  # as every netfence process does at start
     tune_threads()
     if os.geteuid() != 0:
