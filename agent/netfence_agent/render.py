@@ -60,7 +60,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import socket
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Callable, Literal, NamedTuple, TypeVar
@@ -352,14 +352,9 @@ def _render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: Render
     """The node's model, from the parts of `before` that did not change and new ones for the rest."""
     groups: dict[str, tuple[PeerGroup | PeerPortGroup, tuple[Set, ...]]] = {}
     group_sets: list[Set] = []
-    derive = (memo.derived(_derive_peer_sets, families), memo.derived(_derive_peer_port_sets, families))
-    for group_list, sets_of in zip((spec.peerGroups, spec.peerPortGroups), derive):
-        for group in group_list:
-            old = before.groups.get(group.name) if before is not None else None
-            sets = old[1] if old is not None and (old[0] is group or old[0] == group) else \
-                tuple([content.new_set() for content in sets_of(group)])
-            groups[group.name] = (group, sets)
-            group_sets += sets
+    for group, sets_of in _groups_with_derivers(spec, memo, families):
+        groups[group.name] = _group_share(group, before.groups.get(group.name) if before is not None else None, sets_of)
+        group_sets += groups[group.name][1]
 
     allow_rules = {direction: memo.derived(_derive_allow_rules, direction, families) for direction in ("egress", "ingress")}
     tier_matches = {direction: memo.derived(_derive_tier_matches, direction, families)
@@ -426,6 +421,21 @@ def _render(spec: NodeRuleSetSpec, ports: Mapping[str, PodPort], options: Render
     result.parts = _RenderParts(spec.nodeName, families, options, spec.pods, dict(ports), holds, groups, policies,
                                 spoofs, port_sets)
     return result
+
+
+def _groups_with_derivers(spec: NodeRuleSetSpec, memo: RenderMemo, families: tuple[int, ...]) -> Iterator[tuple[Any, Callable]]:
+    """Each group of the spec, peer groups then peer-port groups, with what derives its sets."""
+    peer_sets, peer_port_sets = memo.derived(_derive_peer_sets, families), memo.derived(_derive_peer_port_sets, families)
+    yield from ((group, peer_sets) for group in spec.peerGroups)
+    yield from ((group, peer_port_sets) for group in spec.peerPortGroups)
+
+
+def _group_share(group: PeerGroup | PeerPortGroup, old: tuple | None, sets_of: Callable) -> tuple:
+    """A group's share of the model: `old` (the group and its sets) while the group is equal,
+    else its sets derived anew."""
+    if old is not None and (old[0] is group or old[0] == group):
+        return old
+    return group, tuple([content.new_set() for content in sets_of(group)])
 
 
 def _pod_policy(pod: PolicedPod, options: RenderOptions, allow_rules: dict, tier_matches: dict) -> _PodPolicy:
@@ -527,20 +537,14 @@ def _with_group_members(previous: RenderResult, new: NodeRuleSetSpec, changed: s
                  sets=dict(old_inet.sets), maps=old_inet.maps, counters=old_inet.counters)
     before = previous.parts
     groups = dict(before.groups) if before is not None else {}
-    memo = RenderMemo()
-    for group_list, sets_of in zip((new.peerGroups, new.peerPortGroups),
-                                   (memo.derived(_derive_peer_sets, families), memo.derived(_derive_peer_port_sets, families))):
-        for group in group_list:
-            if changed is not None:
-                if group.name not in changed:
-                    continue
-            else:
-                old = groups.get(group.name)
-                if old is not None and (old[0] is group or old[0] == group):
-                    continue
-            sets = tuple([content.new_set() for content in sets_of(group)])
-            groups[group.name] = (group, sets)
-            inet.sets.update((s.name, s) for s in sets)
+    for group, sets_of in _groups_with_derivers(new, RenderMemo(), families):
+        if changed is not None and group.name not in changed:
+            continue
+        old = groups.get(group.name) if changed is None else None
+        share = _group_share(group, old, sets_of)
+        if share is not old:
+            groups[group.name] = share
+            inet.sets.update((s.name, s) for s in share[1])
     tables = [inet if t is old_inet else t for t in previous.ruleset.tables]
     result = RenderResult(Ruleset(tables), previous.counters, previous.rule_counters, families)
     if before is not None:
