@@ -337,7 +337,7 @@ class ApiRuleSetSource:
         objects = payload if kind == "LIST" else [payload]
         if kind == "LIST":
             for name in list(self._group_slices):
-                self._drop(plural, name)
+                self._drop(name)
         elif kind != "DELETED" and self._coming is None:
             # Written with a NodeRuleSet of this node not here yet: wait for it (as for an
             # announced one). Not on a listing either.
@@ -349,22 +349,22 @@ class ApiRuleSetSource:
             if name in self._slices_due and (kind == "DELETED" or is_companion(
                     _annotations(obj).get(HASH_ANNOTATION), self._slices_due[name])):
                 del self._slices_due[name]  # here (or gone): nothing more to wait for
-            self._drop(plural, name)
+            self._drop(name)
             if kind != "DELETED":
-                self._keep(plural, name, obj)
+                self._keep(name, obj)
 
     def _expecting_since(self) -> float | None:
         """Since when part of a change is awaited (None: nothing is)."""
         return self._coming if self._coming is not None else (self._slices_due_since if self._slices_due else None)
 
-    def _keep(self, plural: str, name: str, obj: dict[str, Any]) -> None:
+    def _keep(self, name: str, obj: dict[str, Any]) -> None:
         entry = _Held(obj)
         group = entry.spec.get("peerGroup") or entry.spec.get("peerPortGroup") or {}
         entry.group = str(group.get("name") if isinstance(group, dict) else "")
         self._group_slices[name] = entry
         self._slices_of_group.setdefault(entry.group, set()).add(name)
 
-    def _drop(self, plural: str, name: str) -> None:
+    def _drop(self, name: str) -> None:
         entry = self._group_slices.pop(name, None)
         if entry is not None:
             names = self._slices_of_group.get(entry.group, set())
@@ -404,12 +404,11 @@ class ApiRuleSetSource:
         """The newest controller trigger time among the objects this rule set is made of: the
         change that made it (network programming latency; group slices change without the
         NodeRuleSet)."""
-        meta = self._ruleset.get("metadata") or {}
         objects = [self._ruleset, *(self._group_slices[n].obj for g in (*spec.peerGroups, *spec.peerPortGroups)
                                     for n in self._slices_of_group.get(g.name, ()))]
-        stamps = [t for o in objects if (t := ((o.get("metadata") or {}).get("annotations") or {}).get(TRIGGER_ANNOTATION))]
+        stamps = [t for o in objects if (t := _annotations(o).get(TRIGGER_ANNOTATION))]
         # RFC 3339 in UTC with the same precision: the newest sorts last.
-        return {**(meta.get("annotations") or {}), **({TRIGGER_ANNOTATION: max(stamps)} if stamps else {})}
+        return {**_annotations(self._ruleset), **({TRIGGER_ANNOTATION: max(stamps)} if stamps else {})}
 
     def _model(self, entry: _Held, model: type, kind: str, name: str) -> Any:
         if entry.model is None and entry.error is None:
