@@ -22,10 +22,13 @@ from typing import Any
 import yaml
 
 from netfence_api.models import API_GROUP, API_VERSION, KIND, PLURAL, NodeRuleSetSpec, NodeRuleSetStatus
-from netfence_api.slices import (
+from netfence_api.slices import (  # noqa: F401 - the annotations are named here too, beside the others
     GROUP_LABEL,
     GROUP_SLICE_KIND,
     GROUP_SLICE_PLURAL,
+    HASH_ANNOTATION,
+    PODS_ANNOTATION,
+    RULES_ANNOTATION,
     PeerGroupSliceSpec,
 )
 
@@ -33,10 +36,6 @@ SINGULAR = "noderuleset"
 SHORT_NAMES = ["nrs"]
 CRD_NAME = f"{PLURAL}.{API_GROUP}"
 
-# Printer columns can't count list items, so the publisher mirrors the counts into annotations.
-PODS_ANNOTATION = f"{API_GROUP}/pods"
-RULES_ANNOTATION = f"{API_GROUP}/rules"
-HASH_ANNOTATION = f"{API_GROUP}/spec-hash"
 # When the change that led to this content was seen (kube-proxy's last-change-trigger-time):
 # the agent measures network programming latency from it.
 TRIGGER_ANNOTATION = f"{API_GROUP}/last-change-trigger-time"

@@ -56,6 +56,7 @@ GROUP_SLICE_KIND, GROUP_SLICE_PLURAL = "PeerGroupSlice", "peergroupslices"
 API = f"{API_GROUP}/{API_VERSION}"
 GROUP_LABEL = f"{API_GROUP}/peer-group"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "netfence-controller"}
+# Printer columns can't count list items, so the objects carry the counts in annotations.
 PODS_ANNOTATION = f"{API_GROUP}/pods"
 RULES_ANNOTATION = f"{API_GROUP}/rules"
 HASH_ANNOTATION = f"{API_GROUP}/spec-hash"
