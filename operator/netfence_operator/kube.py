@@ -49,16 +49,6 @@ class KubeApi:
         return kubernetes.client.CustomObjectsApi(self.client)
 
     # ------------------------------------------------------------------ NodeRuleSets
-    def list_rulesets(self) -> dict[str, dict[str, Any]]:
-        listing = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)
-        return {item["metadata"]["name"]: item for item in listing.get("items", [])}
-
-    def create_ruleset(self, body: dict[str, Any]) -> dict[str, Any]:
-        return self.custom.create_cluster_custom_object(API_GROUP, API_VERSION, PLURAL, body)
-
-    def patch_ruleset(self, name: str, patch: dict[str, Any]) -> dict[str, Any]:
-        return self.custom.patch_cluster_custom_object(API_GROUP, API_VERSION, PLURAL, name, patch)
-
     def set_ruleset_condition(self, name: str, type_: str, status: str, reason: str, message: str) -> None:
         """Put one condition into a NodeRuleSet's status, keeping the agent's others."""
         for attempt in range(3):
@@ -78,9 +68,6 @@ class KubeApi:
                 if e.status != 409 or attempt == 2:
                     raise
 
-    def delete_ruleset(self, name: str) -> None:
-        self.custom.delete_cluster_custom_object(API_GROUP, API_VERSION, PLURAL, name)
-
     # ------------------------------------------------------------------ discovery
     def serves(self, kind: str) -> bool:
         """Does the API serve this watched kind (for a custom resource: is its CRD installed)?"""
@@ -96,7 +83,7 @@ class KubeApi:
             return False
         return any(r.get("name") == plural for r in json.loads(data).get("resources", []))
 
-    # ------------------------------------------------------------------ any netfence.io kind (group slices)
+    # ------------------------------------------------------------------ netfence.io objects (NodeRuleSets, PeerGroupSlices)
     def list_objects(self, plural: str) -> dict[str, dict[str, Any]]:
         listing = self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, plural)
         return {item["metadata"]["name"]: item for item in listing.get("items", [])}

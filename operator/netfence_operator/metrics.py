@@ -37,7 +37,8 @@ class ControllerMetrics:
             "NodeRuleSet writes that failed (retried with backoff).", registry=r)
         self.rulesets_refused = Gauge(
             "netfence_controller_rulesets_refused",
-            "1 for each node one of whose objects (its NodeRuleSet, or a PeerGroupSlice its rules use) the API refuses to store (too large, invalid): that node keeps its last rules "
+            "1 for each node one of whose objects (its NodeRuleSet, or a PeerGroupSlice its rules use) "
+            "the API refuses to store (too large, invalid): that node keeps its last rules "
             "until objects the API accepts.", ["node"], registry=r)
         self.objects_watched = Gauge(
             "netfence_controller_objects_watched",

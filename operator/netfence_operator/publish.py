@@ -471,10 +471,13 @@ class Publisher:
         return companions_value({name: digest for obj in objects if self._will_write(
             plural, name := obj["metadata"]["name"], digest := obj["metadata"]["annotations"][HASH_ANNOTATION])})
 
+    def _held(self, plural: str) -> dict[str, str]:
+        """name -> content hash of the objects of this kind the API holds."""
+        return self.published if plural == PLURAL else self.published_slices
+
     def _will_write(self, plural: str, name: str, digest: str) -> bool:
         """Whether _put_all sends this content: the API holds other content, and has not refused it."""
-        held = self.published if plural == PLURAL else self.published_slices
-        return held.get(name) != digest and self.refused_objects.get((plural, name), (None,))[0] != digest
+        return self._held(plural).get(name) != digest and self.refused_objects.get((plural, name), (None,))[0] != digest
 
     async def _put_all(self, plural: str, objects: list[dict[str, Any]],
                        annotations: dict[str, str | None] | None = None) -> dict[str, Any]:
@@ -504,7 +507,7 @@ class Publisher:
         name = obj["metadata"]["name"]
         key = (plural, name)
         digest = obj["metadata"]["annotations"][HASH_ANNOTATION]
-        held = name in (self.published if plural == PLURAL else self.published_slices)
+        held = name in self._held(plural)
         # The trigger time rides on every object (an agent applies group-slice changes without a
         # new NodeRuleSet); the object's own dict may be shared with the splitter's memory.
         annotations = {**obj["metadata"]["annotations"], TRIGGER_ANNOTATION: trigger_time(self._trigger or time.time()),
