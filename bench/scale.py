@@ -461,7 +461,7 @@ async def run(args, kubeconfig: str, netns: str, workdir: str) -> int:
             process.process.send_signal(signal.SIGCONT)
             measured[name] = await asyncio.to_thread(process.ask, wants[name])
         row = rows.setdefault(kind, {k: [] for k in ("written", "objects", "controller", "cpu", "local", "remote",
-                                                     "agent", "assembling", "syncs")})
+                                                     "agent", "assembling", "syncing", "syncs")})
         mine = kind.endswith(LOCAL)
         row["written"].append(api.bytes_written - w0)
         row["objects"].append(api.objects_written - o0)
@@ -471,6 +471,7 @@ async def run(args, kubeconfig: str, netns: str, workdir: str) -> int:
         row["remote"].append(measured[REMOTE if mine else LOCAL]["bytes"])  # another node's agent
         row["agent"].append(measured[LOCAL]["seconds"])
         row["assembling"].append(measured[LOCAL]["assembling"])
+        row["syncing"].append(measured[LOCAL]["seconds"] - measured[LOCAL]["assembling"])
         row["syncs"].append(measured[LOCAL]["syncs"])
     for process in agents.values():
         process.close()
@@ -492,7 +493,7 @@ async def run(args, kubeconfig: str, netns: str, workdir: str) -> int:
           f"(groups {'inline' if publisher.inline else 'in slices'}); {sum(map(sum, sizes.values())) / kb / kb:.1f} MiB in all")
     largest = {p: max(v) / kb for p, v in sizes.items() if v}
     print("largest object: " + ", ".join(f"{p} {v:.1f} KiB" for p, v in largest.items())
-          + f"   (target <= 512 KiB)")
+          + "   (target <= 512 KiB)")
     print(f"controller: state fed in {t_observe:.1f} s, initial publish {t_publish:.1f} s "
           f"({initial_bytes / kb / kb:.1f} MiB written); controller process RSS {rss_synced:.0f} MB after it, "
           f"peak {peak_synced:.0f} MB; peak after the events {controller_rss:.0f} MB"
@@ -520,12 +521,12 @@ async def run(args, kubeconfig: str, netns: str, workdir: str) -> int:
               f"{pct(row['agent'], .99) * 1000:7.1f} / {max(row['agent']) * 1000:7.1f} ms"
               f"   (assembling {statistics.median(row['assembling']) * 1000:.1f} / {max(row['assembling']) * 1000:.1f}"
               f" ms; syncs: {', '.join(f'{n}x {k}' for k, n in collections.Counter(row['syncs']).most_common())})")
-        syncing = [a - b for a, b in zip(row["agent"], row["assembling"])]
-        print(f"      of which the syncs             {statistics.median(syncing) * 1000:7.1f} / "
-              f"{pct(syncing, .99) * 1000:7.1f} / {max(syncing) * 1000:7.1f} ms   (render + plan + nft transaction)")
+        print(f"      of which the syncs             {statistics.median(row['syncing']) * 1000:7.1f} / "
+              f"{pct(row['syncing'], .99) * 1000:7.1f} / {max(row['syncing']) * 1000:7.1f} ms"
+              "   (render + plan + nft transaction)")
     every = {k: [x for row in rows.values() for x in row[k]] for k in ("written", "local", "remote", "controller", "cpu")}
     agent = {where: [x for kind, row in rows.items() if kind.endswith(where) for x in row["agent"]] for where in (LOCAL, REMOTE)}
-    own_syncs = [a - b for kind, row in rows.items() if kind.endswith(LOCAL) for a, b in zip(row["agent"], row["assembling"])]
+    own_syncs = [x for kind, row in rows.items() if kind.endswith(LOCAL) for x in row["syncing"]]
     print()
     print(f"all events, p99: written {pct(every['written'], .99) / kb:.1f} KiB (target <= 64 KiB); "
           f"one agent received {max(pct(every['local'], .99), pct(every['remote'], .99)) / kb:.1f} KiB (target <= 64 KiB); "

@@ -17,13 +17,13 @@ from netfence_lab import apilab, system
 from netfence_lab.model import (
     LabPlan,
     ManifestError,
-    read_apply_documents,
     flatten_documents,
     namespace_object,
     object_name,
     plan_lab,
     policy_label,
     pod_namespace,
+    read_apply_documents,
     with_name_label,
 )
 from netfence_lab.state import LabState, ProcessRecord, StateStore, write_atomic
@@ -162,7 +162,8 @@ class Lab:
         with self.store.locked():
             state = self._require_up()
             plan = state.lab_plan()
-            request = read_apply_documents(docs, [n.name for n in plan.nodes])
+            node_names = [n.name for n in plan.nodes]
+            request = read_apply_documents(docs, node_names)
             if request.ignored_kinds:
                 print(f"note: ignoring kinds the lab does not model: {', '.join(sorted(request.ignored_kinds))}", file=sys.stderr)
             if state.on_api:
@@ -175,7 +176,7 @@ class Lab:
                 _update_pod(plan, namespace, name, labels)
             policies = request.policies
             # Compile before recording: input the compiler rejects never becomes the lab's state.
-            specs = compile_rule_sets(plan.node_objects + plan.namespaces + plan.pod_objects + policies, [n.name for n in plan.nodes])
+            specs = compile_rule_sets(plan.node_objects + plan.namespaces + plan.pod_objects + policies, node_names)
             state.plan = plan.to_dict()
             state.policies = policies
             if not state.agents:
